@@ -1,0 +1,242 @@
+"""Random-weight diffusers checkpoints built from configs: no downloads, real architectures.
+
+`tiny` is small enough for tests and a first run on two CPU cores; `sd15-arch` and `sd21-arch`
+carry Stable Diffusion 1.5's and 2.1's published configs with random weights, so their timings are
+real while their pictures are noise. They are never used to judge quality.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The configs of one checkpoint; each dict is what diffusers/transformers `from_config` takes."""
+
+    name: str
+    text_encoder: dict[str, Any]
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    scheduler: dict[str, Any]
+    scheduler_class: str = "PNDMScheduler"
+    tokenizer_max_length: int = 77
+    pad_token: str = EOS
+    sample_size: int = 64  # latent size of the model's native resolution
+    vocab_words: tuple[str, ...] = field(default_factory=tuple)
+
+
+_SD_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+}
+
+_SD_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+
+def _clip_text_config(hidden: int, layers: int, heads: int, inter: int, act: str) -> dict[str, Any]:
+    return {
+        "vocab_size": 49408,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "max_position_embeddings": 77,
+        "hidden_act": act,
+        "projection_dim": hidden,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 1,
+    }
+
+
+SD15 = Preset(
+    name="sd15-arch",
+    text_encoder=_clip_text_config(768, 12, 12, 3072, "quick_gelu"),
+    unet={
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "layers_per_block": 2,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+    },
+    vae=_SD_VAE,
+    scheduler=_SD_SCHEDULER,
+)
+
+SD21 = Preset(
+    name="sd21-arch",
+    text_encoder=_clip_text_config(1024, 23, 16, 4096, "gelu"),
+    unet={
+        "sample_size": 96,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "layers_per_block": 2,
+        "cross_attention_dim": 1024,
+        "attention_head_dim": [5, 10, 20, 20],  # SD 2.x: per-block head counts
+        "use_linear_projection": True,
+    },
+    vae={**_SD_VAE, "sample_size": 768},
+    scheduler={**_SD_SCHEDULER, "prediction_type": "v_prediction"},
+    scheduler_class="DDIMScheduler",
+    pad_token="!",
+    sample_size=96,
+)
+
+TINY = Preset(
+    name="tiny",
+    text_encoder={**_clip_text_config(32, 2, 4, 64, "quick_gelu"), "vocab_size": 1000},
+    unet={
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "cross_attention_dim": 32,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+    },
+    vae={
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "block_out_channels": [16, 32],
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "sample_size": 16,
+        "scaling_factor": 0.18215,
+    },
+    scheduler=_SD_SCHEDULER,
+    scheduler_class="DDIMScheduler",
+    tokenizer_max_length=16,
+    sample_size=8,
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, SD15, SD21)}
+
+
+def write_clip_tokenizer(out_dir: Path, words: Iterable[str] = (), max_length: int = 77, pad_token: str = EOS) -> None:
+    """Write a CLIP byte-level BPE tokenizer (vocab.json, merges.txt, tokenizer.json) to `out_dir`.
+
+    The vocabulary is CLIP's layout (256 byte symbols, the same with `</w>`, merges, then the two
+    special tokens); merges are learned from `words` so that each given word is one token. Written
+    by hand because no public tokenizer can be downloaded here; loading goes through transformers'
+    own `CLIPTokenizer`, so the result is what diffusers pipelines use.
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_byte_order)
+    merges: list[tuple[str, str]] = []
+    words = sorted(set(w.lower() for w in words))
+    if words:
+        bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+        bpe.normalizer = normalizers.Lowercase()
+        bpe.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        trainer = trainers.BpeTrainer(
+            vocab_size=100_000, min_frequency=1, initial_alphabet=alphabet,
+            end_of_word_suffix="</w>", show_progress=False,
+        )
+        bpe.train_from_iterator([" ".join(words)], trainer)
+        merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    vocab: dict[str, int] = {}
+    for token in [*alphabet, *(a + "</w>" for a in alphabet), *("".join(m) for m in merges), BOS, EOS]:
+        vocab.setdefault(token, len(vocab))
+    tokenizer = CLIPTokenizer(
+        vocab=vocab, merges=merges, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=pad_token,
+        model_max_length=max_length,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def _byte_order(symbol: str) -> int:
+    """CLIP's `bytes_to_unicode` order: the printable bytes first, then the remapped ones."""
+    code = ord(symbol)
+    return code if code < 256 else code + 1000
+
+
+def build_checkpoint(preset: Preset | str, out_dir: Path | str, seed: int = 0) -> Path:
+    """Build a diffusers-format checkpoint with random weights from a preset's configs."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import schedulers as diffusers_schedulers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    logger.info("building %s checkpoint with random weights in %s", preset.name, out)
+    write_clip_tokenizer(out / "tokenizer", preset.vocab_words, preset.tokenizer_max_length, preset.pad_token)
+    tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
+    # The special-token ids must be the tokenizer's: CLIP pools the hidden state at the EOS token.
+    text_config = dict(
+        preset.text_encoder,
+        max_position_embeddings=preset.tokenizer_max_length,
+        vocab_size=max(preset.text_encoder["vocab_size"], len(tokenizer)),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    CLIPTextModel(CLIPTextConfig(**text_config)).eval().save_pretrained(out / "text_encoder")
+    UNet2DConditionModel(**preset.unet).eval().save_pretrained(out / "unet")
+    AutoencoderKL(**preset.vae).eval().save_pretrained(out / "vae")
+    scheduler_cls = getattr(diffusers_schedulers, preset.scheduler_class)
+    scheduler_cls.from_config(preset.scheduler).save_pretrained(out / "scheduler")
+    model_index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.30.0",
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", preset.scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (out / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
+    return out

@@ -1,0 +1,97 @@
+"""Numpy schedulers, one algorithm per file, behind one small protocol.
+
+A scheduler is made fresh for every generation (multistep solvers keep state), from the
+checkpoint's scheduler config carried in the bundle manifest, the way diffusers'
+`SomeScheduler.from_config(pipe.scheduler.config)` swaps schedulers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import InvalidRequestError
+from .ddim import DDIMScheduler
+from .dpmsolver_multistep import DPMSolverMultistepScheduler
+from .euler import EulerScheduler
+from .euler_ancestral import EulerAncestralScheduler
+
+
+class Scheduler(Protocol):
+    timesteps: np.ndarray
+    init_noise_sigma: float
+    #: True when `step` needs a fresh standard-normal `noise` array every step.
+    needs_noise: bool
+
+    def set_timesteps(self, num_inference_steps: int) -> None: ...
+
+    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray: ...
+
+    def step(
+        self, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> np.ndarray: ...
+
+
+class SchedulerName(str, Enum):
+    """What a caller names; each name fixes the algorithm and its sigma schedule."""
+
+    DDIM = "ddim"
+    EULER = "euler"
+    EULER_ANCESTRAL = "euler-ancestral"
+    DPMPP_2M = "dpm++2m"
+    DPMPP_2M_KARRAS = "dpm++2m-karras"
+
+    @classmethod
+    def parse(cls, value: str | SchedulerName, field: str = "scheduler") -> SchedulerName:
+        if isinstance(value, SchedulerName):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            allowed = ", ".join(n.value for n in cls)
+            raise InvalidRequestError(field, f"unknown scheduler {value!r}; allowed: {allowed}") from None
+
+
+# The diffusers class a checkpoint names → the scheduler that runs by default.
+_FROM_DIFFUSERS_CLASS = {
+    "DDIMScheduler": SchedulerName.DDIM,
+    "EulerDiscreteScheduler": SchedulerName.EULER,
+    "EulerAncestralDiscreteScheduler": SchedulerName.EULER_ANCESTRAL,
+    "DPMSolverMultistepScheduler": SchedulerName.DPMPP_2M,
+}
+
+
+def default_scheduler_for(diffusers_class: str | None) -> SchedulerName:
+    """The checkpoint's own scheduler where we implement it; DDIM otherwise (e.g. for PNDM)."""
+    return _FROM_DIFFUSERS_CLASS.get(diffusers_class or "", SchedulerName.DDIM)
+
+
+def make_scheduler(name: SchedulerName | str, config: Mapping[str, Any]) -> Scheduler:
+    """A new scheduler of the named algorithm built from a diffusers scheduler config."""
+    name = SchedulerName.parse(name)
+    if name is SchedulerName.DDIM:
+        return DDIMScheduler.from_config(config)
+    if name is SchedulerName.EULER:
+        return EulerScheduler.from_config(config, use_karras_sigmas=False)
+    if name is SchedulerName.EULER_ANCESTRAL:
+        return EulerAncestralScheduler.from_config(config)
+    # DPM-Solver++(2M), with or without Karras sigmas as the name says
+    return DPMSolverMultistepScheduler.from_config(
+        config, algorithm_type="dpmsolver++", solver_order=2,
+        use_karras_sigmas=name is SchedulerName.DPMPP_2M_KARRAS,
+    )
+
+
+__all__ = [
+    "Scheduler",
+    "SchedulerName",
+    "default_scheduler_for",
+    "make_scheduler",
+    "DDIMScheduler",
+    "EulerScheduler",
+    "EulerAncestralScheduler",
+    "DPMSolverMultistepScheduler",
+]

@@ -1,0 +1,96 @@
+"""Each numpy scheduler against the diffusers scheduler of the same name, over whole trajectories."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
+
+from ortdiffusion.runtime.errors import InvalidRequestError
+from ortdiffusion.runtime.schedulers import SchedulerName, default_scheduler_for, make_scheduler
+
+SD15 = {  # Stable Diffusion 1.x's scheduler config
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False, "skip_prk_steps": True,
+}
+SD21_V = {**SD15, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
+LINEAR_LEADING = {"beta_schedule": "linear", "timestep_spacing": "leading", "steps_offset": 1}
+COSINE_LINSPACE = {"beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "linspace"}
+
+REFERENCE = {
+    SchedulerName.DDIM: (DDIMScheduler, {}),
+    SchedulerName.EULER: (EulerDiscreteScheduler, {"use_karras_sigmas": False}),
+    SchedulerName.EULER_ANCESTRAL: (EulerAncestralDiscreteScheduler, {}),
+    SchedulerName.DPMPP_2M: (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
+    SchedulerName.DPMPP_2M_KARRAS: (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+}
+
+
+def fake_model(sample: np.ndarray, t: float) -> np.ndarray:
+    """A deterministic stand-in for the UNet: depends on the sample and the timestep."""
+    return (0.3 * np.tanh(sample) + 0.01 * np.sin(t / 50.0 + sample)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", list(SchedulerName))
+@pytest.mark.parametrize("config", [SD15, SD21_V, LINEAR_LEADING, COSINE_LINSPACE], ids=["sd15", "sd21-v", "linear-leading", "cosine"])
+@pytest.mark.parametrize("steps", [1, 5, 20, 50])
+def test_trajectory_matches_diffusers(name, config, steps):
+    if name is SchedulerName.DPMPP_2M_KARRAS and config is COSINE_LINSPACE and steps > 1:
+        # Cosine betas + Karras sigmas round many timesteps to the same 998; diffusers then starts at
+        # index 1 (its rule for a repeated first timestep, meant for img2img) and skips a sigma.
+        # Ours walks every sigma in order, so the two differ by design here.
+        pytest.skip("diffusers skips the first of repeated starting timesteps")
+    ref_cls, overrides = REFERENCE[name]
+    ref = ref_cls.from_config({**config, **overrides})
+    ours = make_scheduler(name, config)
+    ref.set_timesteps(steps)
+    ours.set_timesteps(steps)
+    np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), rtol=1e-6, atol=1e-4)
+    assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-5)
+
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal((2, 4, 8, 8)).astype(np.float32) * ours.init_noise_sigma
+    x_ref, x_ours = torch.from_numpy(start.copy()), start.copy()
+    for i, t in enumerate(ref.timesteps):
+        noise = rng.standard_normal(start.shape).astype(np.float32)
+        in_ref = ref.scale_model_input(x_ref, t)
+        in_ours = ours.scale_model_input(x_ours, i)
+        scale = max(1.0, float(np.abs(in_ref.numpy()).max()))
+        np.testing.assert_allclose(in_ours, in_ref.numpy(), rtol=1e-4, atol=2e-5 * scale, err_msg=f"scaled input, step {i}")
+        out = fake_model(in_ref.numpy(), float(t))
+        if ours.needs_noise:
+            # diffusers draws the ancestral noise itself; hand it the same draw as ours.
+            import diffusers.schedulers.scheduling_euler_ancestral_discrete as mod
+
+            orig = mod.randn_tensor
+            mod.randn_tensor = lambda *a, **k: torch.from_numpy(noise)
+            try:
+                x_ref = ref.step(torch.from_numpy(out), t, x_ref).prev_sample
+            finally:
+                mod.randn_tensor = orig
+        else:
+            x_ref = ref.step(torch.from_numpy(out), t, x_ref).prev_sample
+        x_ours = ours.step(out, i, x_ours, noise=noise if ours.needs_noise else None)
+        scale = max(1.0, float(np.abs(x_ref.numpy()).max()))
+        np.testing.assert_allclose(x_ours, x_ref.numpy(), rtol=1e-4, atol=2e-5 * scale, err_msg=f"step {i} (t={t})")
+
+
+def test_unknown_scheduler_names_the_field_and_choices():
+    with pytest.raises(InvalidRequestError, match=r"scheduler: unknown scheduler 'plms'; allowed: ddim, euler"):
+        SchedulerName.parse("plms")
+
+
+def test_unsupported_config_value_is_refused():
+    with pytest.raises(InvalidRequestError, match="scheduler.beta_schedule"):
+        make_scheduler("ddim", {"beta_schedule": "sigmoid"})
+
+
+def test_checkpoint_scheduler_class_picks_default():
+    assert default_scheduler_for("EulerDiscreteScheduler") is SchedulerName.EULER
+    assert default_scheduler_for("PNDMScheduler") is SchedulerName.DDIM
