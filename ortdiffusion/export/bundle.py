@@ -1,0 +1,198 @@
+"""Checkpoint → bundle: export each component, check parity, write the manifest, then publish.
+
+Everything is written into a temporary directory beside the output and renamed into place only
+when every component has passed parity, so a failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..runtime.errors import ExportError
+from ..runtime.manifest import (
+    FORMAT_VERSION,
+    TEXT_ENCODER,
+    TOKENIZER_NAME,
+    UNET,
+    VAE_DECODER,
+    ComponentManifest,
+    Manifest,
+    PipelineConstants,
+    Precision,
+    SourceInfo,
+    file_record,
+    write_manifest,
+)
+from ..runtime.schedulers import default_scheduler_for
+from ..runtime.tokenizer import PromptTokenizer
+from .checkpoint import Checkpoint, load_checkpoint
+from .onnx_export import DEFAULT_OPSET, Exporter, export_onnx
+from .parity import FP32_TOLERANCE, check_parity, measure_parity
+from .specs import ComponentSpec, text_encoder_component, unet_component, vae_decoder_component
+
+logger = logging.getLogger(__name__)
+
+#: A plain fp32 export has no provider-specific fusions: it runs on every provider.
+GENERIC_PROVIDERS = ("tensorrt", "cuda", "cpu")
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = DEFAULT_OPSET
+    precision: Precision = Precision.FP32
+    exporter: Exporter = Exporter.TORCHSCRIPT
+    parity_tolerance: float = FP32_TOLERANCE
+    overwrite: bool = False
+
+
+def export_component(
+    spec: ComponentSpec, module: torch.nn.Module, bundle_dir: Path, options: ExportOptions = ExportOptions()
+) -> ComponentManifest:
+    """Export one module by its spec into `bundle_dir`, check parity, return its manifest entry.
+
+    Works for any `torch.nn.Module` whose forward takes the spec's inputs in order and returns its
+    outputs (one tensor or a tuple).
+    """
+    if options.precision is not Precision.FP32:
+        raise ExportError(f"{spec.name}: precision {options.precision.value} is not available yet; allowed: fp32")
+    files = export_onnx(spec, module, bundle_dir / f"{spec.name}.onnx", options.opset, options.exporter)
+    parity = measure_parity(spec, module, files[0])
+    check_parity(spec.name, parity, options.parity_tolerance)
+    return ComponentManifest(
+        name=spec.name,
+        files=tuple(file_record(bundle_dir, f) for f in files),
+        precision=options.precision,
+        opset=options.opset,
+        providers=GENERIC_PROVIDERS,
+        inputs=tuple(i.info for i in spec.inputs),
+        outputs=spec.outputs,
+        dims=spec.dims,
+        parity=tuple(parity),
+    )
+
+
+def pipeline_components(ckpt: Checkpoint) -> list[tuple[ComponentSpec, torch.nn.Module]]:
+    """The three networks of a Stable Diffusion pipeline, with their specs."""
+    max_length = int(ckpt.tokenizer.model_max_length)
+    latent = int(ckpt.unet.config.sample_size)
+    return [
+        text_encoder_component(ckpt.text_encoder, max_length),
+        unet_component(ckpt.unet, max_length),
+        vae_decoder_component(ckpt.vae, latent),
+    ]
+
+
+def pipeline_constants(ckpt: Checkpoint) -> PipelineConstants:
+    vae_scale = 2 ** (len(ckpt.vae.config.block_out_channels) - 1)
+    size = int(ckpt.unet.config.sample_size) * vae_scale
+    return PipelineConstants(
+        family="stable-diffusion",
+        prediction_type=str(ckpt.scheduler_config.get("prediction_type", "epsilon")),
+        latent_channels=int(ckpt.unet.config.in_channels),
+        vae_scaling_factor=float(ckpt.vae.config.scaling_factor),
+        vae_shift_factor=getattr(ckpt.vae.config, "shift_factor", None),
+        vae_scale_factor=vae_scale,
+        tokenizer_max_length=int(ckpt.tokenizer.model_max_length),
+        pad_token_id=int(ckpt.tokenizer.pad_token_id),
+        default_width=size,
+        default_height=size,
+        scheduler_class=ckpt.scheduler_class,
+        scheduler_config=ckpt.scheduler_config,
+        default_scheduler=default_scheduler_for(ckpt.scheduler_class).value,
+    )
+
+
+TOKENIZER_PROBES = (
+    "",
+    "a red circle on the left",
+    "A Lighthouse at dusk, oil painting; 4k!!  (detailed)",
+    "word " * 100,  # past the limit: truncation must agree too
+)
+
+
+def write_tokenizer(ckpt: Checkpoint, bundle_dir: Path) -> None:
+    """Save tokenizer.json and check it tokenizes exactly as the checkpoint's transformers tokenizer."""
+    path = bundle_dir / TOKENIZER_NAME
+    ckpt.tokenizer.backend_tokenizer.save(str(path))
+    constants_len, pad = int(ckpt.tokenizer.model_max_length), int(ckpt.tokenizer.pad_token_id)
+    ours = PromptTokenizer(path, constants_len, pad)(list(TOKENIZER_PROBES), warn_truncation=False)
+    ref = ckpt.tokenizer(
+        list(TOKENIZER_PROBES), padding="max_length", max_length=constants_len, truncation=True, return_tensors="np"
+    ).input_ids
+    if ours.shape != ref.shape or (ours != ref).any():
+        bad = next(i for i in range(len(TOKENIZER_PROBES)) if ours.shape != ref.shape or (ours[i] != ref[i]).any())
+        raise ExportError(f"tokenizer: tokenizer.json gives other ids than transformers for {TOKENIZER_PROBES[bad]!r}")
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {
+        "ortdiffusion": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def export_checkpoint(
+    checkpoint_dir: Path | str, out_dir: Path | str, options: ExportOptions = ExportOptions(),
+    progress: Progress | None = None,
+) -> Manifest:
+    """Export a diffusers checkpoint directory to a bundle at `out_dir`."""
+    say = progress or (lambda msg: logger.info("%s", msg))
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not options.overwrite:
+        raise ExportError(f"{out_dir}: already exists; choose another output or allow overwriting")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    say(f"loading checkpoint {checkpoint_dir}")
+    ckpt = load_checkpoint(checkpoint_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        components = {}
+        specs = pipeline_components(ckpt)
+        for n, (spec, module) in enumerate(specs, 1):
+            say(f"[{n}/{len(specs)}] {spec.name}: exporting and checking parity")
+            components[spec.name] = export_component(spec, module, tmp, options)
+            worst = max(r.rel_l2_error for r in components[spec.name].parity)
+            say(f"[{n}/{len(specs)}] {spec.name}: done, worst relative L2 error {worst:.2e}")
+        write_tokenizer(ckpt, tmp)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            created_by=_versions(),
+            source=SourceInfo(checkpoint=str(Path(checkpoint_dir).resolve()), weights_sha256=ckpt.weights_sha256),
+            pipeline=pipeline_constants(ckpt),
+            components={k: components[k] for k in (TEXT_ENCODER, UNET, VAE_DECODER)},
+            tokenizer=file_record(tmp, tmp / TOKENIZER_NAME),
+        )
+        write_manifest(tmp, manifest)
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished bundle into place; an existing one is replaced only after that succeeds."""
+    if not out_dir.exists():
+        tmp.rename(out_dir)
+        return
+    old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+    out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)

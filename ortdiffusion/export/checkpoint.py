@@ -1,0 +1,102 @@
+"""Reading a diffusers-format Stable Diffusion checkpoint directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..runtime.errors import BundleError
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    text_encoder: torch.nn.Module
+    tokenizer: Any  # a transformers fast tokenizer
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler_class: str
+    scheduler_config: dict[str, Any]
+    weights_sha256: str
+
+
+def read_model_index(path: Path) -> dict[str, Any]:
+    index_path = path / "model_index.json"
+    if not path.is_dir():
+        raise BundleError(str(path), "not a directory; expected a diffusers checkpoint directory")
+    if not index_path.is_file():
+        raise BundleError(str(index_path), "missing: a diffusers checkpoint directory has a model_index.json")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(str(index_path), f"unreadable JSON ({e})") from None
+    pipeline_class = index.get("_class_name")
+    if pipeline_class not in SUPPORTED_PIPELINES:
+        raise BundleError(
+            str(index_path), f"_class_name {pipeline_class!r} is not supported; allowed: {', '.join(SUPPORTED_PIPELINES)}"
+        )
+    for name in REQUIRED_COMPONENTS:
+        entry = index.get(name)
+        if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+            raise BundleError(str(index_path), f"no {name} entry; a Stable Diffusion checkpoint needs {', '.join(REQUIRED_COMPONENTS)}")
+        if not (path / name).is_dir():
+            raise BundleError(str(path / name), f"missing: model_index.json names {entry[1]} but the {name}/ folder is absent")
+    return index
+
+
+def weights_sha256(path: Path) -> str:
+    """One hash over the configs and weights of every component: the checkpoint's identity."""
+    h = hashlib.sha256()
+    files = [path / "model_index.json"] + sorted(
+        f for name in REQUIRED_COMPONENTS for f in (path / name).rglob("*") if f.is_file()
+    )
+    for f in files:
+        h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+def load_checkpoint(path: Path | str) -> Checkpoint:
+    import diffusers
+    import transformers
+
+    path = Path(path)
+    index = read_model_index(path)
+
+    def load(name: str, library: Any) -> Any:
+        class_name = index[name][1]
+        cls = getattr(library, class_name, None)
+        if cls is None:
+            raise BundleError(str(path / name), f"unknown class {class_name!r} in model_index.json")
+        try:
+            return cls.from_pretrained(str(path / name))
+        except (OSError, ValueError, json.JSONDecodeError) as e:
+            raise BundleError(str(path / name), f"cannot be loaded: {e}") from None
+
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    if not scheduler_file.is_file():
+        raise BundleError(str(scheduler_file), "missing")
+    scheduler_config = json.loads(scheduler_file.read_text(encoding="utf-8"))
+    text_encoder = load("text_encoder", transformers).eval()
+    return Checkpoint(
+        path=path,
+        text_encoder=text_encoder,
+        tokenizer=load("tokenizer", transformers),
+        unet=load("unet", diffusers).eval(),
+        vae=load("vae", diffusers).eval(),
+        scheduler_class=str(scheduler_config.get("_class_name", index["scheduler"][1])),
+        scheduler_config={k: v for k, v in scheduler_config.items() if not k.startswith("_")},
+        weights_sha256=weights_sha256(path),
+    )

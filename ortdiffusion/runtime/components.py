@@ -1,0 +1,53 @@
+"""The three networks of the pipeline, as typed numpy calls over their sessions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import NumericalError
+from .session import Session
+
+
+class TextEncoder:
+    """Token ids (batch, length) int64 → hidden states (batch, length, width) float32."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def __call__(self, input_ids: np.ndarray) -> np.ndarray:
+        return self.session.run({"input_ids": input_ids})[0].astype(np.float32, copy=False)
+
+
+class Denoiser:
+    """One UNet step: the model's prediction (ε, v or x₀) for latents at a timestep."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def __call__(self, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray) -> np.ndarray:
+        t = np.full((sample.shape[0],), timestep, dtype=np.float32)
+        out = self.session.run({"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states})[0]
+        return out.astype(np.float32, copy=False)
+
+
+class ImageDecoder:
+    """Latents → images in [-1, 1], (batch, 3, H, W) float32.
+
+    Per DESIGN.md's precision rule, non-finite pixels are retried on the fp32 decoder where the
+    bundle has one, and otherwise raise `NumericalError`: a black image is never returned silently.
+    """
+
+    def __init__(self, session: Session, fp32_fallback: Session | None = None):
+        self.session = session
+        self.fp32_fallback = fp32_fallback
+
+    def __call__(self, latents: np.ndarray) -> np.ndarray:
+        image = self.session.run({"latent_sample": latents})[0].astype(np.float32, copy=False)
+        if np.isfinite(image).all():
+            return image
+        if self.fp32_fallback is not None:
+            image = self.fp32_fallback.run({"latent_sample": latents})[0].astype(np.float32, copy=False)
+            if np.isfinite(image).all():
+                return image
+        bad = int((~np.isfinite(image)).sum())
+        raise NumericalError(f"vae_decoder: {bad} non-finite pixel values (NaN/Inf) in the decoded image")

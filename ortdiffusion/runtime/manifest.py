@@ -1,0 +1,259 @@
+"""The bundle manifest: the one contract between export and runtime (DESIGN.md, "The bundle").
+
+Export builds a `Manifest` and writes it with `write_manifest`; the runtime reads it with
+`load_bundle`, which also checks every file against its recorded size and hash. A bundle that does
+not match its manifest is refused with a `BundleError` naming the file and what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.json"
+
+TEXT_ENCODER, UNET, VAE_DECODER = "text_encoder", "unet", "vae_decoder"
+PIPELINE_COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One graph input or output; a str in `shape` is a symbolic (dynamic) dimension."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """The sizes a symbolic dimension may take: min/opt/max (TensorRT's profile) and a step."""
+
+    min: int
+    opt: int
+    max: int
+    multiple_of: int = 1
+
+    def allows(self, value: int) -> bool:
+        return self.min <= value <= self.max and value % self.multiple_of == 0
+
+    def describe(self) -> str:
+        step = f", a multiple of {self.multiple_of}" if self.multiple_of > 1 else ""
+        return f"{self.min} to {self.max}{step}"
+
+
+@dataclass(frozen=True)
+class ParityRecord:
+    """Torch against ONNX Runtime on one set of fresh random inputs, per output."""
+
+    shape: dict[str, int]
+    output: str
+    max_abs_error: float
+    rel_l2_error: float
+    cosine_similarity: float
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ComponentManifest:
+    name: str
+    #: The .onnx file first, then its external data file if it has one.
+    files: tuple[FileRecord, ...]
+    precision: Precision
+    opset: int
+    #: The providers this graph was exported/optimized for ("cpu", "cuda", "tensorrt").
+    providers: tuple[str, ...]
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    dims: dict[str, DimRange]
+    parity: tuple[ParityRecord, ...] = ()
+    #: Nodes kept in fp32 in an fp16 graph (empty for fp32).
+    fp32_nodes: tuple[str, ...] = ()
+
+    @property
+    def model_file(self) -> FileRecord:
+        return self.files[0]
+
+
+@dataclass(frozen=True)
+class PipelineConstants:
+    """What the runtime needs to know of the pipeline family beyond the three graphs."""
+
+    family: str
+    prediction_type: str
+    latent_channels: int
+    vae_scaling_factor: float
+    vae_scale_factor: int  # image pixels per latent pixel
+    tokenizer_max_length: int
+    pad_token_id: int
+    default_width: int
+    default_height: int
+    scheduler_class: str
+    scheduler_config: dict[str, Any]
+    default_scheduler: str
+    vae_shift_factor: float | None = None
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    checkpoint: str
+    weights_sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    created_by: dict[str, str]
+    source: SourceInfo
+    pipeline: PipelineConstants
+    components: dict[str, ComponentManifest]
+    tokenizer: FileRecord
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bundle_sha256(self) -> str:
+        """One hash over every file of the bundle: the model hash that results and PNGs carry."""
+        h = hashlib.sha256()
+        for name in sorted(self.components):
+            for f in self.components[name].files:
+                h.update(f"{f.path}:{f.sha256}\n".encode())
+        h.update(f"{self.tokenizer.path}:{self.tokenizer.sha256}\n".encode())
+        return h.hexdigest()
+
+    def to_json(self) -> str:
+        return json.dumps(_to_plain(self), indent=2, sort_keys=False, allow_nan=False)
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_record(bundle_dir: Path, path: Path) -> FileRecord:
+    return FileRecord(path=path.relative_to(bundle_dir).as_posix(), sha256=sha256_file(path), size=path.stat().st_size)
+
+
+def write_manifest(bundle_dir: Path, manifest: Manifest) -> None:
+    (bundle_dir / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+
+
+def load_manifest(bundle_dir: Path | str) -> Manifest:
+    """Read and parse a bundle's manifest, without checking its files (see `verify_files`)."""
+    path = Path(bundle_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(str(path), "missing: not a bundle directory (no manifest.json)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(str(path), f"unreadable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise BundleError(str(path), "expected a JSON object")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            str(path), f"format_version {version!r} is not supported; this ortdiffusion reads format {FORMAT_VERSION}"
+        )
+    try:
+        manifest = _from_plain(Manifest, data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(str(path), f"malformed manifest: {e}") from None
+    missing = [c for c in PIPELINE_COMPONENTS if c not in manifest.components]
+    if missing:
+        raise BundleError(str(path), f"no entry for component(s) {', '.join(missing)}")
+    return manifest
+
+
+def verify_files(bundle_dir: Path | str, manifest: Manifest) -> None:
+    """Every file the manifest names exists with the recorded size and sha256; else `BundleError`."""
+    bundle_dir = Path(bundle_dir)
+    records = [f for c in manifest.components.values() for f in c.files] + [manifest.tokenizer]
+    for record in records:
+        path = bundle_dir / record.path
+        if not path.is_file():
+            raise BundleError(str(path), "missing (listed in manifest.json)")
+        size = path.stat().st_size
+        if size != record.size:
+            raise BundleError(str(path), f"corrupt: {size} bytes, manifest.json records {record.size}")
+        digest = sha256_file(path)
+        if digest != record.sha256:
+            raise BundleError(str(path), f"corrupt: sha256 {digest[:12]}…, manifest.json records {record.sha256[:12]}…")
+
+
+# -- (de)serialisation: dataclasses ↔ plain JSON -----------------------------------------------
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(k): _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no inf/nan; scheduler configs may hold -inf
+    return value
+
+
+def _from_plain(cls: type, data: Mapping[str, Any]) -> Any:
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{cls.__name__}: expected an object, got {type(data).__name__}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+                raise KeyError(f"{cls.__name__}.{f.name}")
+            continue
+        kwargs[f.name] = _convert(cls, f.name, data[f.name])
+    return cls(**kwargs)
+
+
+def _convert(cls: type, name: str, value: Any) -> Any:
+    nested = {
+        (Manifest, "source"): SourceInfo,
+        (Manifest, "pipeline"): PipelineConstants,
+        (Manifest, "tokenizer"): FileRecord,
+    }
+    if (cls, name) in nested:
+        return _from_plain(nested[(cls, name)], value)
+    if (cls, name) == (Manifest, "components"):
+        return {k: _from_plain(ComponentManifest, v) for k, v in value.items()}
+    if cls is ComponentManifest:
+        if name == "files":
+            return tuple(_from_plain(FileRecord, v) for v in value)
+        if name in ("inputs", "outputs"):
+            return tuple(TensorInfo(v["name"], v["dtype"], tuple(v["shape"])) for v in value)
+        if name == "dims":
+            return {k: _from_plain(DimRange, v) for k, v in value.items()}
+        if name == "parity":
+            return tuple(_from_plain(ParityRecord, v) for v in value)
+        if name == "precision":
+            return Precision(value)
+        if name in ("providers", "fp32_nodes"):
+            return tuple(value)
+    if (cls, name) == (PipelineConstants, "scheduler_config"):
+        return {k: (float(v) if v in ("-inf", "inf") else v) for k, v in value.items()}
+    return value

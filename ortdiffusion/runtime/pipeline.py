@@ -1,0 +1,222 @@
+"""Prompt → images, top to bottom (DESIGN.md's diagram):
+
+    prompt ─► tokenizer ─► text encoder ─► embeddings ─┐
+                                                       ▼
+    seeded noise ─► [ UNet step ─► guidance ─► scheduler step ] × N ─► latents ─► image decoder ─► PNG
+
+Only onnxruntime, numpy, tokenizers and pillow are used here. One `Pipeline` may be called from
+several threads at once: every call keeps its own scheduler, noise generators and buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .. import __version__
+from .components import Denoiser, ImageDecoder, TextEncoder
+from .errors import BundleError, NumericalError
+from .manifest import TEXT_ENCODER, UNET, VAE_DECODER, Manifest, load_manifest, verify_files
+from .png import save_png
+from .providers import ProviderPreference, default_preference
+from .request import GenerationRequest, make_request
+from .schedulers import SchedulerName, make_scheduler
+from .session import Session
+from .tokenizer import PromptTokenizer
+
+logger = logging.getLogger(__name__)
+
+#: Called after each denoising step with (step index, number of steps); may raise to cancel.
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each stage of one call."""
+
+    tokenize: float = 0.0
+    text_encoder: float = 0.0
+    unet_steps: list[float] = field(default_factory=list)
+    scheduler: float = 0.0  # scheduler steps, guidance and input scaling together
+    decoder: float = 0.0
+    postprocess: float = 0.0
+    total: float = 0.0
+
+    @property
+    def unet(self) -> float:
+        return float(sum(self.unet_steps))
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "tokenize": self.tokenize, "text_encoder": self.text_encoder, "unet": self.unet,
+            "scheduler": self.scheduler, "decoder": self.decoder, "postprocess": self.postprocess,
+            "total": self.total,
+        }
+
+
+@dataclass
+class PipelineResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    timings: Timings
+    #: The provider each component really ran on, e.g. {"unet": "cpu", ...}.
+    providers: dict[str, str]
+    #: Per image: the parameters written into its PNG text chunks.
+    metadata: list[dict[str, str]]
+
+    def save(self, path: Path | str) -> list[Path]:
+        """Save as PNG with parameters; several images get `-0`, `-1`, … before the suffix."""
+        path = Path(path)
+        if len(self.images) == 1:
+            return [save_png(self.images[0], self.metadata[0], path)]
+        return [
+            save_png(img, meta, path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}"))
+            for i, (img, meta) in enumerate(zip(self.images, self.metadata))
+        ]
+
+
+class Pipeline:
+    """A loaded bundle: its tokenizer, three sessions and constants."""
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, preference: ProviderPreference, intra_op_threads: int = 0):
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        c = manifest.pipeline
+        self.tokenizer = PromptTokenizer(bundle_dir / manifest.tokenizer.path, c.tokenizer_max_length, c.pad_token_id)
+        sessions = {
+            name: Session(bundle_dir, manifest.components[name], preference, intra_op_threads)
+            for name in (TEXT_ENCODER, UNET, VAE_DECODER)
+        }
+        self.text_encoder = TextEncoder(sessions[TEXT_ENCODER])
+        self.denoiser = Denoiser(sessions[UNET])
+        self.image_decoder = ImageDecoder(sessions[VAE_DECODER])
+        self.providers = {name: s.providers[0].value for name, s in sessions.items()}
+        self.model_hash = manifest.bundle_sha256
+
+    @classmethod
+    def load(
+        cls,
+        path: Path | str,
+        providers: str | Sequence[str] | ProviderPreference | None = None,
+        allow_fallback: bool = False,
+        intra_op_threads: int = 0,
+    ) -> Pipeline:
+        """Load a bundle directory; `providers` is an ordered preference ("cuda,cpu"), None to choose."""
+        path = Path(path)
+        if (path / "model_index.json").is_file() and not (path / "manifest.json").exists():
+            raise BundleError(
+                str(path), "is a diffusers checkpoint, not a bundle: export it first (`ortdiffusion export`), "
+                "or use ortdiffusion.models.load_pipeline, which exports and caches it"
+            )
+        manifest = load_manifest(path)
+        verify_files(path, manifest)
+        preference = ProviderPreference.parse(providers, allow_fallback)
+        if preference is None:
+            preference = default_preference(manifest.components[UNET].providers)
+        pipe = cls(path, manifest, preference, intra_op_threads)
+        logger.info("loaded %s on %s", path, pipe.providers)
+        return pipe
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_images_per_prompt: int = 1,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 7.5,
+        scheduler: str | SchedulerName | None = None,
+        seed: int | Sequence[int] | None = None,
+        latents: np.ndarray | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        callback: StepCallback | None = None,
+    ) -> PipelineResult:
+        request = make_request(
+            self.manifest, prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
+            guidance_scale, scheduler, seed, latents, width, height,
+        )
+        return self.generate(request, callback)
+
+    def generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> PipelineResult:
+        c = self.manifest.pipeline
+        timings = Timings()
+        start = clock = time.perf_counter()
+
+        def lap() -> float:
+            nonlocal clock
+            now = time.perf_counter()
+            elapsed, clock = now - clock, now
+            return elapsed
+
+        # 1. tokenize: the negative prompts first, as diffusers stacks [uncond; cond]
+        pairs = request.image_prompts()
+        prompts = [p for p, _ in pairs]
+        negatives = [n for _, n in pairs]
+        ids = self.tokenizer(negatives + prompts if request.do_guidance else prompts)
+        timings.tokenize = lap()
+
+        # 2. text encoder → embeddings (one batch for both halves)
+        embeddings = self.text_encoder(ids)
+        timings.text_encoder = lap()
+
+        # 3. seeded noise: one generator per image, so an image depends only on its own seed
+        scheduler = make_scheduler(request.scheduler, c.scheduler_config)
+        scheduler.set_timesteps(request.steps)
+        generators = [np.random.Generator(np.random.PCG64(s)) for s in request.seeds]
+        latent_shape = (c.latent_channels, request.height // c.vae_scale_factor, request.width // c.vae_scale_factor)
+        noise = request.latents if request.latents is not None else _draw(generators, latent_shape)
+        latents = (noise * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
+        timings.scheduler += lap()
+
+        # 4. denoising loop: UNet step → guidance → scheduler step
+        for i, t in enumerate(scheduler.timesteps):
+            model_input = scheduler.scale_model_input(latents, i)
+            if request.do_guidance:
+                model_input = np.concatenate([model_input, model_input])
+            timings.scheduler += lap()
+            prediction = self.denoiser(model_input, float(t), embeddings)
+            timings.unet_steps.append(lap())
+            if request.do_guidance:
+                uncond, cond = np.split(prediction, 2)
+                prediction = uncond + np.float32(request.guidance_scale) * (cond - uncond)
+            step_noise = _draw(generators, latent_shape) if scheduler.needs_noise else None
+            latents = scheduler.step(prediction, i, latents, noise=step_noise)
+            if not np.isfinite(latents).all():
+                raise NumericalError(f"unet: latents became non-finite (NaN/Inf) at denoising step {i + 1} of {request.steps}")
+            timings.scheduler += lap()
+            if callback is not None:
+                callback(i, request.steps)
+
+        # 5. image decoder: undo the VAE's latent scaling, decode to pixels in [-1, 1]
+        latents = latents / np.float32(c.vae_scaling_factor)
+        if c.vae_shift_factor is not None:
+            latents = latents + np.float32(c.vae_shift_factor)
+        pixels = self.image_decoder(latents.astype(np.float32))
+        timings.decoder = lap()
+
+        # 6. pixels → 8-bit images (diffusers' VaeImageProcessor.postprocess, to the rounding)
+        array = np.clip(pixels / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+        images = [Image.fromarray(a) for a in (array * 255).round().astype(np.uint8)]
+        metadata = [self._metadata(request, p, n, s) for (p, n), s in zip(pairs, request.seeds)]
+        timings.postprocess = lap()
+        timings.total = time.perf_counter() - start
+        return PipelineResult(images, list(request.seeds), timings, dict(self.providers), metadata)
+
+    def _metadata(self, request: GenerationRequest, prompt: str, negative: str, seed: int) -> dict[str, str]:
+        return {
+            "prompt": prompt, "negative_prompt": negative, "seed": str(seed), "steps": str(request.steps),
+            "scheduler": request.scheduler.value, "guidance_scale": f"{request.guidance_scale:g}",
+            "size": f"{request.width}x{request.height}", "model_hash": self.model_hash[:16],
+            "software": f"ortdiffusion {__version__}",
+        }
+
+
+def _draw(generators: list[np.random.Generator], shape: tuple[int, ...]) -> np.ndarray:
+    """One standard-normal array per image, stacked: (images, *shape) float32."""
+    return np.stack([g.standard_normal(shape, dtype=np.float32) for g in generators])

@@ -1,0 +1,163 @@
+"""Execution providers as data: an ordered preference with per-provider options.
+
+ONNX Runtime's provider names and option strings live here and nowhere else. After a session is
+created, `check_providers` compares what it really got with what was asked: a silent fallback to a
+provider the caller did not list is a `ProviderError` unless the caller allowed it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .errors import InvalidRequestError, ProviderError
+
+
+class ProviderKind(str, Enum):
+    TENSORRT = "tensorrt"
+    CUDA = "cuda"
+    CPU = "cpu"
+
+    @property
+    def ort_name(self) -> str:
+        return _ORT_NAMES[self]
+
+    @classmethod
+    def parse(cls, value: str | ProviderKind, field_name: str = "providers") -> ProviderKind:
+        if isinstance(value, ProviderKind):
+            return value
+        text = str(value).strip()
+        for kind in cls:
+            if text.lower() == kind.value or text == kind.ort_name:
+                return kind
+        allowed = ", ".join(k.value for k in cls)
+        raise InvalidRequestError(field_name, f"unknown provider {value!r}; allowed: {allowed}")
+
+
+_ORT_NAMES = {
+    ProviderKind.TENSORRT: "TensorrtExecutionProvider",
+    ProviderKind.CUDA: "CUDAExecutionProvider",
+    ProviderKind.CPU: "CPUExecutionProvider",
+}
+_FROM_ORT_NAME = {v: k for k, v in _ORT_NAMES.items()}
+
+#: Preference order when the caller names none: the fastest the machine and the bundle allow.
+DEFAULT_ORDER = (ProviderKind.TENSORRT, ProviderKind.CUDA, ProviderKind.CPU)
+
+
+@dataclass(frozen=True)
+class CudaOptions:
+    """The CUDA provider's options that the engine sets (ONNX Runtime's documented names below)."""
+
+    device_id: int = 0
+    arena_extend_strategy: str = "kSameAsRequested"  # grow by what is asked, not powers of two
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"
+    gpu_mem_limit: int | None = None
+
+    def to_ort(self) -> dict[str, str]:
+        options = {
+            "device_id": str(self.device_id),
+            "arena_extend_strategy": self.arena_extend_strategy,
+            "cudnn_conv_algo_search": self.cudnn_conv_algo_search,
+        }
+        if self.gpu_mem_limit is not None:
+            options["gpu_mem_limit"] = str(self.gpu_mem_limit)
+        return options
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    device_id: int = 0
+    fp16: bool = False
+    engine_cache_path: str | None = None
+
+    def to_ort(self) -> dict[str, str]:
+        options = {"device_id": str(self.device_id), "trt_fp16_enable": str(self.fp16)}
+        if self.engine_cache_path:
+            options.update(
+                trt_engine_cache_enable="True", trt_engine_cache_path=self.engine_cache_path,
+                trt_timing_cache_enable="True", trt_timing_cache_path=self.engine_cache_path,
+            )
+        return options
+
+
+ProviderOptions = CudaOptions | TensorRTOptions | None
+
+
+@dataclass(frozen=True)
+class ProviderPreference:
+    """An ordered list of providers to try; a later one is a requested fallback, not a silent one."""
+
+    kinds: tuple[ProviderKind, ...]
+    options: Mapping[ProviderKind, ProviderOptions] = field(default_factory=dict)
+    allow_fallback: bool = False
+
+    @classmethod
+    def parse(cls, value: str | Sequence[str | ProviderKind] | ProviderPreference | None,
+              allow_fallback: bool = False) -> ProviderPreference | None:
+        """From "cuda,cpu", ["cuda", "cpu"] or ORT names; None means "choose for me"."""
+        if value is None or isinstance(value, ProviderPreference):
+            return value
+        items = value.split(",") if isinstance(value, str) else list(value)
+        kinds = tuple(ProviderKind.parse(v) for v in items if str(v).strip())
+        if not kinds:
+            raise InvalidRequestError("providers", "empty list; allowed: tensorrt, cuda, cpu")
+        return cls(kinds=tuple(dict.fromkeys(kinds)), allow_fallback=allow_fallback)
+
+    def ort_providers(self, available: Iterable[ProviderKind]) -> list[tuple[str, dict[str, str]]]:
+        """The (name, options) list `InferenceSession` takes, keeping only providers this build has."""
+        have = set(available)
+        usable = [k for k in self.kinds if k in have]
+        if not usable:
+            raise ProviderError(
+                f"providers: none of {', '.join(k.value for k in self.kinds)} is available; "
+                f"this onnxruntime offers {', '.join(k.value for k in have) or 'none'}"
+            )
+        if usable != list(self.kinds)[: len(usable)] and not self.allow_fallback:
+            missing = [k.value for k in self.kinds if k not in have]
+            raise ProviderError(
+                f"providers: {', '.join(missing)} requested but not available in this onnxruntime "
+                f"(it offers {', '.join(k.value for k in have)}); list a fallback or allow it"
+            )
+        out = []
+        for kind in usable:
+            opts = self.options.get(kind)
+            out.append((kind.ort_name, opts.to_ort() if opts is not None else {}))
+        return out
+
+
+def available_providers() -> tuple[ProviderKind, ...]:
+    """The providers this onnxruntime build offers, in the engine's preference order."""
+    import onnxruntime as ort
+
+    names = set(ort.get_available_providers())
+    return tuple(k for k in DEFAULT_ORDER if k.ort_name in names)
+
+
+def default_preference(supported: Iterable[str]) -> ProviderPreference:
+    """The fastest available provider the bundle supports, then the others in order."""
+    allowed = {ProviderKind.parse(s) for s in supported}
+    kinds = tuple(k for k in available_providers() if k in allowed)
+    if not kinds:
+        raise ProviderError(
+            f"providers: the bundle runs on {', '.join(sorted(allowed))}, "
+            f"none of which this onnxruntime offers ({', '.join(k.value for k in available_providers())})"
+        )
+    return ProviderPreference(kinds=kinds)
+
+
+def check_providers(preference: ProviderPreference, got_ort_names: Sequence[str], what: str) -> tuple[ProviderKind, ...]:
+    """What a session really runs on; a provider outside the preference is an error unless allowed.
+
+    ONNX Runtime lists the CPU provider last in every session as the home of nodes no other
+    provider takes; that is not a fallback unless it is the only one left.
+    """
+    got = tuple(_FROM_ORT_NAME[n] for n in got_ort_names if n in _FROM_ORT_NAME)
+    primary = got[0] if got else None
+    if primary not in preference.kinds and not preference.allow_fallback:
+        raise ProviderError(
+            f"{what}: asked for {', '.join(k.value for k in preference.kinds)} but the session runs on "
+            f"{', '.join(k.value for k in got) or 'nothing'}; this is a silent fallback, refused"
+        )
+    return got

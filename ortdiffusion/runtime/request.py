@@ -1,0 +1,156 @@
+"""Validation of a generation request at the edge, into one frozen, typed value.
+
+Every check names the field and what is allowed (`InvalidRequestError`). The CLI, the Python API
+and the HTTP service all go through `make_request`, so they refuse the same things the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InvalidRequestError
+from .manifest import UNET, Manifest
+from .schedulers import SchedulerName
+
+MAX_STEPS = 1000
+MAX_IMAGES = 32  # per call: prompts × images per prompt
+MAX_GUIDANCE = 100.0
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...]  # one per prompt
+    num_images_per_prompt: int
+    steps: int
+    guidance_scale: float
+    scheduler: SchedulerName
+    seeds: tuple[int, ...]  # one per image, in output order
+    width: int
+    height: int
+    latents: np.ndarray | None = field(default=None, compare=False)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.prompts) * self.num_images_per_prompt
+
+    @property
+    def do_guidance(self) -> bool:
+        """Classifier-free guidance runs only when it changes anything: scale > 1 (as diffusers)."""
+        return self.guidance_scale > 1.0
+
+    def image_prompts(self) -> list[tuple[str, str]]:
+        """(prompt, negative prompt) for each output image: each prompt's images together."""
+        return [(p, n) for p, n in zip(self.prompts, self.negative_prompts) for _ in range(self.num_images_per_prompt)]
+
+
+def _prompts(value: object, field_name: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+        if len(value) == 0:
+            raise InvalidRequestError(field_name, "empty list; give at least one prompt")
+        for i, p in enumerate(value):
+            if not isinstance(p, str):
+                raise InvalidRequestError(f"{field_name}[{i}]", f"must be a string, got {type(p).__name__}")
+        return tuple(value)
+    raise InvalidRequestError(field_name, f"must be a string or a list of strings, got {type(value).__name__}")
+
+
+def _int(value: object, field_name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidRequestError(field_name, f"must be an integer from {low} to {high}, got {value!r}")
+    if not low <= int(value) <= high:
+        raise InvalidRequestError(field_name, f"must be from {low} to {high}, got {value}")
+    return int(value)
+
+
+def _seeds(seed: object, count: int) -> tuple[int, ...]:
+    """One seed per image: a single seed s gives s, s+1, …; a list gives one each; None draws them."""
+    if seed is None:
+        base = secrets.randbelow(2**31)
+        return tuple(base + i for i in range(count))
+    if isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)):
+        if len(seed) != count:
+            raise InvalidRequestError("seed", f"a list of seeds needs one per image ({count}), got {len(seed)}")
+        return tuple(_int(s, f"seed[{i}]", 0, MAX_SEED) for i, s in enumerate(seed))
+    first = _int(seed, "seed", 0, MAX_SEED - count)
+    return tuple(first + i for i in range(count))
+
+
+def size_limits(manifest: Manifest) -> tuple[int, int, int]:
+    """(min, max, multiple) of an image side in pixels, from the UNet's latent dims."""
+    dims, scale = manifest.components[UNET].dims, manifest.pipeline.vae_scale_factor
+    h = dims["height"]
+    return h.min * scale, h.max * scale, h.multiple_of * scale
+
+
+def _side(value: object, field_name: str, manifest: Manifest, default: int) -> int:
+    if value is None:
+        return default
+    low, high, multiple = size_limits(manifest)
+    side = _int(value, field_name, low, high)
+    if side % multiple:
+        raise InvalidRequestError(field_name, f"must be a multiple of {multiple} (from {low} to {high}), got {side}")
+    return side
+
+
+def make_request(
+    manifest: Manifest,
+    prompt: str | Sequence[str],
+    negative_prompt: str | Sequence[str] | None = None,
+    num_images_per_prompt: int = 1,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 7.5,
+    scheduler: str | SchedulerName | None = None,
+    seed: int | Sequence[int] | None = None,
+    latents: np.ndarray | None = None,
+    width: int | None = None,
+    height: int | None = None,
+) -> GenerationRequest:
+    prompts = _prompts(prompt, "prompt")
+    if negative_prompt is None:
+        negatives = ("",) * len(prompts)
+    else:
+        negatives = _prompts(negative_prompt, "negative_prompt")
+        if len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        elif len(negatives) != len(prompts):
+            raise InvalidRequestError(
+                "negative_prompt", f"give one, or one per prompt ({len(prompts)}), got {len(negatives)}"
+            )
+    per_prompt = _int(num_images_per_prompt, "num_images_per_prompt", 1, MAX_IMAGES)
+    if len(prompts) * per_prompt > MAX_IMAGES:
+        raise InvalidRequestError(
+            "num_images_per_prompt", f"{len(prompts)} prompts × {per_prompt} images exceeds {MAX_IMAGES} images per call"
+        )
+    train_steps = int(manifest.pipeline.scheduler_config.get("num_train_timesteps", MAX_STEPS))
+    steps = _int(num_inference_steps, "num_inference_steps", 1, min(MAX_STEPS, train_steps))
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating)):
+        raise InvalidRequestError("guidance_scale", f"must be a number from 0 to {MAX_GUIDANCE:g}, got {guidance_scale!r}")
+    if not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= MAX_GUIDANCE:
+        raise InvalidRequestError("guidance_scale", f"must be a finite number from 0 to {MAX_GUIDANCE:g}, got {guidance_scale}")
+    scheduler_name = SchedulerName.parse(scheduler if scheduler is not None else manifest.pipeline.default_scheduler)
+    w = _side(width, "width", manifest, manifest.pipeline.default_width)
+    h = _side(height, "height", manifest, manifest.pipeline.default_height)
+    count = len(prompts) * per_prompt
+    if latents is not None:
+        expected = (count, manifest.pipeline.latent_channels, h // manifest.pipeline.vae_scale_factor,
+                    w // manifest.pipeline.vae_scale_factor)
+        latents = np.asarray(latents)
+        if latents.shape != expected or not np.issubdtype(latents.dtype, np.floating):
+            raise InvalidRequestError("latents", f"must be a float array of shape {expected}, got {latents.dtype} {latents.shape}")
+        if not np.isfinite(latents).all():
+            raise InvalidRequestError("latents", "contains NaN or Inf")
+        latents = latents.astype(np.float32)
+    return GenerationRequest(
+        prompts=prompts, negative_prompts=negatives, num_images_per_prompt=per_prompt, steps=steps,
+        guidance_scale=float(guidance_scale), scheduler=scheduler_name, seeds=_seeds(seed, count),
+        width=w, height=h, latents=latents,
+    )
