@@ -162,6 +162,7 @@ def export_checkpoint(
     say(f"loading checkpoint {checkpoint_dir}")
     ckpt = load_checkpoint(checkpoint_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become the published bundle's mode
     try:
         components = {}
         specs = pipeline_components(ckpt)

@@ -31,7 +31,6 @@ class Preset:
     scheduler_class: str = "PNDMScheduler"
     tokenizer_max_length: int = 77
     pad_token: str = EOS
-    sample_size: int = 64  # latent size of the model's native resolution
     vocab_words: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -113,14 +112,13 @@ SD21 = Preset(
     scheduler={**_SD_SCHEDULER, "prediction_type": "v_prediction"},
     scheduler_class="DDIMScheduler",
     pad_token="!",
-    sample_size=96,
 )
 
 TINY = Preset(
     name="tiny",
     text_encoder={**_clip_text_config(32, 2, 4, 64, "quick_gelu"), "vocab_size": 1000},
     unet={
-        "sample_size": 8,
+        "sample_size": 16,
         "in_channels": 4,
         "out_channels": 4,
         "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
@@ -135,18 +133,21 @@ TINY = Preset(
         "in_channels": 3,
         "out_channels": 3,
         "latent_channels": 4,
-        "down_block_types": ["DownEncoderBlock2D"] * 2,
-        "up_block_types": ["UpDecoderBlock2D"] * 2,
-        "block_out_channels": [16, 32],
+        "down_block_types": ["DownEncoderBlock2D"] * 3,
+        "up_block_types": ["UpDecoderBlock2D"] * 3,
+        "block_out_channels": [16, 32, 32],
         "layers_per_block": 1,
         "norm_num_groups": 8,
-        "sample_size": 16,
+        "sample_size": 64,
         "scaling_factor": 0.18215,
     },
     scheduler=_SD_SCHEDULER,
     scheduler_class="DDIMScheduler",
-    tokenizer_max_length=16,
-    sample_size=8,
+    tokenizer_max_length=77,
+    vocab_words=tuple(
+        "a an the of on in at to and with above below left right top bottom center small large big red green "
+        "blue yellow orange purple pink white black gray circle square triangle star lighthouse dusk".split()
+    ),
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, SD15, SD21)}

@@ -1,0 +1,205 @@
+"""`ortdiffusion export | generate | info` — the command line over export and runtime."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .runtime.errors import InvalidRequestError, OrtDiffusionError
+
+logger = logging.getLogger("ortdiffusion.cli")
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- export -------------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export.bundle import ExportOptions, export_checkpoint
+    from .export.onnx_export import Exporter
+    from .runtime.manifest import Precision
+
+    options = ExportOptions(
+        opset=args.opset, precision=Precision(args.precision), exporter=Exporter(args.exporter), overwrite=args.overwrite
+    )
+    start = time.perf_counter()
+    manifest = export_checkpoint(args.checkpoint, args.out, options, progress=_err)
+    print(f"exported {args.checkpoint} → {args.out} in {time.perf_counter() - start:.1f} s\n")
+    print(parity_table(manifest))
+    return 0
+
+
+def parity_table(manifest) -> str:
+    rows = ["| component | output | shape | max abs error | relative L2 | cosine |", "|---|---|---|---|---|---|"]
+    for comp in manifest.components.values():
+        for r in comp.parity:
+            shape = " ".join(f"{k}={v}" for k, v in r.shape.items())
+            rows.append(
+                f"| {comp.name} | {r.output} | {shape} | {r.max_abs_error:.2e} | {r.rel_l2_error:.2e} | {r.cosine_similarity:.8f} |"
+            )
+    return "\n".join(rows)
+
+
+# -- generate -----------------------------------------------------------------------------------
+
+
+def parse_size(text: str | None) -> tuple[int | None, int | None]:
+    if text is None:
+        return None, None
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise InvalidRequestError("size", f"must be WIDTHxHEIGHT such as 512x512, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr (no dependency: the runtime install has no tqdm)."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.label, self.enabled, self.start = label, enabled, time.perf_counter()
+
+    def __call__(self, step: int, total: int) -> None:
+        if not self.enabled:
+            return
+        done = step + 1
+        filled = int(30 * done / total)
+        rate = done / max(time.perf_counter() - self.start, 1e-9)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {rate:.1f} it/s")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .models import load_pipeline
+
+    width, height = parse_size(args.size)
+    started = time.perf_counter()
+    pipe = load_pipeline(args.model, progress=_err, providers=args.provider, allow_fallback=args.allow_fallback)
+    load_s = time.perf_counter() - started
+    bar = ProgressBar("denoising", enabled=not args.quiet)
+    result = pipe(
+        args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
+        num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
+        seed=args.seed, width=width, height=height, callback=bar,
+    )
+    png_start = time.perf_counter()
+    paths = result.save(args.output)
+    png_s = time.perf_counter() - png_start
+    t = result.timings
+    for path, seed in zip(paths, result.seeds):
+        print(f"wrote {path} (seed {seed})")
+    steps = len(t.unet_steps)
+    print(
+        f"providers: {', '.join(f'{k}={v}' for k, v in result.providers.items())}\n"
+        f"load {load_s:.2f} s | tokenize {t.tokenize * 1e3:.1f} ms | text encoder {t.text_encoder * 1e3:.1f} ms | "
+        f"unet {t.unet:.3f} s ({steps} steps, {t.unet / max(steps, 1) * 1e3:.1f} ms/step) | "
+        f"scheduler {t.scheduler * 1e3:.1f} ms | decoder {t.decoder * 1e3:.1f} ms | "
+        f"postprocess {t.postprocess * 1e3:.1f} ms | png {png_s * 1e3:.1f} ms | total {t.total + png_s:.3f} s"
+    )
+    return 0
+
+
+# -- info ---------------------------------------------------------------------------------------
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .runtime.manifest import load_manifest, verify_files
+    from .runtime.providers import available_providers
+
+    manifest = load_manifest(args.bundle)
+    verify_files(args.bundle, manifest)
+    p = manifest.pipeline
+    lines = [
+        f"bundle        {args.bundle} (format {manifest.format_version}, hash {manifest.bundle_sha256[:16]})",
+        f"source        {manifest.source.checkpoint} (weights {manifest.source.weights_sha256[:16]})",
+        f"made by       " + ", ".join(f"{k} {v}" for k, v in manifest.created_by.items()),
+        f"pipeline      {p.family}, {p.prediction_type} prediction, {p.latent_channels} latent channels, "
+        f"VAE ×{p.vae_scale_factor} (scaling {p.vae_scaling_factor:g}), {p.tokenizer_max_length} tokens",
+        f"default       {p.default_width}x{p.default_height}, scheduler {p.default_scheduler} "
+        f"(checkpoint's {p.scheduler_class})",
+    ]
+    for c in manifest.components.values():
+        size = sum(f.size for f in c.files) / 1e6
+        worst = max((r.rel_l2_error for r in c.parity), default=float("nan"))
+        ins = ", ".join(f"{i.name}{list(i.shape)}" for i in c.inputs)
+        lines.append(
+            f"{c.name:<13} {c.precision.value}, opset {c.opset}, {size:.1f} MB, for {'/'.join(c.providers)}, "
+            f"parity rel L2 ≤ {worst:.1e}; inputs {ins}"
+        )
+    lines.append("this machine  onnxruntime providers: " + ", ".join(k.value for k in available_providers()))
+    print("\n".join(lines))
+    if args.json:
+        print(manifest.to_json())
+    return 0
+
+
+# -- entry --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .runtime.schedulers import SchedulerName
+
+    parser = argparse.ArgumentParser(prog="ortdiffusion", description="Text-to-image on ONNX Runtime.")
+    parser.add_argument("--version", action="version", version=f"ortdiffusion {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="diffusers checkpoint directory → ONNX bundle, parity-checked")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--precision", choices=["fp32"], default="fp32")
+    p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new bundle passed)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="prompt → PNG")
+    p.add_argument("prompt")
+    p.add_argument("--model", default=None, help="bundle, diffusers checkpoint or preset (default: the built-in model)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", default=None, help=", ".join(s.value for s in SchedulerName))
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's native size)")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--provider", default=None, help="ordered preference, e.g. cuda,cpu (default: best available)")
+    p.add_argument("--allow-fallback", action="store_true", help="accept a provider outside --provider")
+    p.add_argument("-o", "--output", type=Path, default=Path("out.png"))
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="a bundle's manifest in short, and this machine's providers")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--json", action="store_true", help="also print the whole manifest")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except InvalidRequestError as e:
+        _err(f"error: {e}")
+        return 2
+    except (OrtDiffusionError, ImportError) as e:
+        _err(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Turning what a user names as a model into a loaded bundle.
+
+A model is a bundle directory, a diffusers checkpoint directory (exported once into a cache keyed
+by the hash of its weights, then reused), or a preset name (`tiny`, `sd15-arch`, `sd21-arch`:
+random-weight checkpoints built from configs, for timing). Checkpoints and presets need the
+`export` extra; bundles need only the runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .runtime.errors import BundleError, ExportError
+from .runtime.manifest import MANIFEST_NAME
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "tiny"
+PRESET_NAMES = ("tiny", "sd15-arch", "sd21-arch")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ORTDIFFUSION_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ortdiffusion"
+    return Path(root)
+
+
+def _needs_export_extra(what: str) -> ImportError:
+    return ImportError(f"{what} needs the export extra (torch, diffusers, transformers): pip install 'ortdiffusion[export]'")
+
+
+def preset_checkpoint(name: str) -> Path:
+    """The checkpoint directory of a random-weight preset, built on first use."""
+    path = cache_dir() / "checkpoints" / name
+    if not (path / "model_index.json").is_file():
+        try:
+            from .export.presets import build_checkpoint
+        except ImportError:
+            raise _needs_export_extra(f"the preset {name!r}") from None
+        tmp = path.with_name(f".{name}.partial-{os.getpid()}")
+        build_checkpoint(name, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process built it first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def resolve_bundle(model: str | Path | None, progress: Callable[[str], None] | None = None) -> Path:
+    """A bundle directory for `model`, exporting (and caching) a checkpoint when needed."""
+    model = str(model) if model is not None else DEFAULT_MODEL
+    path = Path(model)
+    if (path / MANIFEST_NAME).is_file():
+        return path
+    if model in PRESET_NAMES and not path.exists():
+        path = preset_checkpoint(model)
+    if not (path / "model_index.json").is_file():
+        raise BundleError(
+            str(path), f"not a bundle (no {MANIFEST_NAME}), a diffusers checkpoint (no model_index.json) "
+            f"or a preset ({', '.join(PRESET_NAMES)})"
+        )
+    try:
+        from .export.bundle import export_checkpoint
+        from .export.checkpoint import read_model_index, weights_sha256
+    except ImportError:
+        raise _needs_export_extra(f"exporting the checkpoint {path}") from None
+    read_model_index(path)
+    bundle = cache_dir() / "bundles" / weights_sha256(path)[:16]
+    if (bundle / MANIFEST_NAME).is_file():
+        logger.info("using cached bundle %s for %s", bundle, path)
+        return bundle
+    (progress or logger.info)(f"exporting {path} once into {bundle}")
+    try:
+        export_checkpoint(path, bundle, progress=progress)
+    except ExportError:
+        if not (bundle / MANIFEST_NAME).is_file():  # not a concurrent export that won the race
+            raise
+    return bundle
+
+
+def load_pipeline(model: str | Path | None = None, progress: Callable[[str], None] | None = None, **load_options):
+    """`Pipeline.load` for any model `resolve_bundle` accepts."""
+    from .runtime.pipeline import Pipeline
+
+    return Pipeline.load(resolve_bundle(model, progress), **load_options)

@@ -1,0 +1,79 @@
+"""The command line, run as a user runs it: in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from ortdiffusion.runtime.png import read_png_metadata
+
+
+def run(*args, cache=None, check=True):
+    env = {**os.environ, "ORTDIFFUSION_CACHE": str(cache)} if cache else None
+    proc = subprocess.run([sys.executable, "-m", "ortdiffusion.cli", *map(str, args)], capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def test_export_shows_progress_and_a_parity_table(tiny_checkpoint, tmp_path):
+    proc = run("export", tiny_checkpoint, tmp_path / "b", "--opset", "17")
+    assert "[1/3] text_encoder" in proc.stderr and "[3/3] vae_decoder" in proc.stderr
+    assert "| component | output | shape | max abs error | relative L2 | cosine |" in proc.stdout
+    assert proc.stdout.count("| unet | out_sample |") == 2
+    assert (tmp_path / "b" / "manifest.json").is_file()
+
+
+def test_generate_writes_png_with_parameters_and_prints_timings(tiny_bundle, tmp_path):
+    out = tmp_path / "pic.png"
+    proc = run("generate", "a lighthouse at dusk", "--model", tiny_bundle, "--steps", "5", "--seed", "7",
+               "--scheduler", "dpm++2m-karras", "--guidance", "5", "--size", "64x48", "-o", out)
+    assert "denoising [" in proc.stderr and "5/5" in proc.stderr
+    assert "providers: text_encoder=cpu, unet=cpu, vae_decoder=cpu" in proc.stdout
+    assert "unet " in proc.stdout and "ms/step" in proc.stdout
+    assert Image.open(out).size == (64, 48)
+    meta = read_png_metadata(out)
+    assert (meta["prompt"], meta["seed"], meta["steps"], meta["scheduler"], meta["size"]) == (
+        "a lighthouse at dusk", "7", "5", "dpm++2m-karras", "64x48")
+
+
+def test_generate_from_a_checkpoint_exports_once_then_reuses(tiny_checkpoint, tmp_path):
+    cache = tmp_path / "cache"
+    first = run("generate", "a red circle", "--model", tiny_checkpoint, "--steps", "2", "-o", tmp_path / "a.png", "-q", cache=cache)
+    assert "exporting" in first.stderr
+    bundles = list((cache / "bundles").iterdir())
+    assert len(bundles) == 1 and (bundles[0] / "manifest.json").is_file()
+    second = run("generate", "a red circle", "--model", tiny_checkpoint, "--steps", "2", "-o", tmp_path / "b.png", "-q", cache=cache)
+    assert "exporting" not in second.stderr
+    assert list((cache / "bundles").iterdir()) == bundles
+
+
+def test_info_prints_manifest_and_providers(tiny_bundle):
+    proc = run("info", tiny_bundle)
+    assert "format 1" in proc.stdout and "unet " in proc.stdout and "parity rel L2" in proc.stdout
+    assert "onnxruntime providers: cpu" in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--size", "64"], "size: must be WIDTHxHEIGHT"),
+    (["--size", "60x64"], "width: must be a multiple of 8"),
+    (["--steps", "0"], "num_inference_steps: must be from 1 to 1000"),
+    (["--seed", "-3"], "seed: must be from 0"),
+    (["--guidance", "nan"], "guidance_scale: must be a finite number"),
+    (["--scheduler", "lms"], "scheduler: unknown scheduler 'lms'"),
+    (["--provider", "rocm"], "providers: unknown provider 'rocm'"),
+])
+def test_bad_generate_input_exits_2_naming_the_field(tiny_bundle, tmp_path, args, message):
+    proc = run("generate", "x", "--model", tiny_bundle, "-o", tmp_path / "x.png", *args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_not_a_model_exits_1_naming_the_path(tmp_path):
+    proc = run("generate", "x", "--model", tmp_path, check=False)
+    assert proc.returncode == 1 and str(tmp_path) in proc.stderr and "not a bundle" in proc.stderr

@@ -1,0 +1,132 @@
+"""Pipeline behaviour: seeds, batching, guidance, threads, PNG metadata, the NaN guard, bad input."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from ortdiffusion.runtime.errors import InvalidRequestError, NumericalError
+from ortdiffusion.runtime.png import read_png_metadata
+
+
+def pixels(result):
+    return [np.asarray(im) for im in result.images]
+
+
+def test_result_carries_images_timings_providers(tiny_pipeline):
+    r = tiny_pipeline("a red circle", seed=1, num_inference_steps=4)
+    assert len(r.images) == 1 and r.images[0].size == (64, 64) and r.images[0].mode == "RGB"
+    assert r.providers == {"text_encoder": "cpu", "unet": "cpu", "vae_decoder": "cpu"}
+    assert len(r.timings.unet_steps) == 4 and r.timings.total > 0
+    assert r.timings.total >= r.timings.unet + r.timings.text_encoder + r.timings.decoder
+    assert r.seeds == [1]
+
+
+def test_same_seed_same_image_other_seed_other_image(tiny_pipeline):
+    a, b, c = (tiny_pipeline("a red circle", seed=s, num_inference_steps=4) for s in (5, 5, 6))
+    assert np.array_equal(pixels(a)[0], pixels(b)[0])
+    assert not np.array_equal(pixels(a)[0], pixels(c)[0])
+
+
+def test_image_depends_only_on_its_own_seed(tiny_pipeline):
+    """Seed s for n images gives s, s+1, …; each equals the image generated alone with that seed."""
+    batch = tiny_pipeline("a green square", seed=20, num_images_per_prompt=3, num_inference_steps=4, scheduler="euler-ancestral")
+    assert batch.seeds == [20, 21, 22]
+    for img, seed in zip(pixels(batch), batch.seeds):
+        alone = tiny_pipeline("a green square", seed=seed, num_inference_steps=4, scheduler="euler-ancestral")
+        assert np.abs(img.astype(int) - pixels(alone)[0].astype(int)).max() <= 1
+
+
+def test_list_of_seeds_and_prompts(tiny_pipeline):
+    r = tiny_pipeline(["a red circle", "a blue star"], seed=[7, 9], num_inference_steps=3)
+    assert r.seeds == [7, 9] and len(r.images) == 2
+    assert [m["prompt"] for m in r.metadata] == ["a red circle", "a blue star"]
+
+
+def test_guidance_at_most_one_runs_only_the_conditional_half(tiny_pipeline, monkeypatch):
+    batches = []
+    original = tiny_pipeline.denoiser.__call__
+
+    class Spy:
+        def __call__(self, sample, t, emb):
+            batches.append(sample.shape[0])
+            return original(sample, t, emb)
+
+    monkeypatch.setattr(tiny_pipeline, "denoiser", Spy())
+    tiny_pipeline("a red circle", seed=1, num_inference_steps=2, guidance_scale=1.0, num_images_per_prompt=2)
+    tiny_pipeline("a red circle", seed=1, num_inference_steps=2, guidance_scale=7.0, num_images_per_prompt=2)
+    assert batches == [2, 2, 4, 4]
+
+
+def test_four_threads_match_sequential_calls(tiny_pipeline):
+    calls = [dict(prompt=p, seed=s, num_inference_steps=5, scheduler=sch)
+             for p, s, sch in [("a red circle", 1, "ddim"), ("a blue square", 2, "euler"),
+                               ("a green star", 3, "dpm++2m-karras"), ("a pink triangle", 4, "euler-ancestral")]]
+    sequential = [pixels(tiny_pipeline(**c))[0] for c in calls]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda c: pixels(tiny_pipeline(**c))[0], calls * 2))
+    for i, img in enumerate(threaded):
+        assert np.array_equal(img, sequential[i % 4])
+
+
+def test_png_carries_parameters(tiny_pipeline, tmp_path):
+    r = tiny_pipeline("a lighthouse at dusk", negative_prompt="fog", seed=42, num_inference_steps=3,
+                      guidance_scale=6.5, scheduler="euler", num_images_per_prompt=2)
+    paths = r.save(tmp_path / "out.png")
+    assert [p.name for p in paths] == ["out-0.png", "out-1.png"]
+    meta = read_png_metadata(paths[1])
+    assert meta["prompt"] == "a lighthouse at dusk" and meta["negative_prompt"] == "fog"
+    assert meta["seed"] == "43" and meta["steps"] == "3" and meta["scheduler"] == "euler"
+    assert meta["guidance_scale"] == "6.5" and meta["size"] == "64x64"
+    assert meta["model_hash"] == tiny_pipeline.model_hash[:16]
+    assert not list(tmp_path.glob(".*")), "no temporary files left behind"
+
+
+def test_long_prompt_is_truncated_with_a_warning(tiny_pipeline, caplog):
+    with caplog.at_level(logging.WARNING, logger="ortdiffusion.runtime.tokenizer"):
+        tiny_pipeline("red " * 100, seed=1, num_inference_steps=1)
+    assert "the last 25 tokens were dropped" in caplog.text  # 100 words + BOS/EOS into 77
+
+
+def test_non_finite_latents_raise_numerical_error(tiny_pipeline, monkeypatch):
+    original = tiny_pipeline.denoiser.__call__
+
+    class Broken:
+        def __call__(self, sample, t, emb):
+            out = original(sample, t, emb)
+            out[0, 0, 0, 0] = np.nan
+            return out
+
+    monkeypatch.setattr(tiny_pipeline, "denoiser", Broken())
+    with pytest.raises(NumericalError, match="non-finite"):
+        tiny_pipeline("a red circle", seed=1, num_inference_steps=2)
+
+
+BAD_INPUTS = [
+    (dict(prompt=[]), "prompt", "empty list"),
+    (dict(prompt=3), "prompt", "string or a list"),
+    (dict(prompt=["ok", None]), r"prompt\[1\]", "must be a string"),
+    (dict(width=60), "width", "multiple of 8"),
+    (dict(height=4096), "height", "from 8 to 256"),
+    (dict(num_inference_steps=0), "num_inference_steps", "from 1 to 1000"),
+    (dict(num_inference_steps=10**6), "num_inference_steps", "from 1 to 1000"),
+    (dict(guidance_scale=float("nan")), "guidance_scale", "finite"),
+    (dict(guidance_scale=float("inf")), "guidance_scale", "finite"),
+    (dict(scheduler="plms"), "scheduler", "allowed: ddim"),
+    (dict(seed=-1), "seed", "from 0"),
+    (dict(seed=[1, 2]), "seed", "one per image"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt", "from 1"),
+    (dict(negative_prompt=["a", "b"]), "negative_prompt", "one per prompt"),
+    (dict(latents=np.zeros((1, 4, 3, 3), np.float32)), "latents", "shape"),
+]
+
+
+@pytest.mark.parametrize("kwargs,field,allowed", BAD_INPUTS, ids=[b[1] + ":" + b[2] for b in BAD_INPUTS])
+def test_bad_input_names_field_and_what_is_allowed(tiny_pipeline, kwargs, field, allowed):
+    kwargs = {"prompt": "a red circle", **kwargs}
+    with pytest.raises(InvalidRequestError, match=rf"^{field}: .*{allowed}") as info:
+        tiny_pipeline(**kwargs)
+    assert info.value.field.startswith(field.replace("\\", ""))

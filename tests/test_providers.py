@@ -1,0 +1,83 @@
+"""Provider policy: an ordered preference; what the session really got is reported and checked."""
+
+from __future__ import annotations
+
+import pytest
+
+from ortdiffusion import Pipeline
+from ortdiffusion.runtime.errors import InvalidRequestError, ProviderError
+from ortdiffusion.runtime.manifest import load_manifest
+from ortdiffusion.runtime.providers import (
+    CudaOptions,
+    ProviderKind,
+    ProviderPreference,
+    TensorRTOptions,
+    available_providers,
+    check_providers,
+)
+from ortdiffusion.runtime.session import Session
+
+CPU_ONLY = (ProviderKind.CPU,)
+
+
+def test_preference_parses_names_and_ort_names():
+    pref = ProviderPreference.parse("cuda, CPUExecutionProvider")
+    assert pref.kinds == (ProviderKind.CUDA, ProviderKind.CPU)
+    with pytest.raises(InvalidRequestError, match="providers: unknown provider 'rocm'; allowed: tensorrt, cuda, cpu"):
+        ProviderPreference.parse("rocm")
+
+
+def test_requested_provider_that_is_missing_is_an_error_not_a_fallback():
+    # cuda is first but missing while tensorrt (listed after it) is there: not the caller's order
+    pref = ProviderPreference(kinds=(ProviderKind.CUDA, ProviderKind.TENSORRT))
+    with pytest.raises(ProviderError, match="cuda requested but not available"):
+        pref.ort_providers((ProviderKind.TENSORRT, ProviderKind.CPU))
+
+
+def test_nothing_available_names_what_is():
+    with pytest.raises(ProviderError, match="none of cuda is available; this onnxruntime offers cpu"):
+        ProviderPreference.parse("cuda").ort_providers(CPU_ONLY)
+
+
+def test_listed_fallback_and_allowed_fallback():
+    assert ProviderPreference.parse("cpu").ort_providers(CPU_ONLY) == [("CPUExecutionProvider", {})]
+    allowed = ProviderPreference(kinds=(ProviderKind.CUDA, ProviderKind.CPU), allow_fallback=True)
+    assert [n for n, _ in allowed.ort_providers(CPU_ONLY)] == ["CPUExecutionProvider"]
+
+
+def test_session_that_lands_elsewhere_is_refused():
+    pref = ProviderPreference(kinds=(ProviderKind.CUDA,))
+    with pytest.raises(ProviderError, match="silent fallback"):
+        check_providers(pref, ["CPUExecutionProvider"], "unet")
+    assert check_providers(pref, ["CUDAExecutionProvider", "CPUExecutionProvider"], "unet")[0] is ProviderKind.CUDA
+    allowed = ProviderPreference(kinds=(ProviderKind.CUDA,), allow_fallback=True)
+    assert check_providers(allowed, ["CPUExecutionProvider"], "unet") == (ProviderKind.CPU,)
+
+
+def test_option_strings_are_onnxruntimes():
+    assert CudaOptions(device_id=1, gpu_mem_limit=2**30).to_ort() == {
+        "device_id": "1", "arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "EXHAUSTIVE",
+        "gpu_mem_limit": str(2**30)}
+    trt = TensorRTOptions(fp16=True, engine_cache_path="/c").to_ort()
+    assert trt["trt_fp16_enable"] == "True" and trt["trt_engine_cache_path"] == "/c"
+
+
+def test_pipeline_reports_providers_that_ran(tiny_bundle):
+    assert ProviderKind.CPU in available_providers()
+    pipe = Pipeline.load(tiny_bundle, providers=["cpu"])
+    assert pipe.providers == {"text_encoder": "cpu", "unet": "cpu", "vae_decoder": "cpu"}
+    assert pipe("a red circle", num_inference_steps=1, seed=0).providers == pipe.providers
+
+
+@pytest.mark.skipif(ProviderKind.CUDA in available_providers(), reason="this machine has CUDA")
+def test_asking_for_cuda_on_a_cpu_machine_fails_loudly(tiny_bundle):
+    with pytest.raises(ProviderError, match="cuda"):
+        Pipeline.load(tiny_bundle, providers="cuda")
+
+
+def test_component_exported_for_another_target_is_refused(tiny_bundle):
+    manifest = load_manifest(tiny_bundle)
+    unet = manifest.components["unet"]
+    cuda_only = type(unet)(**{**unet.__dict__, "providers": ("cuda",)})
+    with pytest.raises(ProviderError, match="unet: exported for cuda; it cannot run on cpu"):
+        Session(tiny_bundle, cuda_only, ProviderPreference(kinds=CPU_ONLY))
