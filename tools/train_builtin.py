@@ -1,0 +1,310 @@
+"""Train the built-in model from scratch on procedural scenes: seeded, resumable, logged.
+
+    python tools/train_builtin.py --run runs/builtin --minutes 120          # start or resume
+    python tools/train_builtin.py --run runs/builtin --save ortdiffusion/builtin/checkpoint
+
+Two phases, both on the CPU (a GPU is used when torch sees one):
+1. the autoencoder (AutoencoderKL) on rendered scenes: MSE + a small KL term, which keeps the
+   latents near zero-mean so the plain SD scaling factor suffices (shift factors are not part of
+   StableDiffusionPipeline);
+2. the text encoder (CLIPTextModel) and UNet2DConditionModel jointly on the frozen autoencoder's
+   latents: ε-prediction, min-SNR-5 weighting (Hang et al. 2023), 10% empty captions for
+   classifier-free guidance, an EMA of the weights.
+
+Every `--checkpoint-minutes` the state (models, optimiser, EMA, RNGs, step) goes to RUN/state.pt,
+losses to RUN/losses.csv and the loss curve to RUN/loss.png; `--save DIR` writes the EMA weights as
+a diffusers checkpoint that `StableDiffusionPipeline.from_pretrained(DIR)` loads offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ortdiffusion.builtin import dataset
+from ortdiffusion.builtin.scenes import render
+from ortdiffusion.export.presets import write_clip_tokenizer
+
+logger = logging.getLogger("train_builtin")
+
+TOKENS = 32  # captions are at most ~16 tokens
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, down_block_types=["DownEncoderBlock2D"] * 3,
+    up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 64, 64], layers_per_block=1,
+    norm_num_groups=16, sample_size=64,
+)
+UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=[64, 128, 128], layers_per_block=1,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    cross_attention_dim=128, attention_head_dim=4, norm_num_groups=16,
+)
+TEXT_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                   max_position_embeddings=TOKENS, hidden_act="quick_gelu")
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+def log_row(run: Path, row: dict) -> None:
+    path = run / "losses.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def plot_losses(run: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(open(run / "losses.csv")))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, phase in zip(axes, ("vae", "diffusion")):
+        pts = [(int(r["step"]), float(r["loss"])) for r in rows if r["phase"] == phase]
+        if pts:
+            ax.plot(*zip(*pts))
+            ax.set_yscale("log")
+        ax.set_title(f"{phase} loss")
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(run / "loss.png", dpi=80)
+    plt.close(fig)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# -- phase 1: the autoencoder --------------------------------------------------------------------
+
+
+def train_vae(run: Path, state: dict, images: np.ndarray, args) -> None:
+    vae = AutoencoderKL(**VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    if "vae" in state:
+        vae.load_state_dict(state["vae"])
+        opt.load_state_dict(state["vae_opt"])
+    step, last_save, t0 = state.get("vae_step", 0), time.time(), time.time()
+    while step < args.vae_steps:
+        idx = np.random.randint(0, len(images), args.vae_batch)
+        x = to_tensor(images[idx])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / (4 * 16 * 16)
+        loss = mse + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 25 == 0:
+            log_row(run, {"phase": "vae", "step": step, "loss": f"{mse.item():.6f}", "extra": f"kl={kl.item():.3f}",
+                          "seconds": f"{time.time() - t0:.0f}"})
+            logger.info("vae step %d mse %.5f kl %.3f", step, mse.item(), kl.item())
+        if time.time() - last_save > args.checkpoint_minutes * 60 or step == args.vae_steps:
+            state.update(vae=vae.state_dict(), vae_opt=opt.state_dict(), vae_step=step, rng=rng_state())
+            torch.save(state, run / "state.pt")
+            plot_losses(run)
+            last_save = time.time()
+
+
+@torch.no_grad()
+def encode_dataset(run: Path, vae: AutoencoderKL, images: np.ndarray) -> dict:
+    means, stds = [], []
+    for i in range(0, len(images), 256):
+        dist = vae.encode(to_tensor(images[i:i + 256])).latent_dist
+        means.append(dist.mean.numpy().astype(np.float16))
+        stds.append(dist.std.numpy().astype(np.float16))
+    mean, std = np.concatenate(means), np.concatenate(stds)
+    scaling = float(1.0 / np.std(mean.astype(np.float32)))
+    np.savez(run / "latents.npz", mean=mean, std=std)
+    logger.info("latents: mean %.3f std %.3f → scaling factor %.4f", mean.mean(), mean.std(), scaling)
+    return {"scaling_factor": scaling, "latent_mean": float(mean.astype(np.float32).mean())}
+
+
+# -- phase 2: text encoder + UNet ----------------------------------------------------------------
+
+
+def build_models(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, UNet2DConditionModel]:
+    text = CLIPTextModel(CLIPTextConfig(
+        **TEXT_CONFIG, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    return text, UNet2DConditionModel(**UNET_CONFIG)
+
+
+def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], step: int, decay: float) -> None:
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_mul_(ema, d)
+        torch._foreach_add_(ema, params, alpha=1 - d)
+
+
+def train_diffusion(run: Path, state: dict, data: dataset.Dataset, tokenizer: CLIPTokenizer, args, deadline: float) -> None:
+    latents = np.load(run / "latents.npz")
+    lat_mean, lat_std = torch.from_numpy(latents["mean"]), torch.from_numpy(latents["std"])
+    scaling = state["vae_stats"]["scaling_factor"]
+    text, unet = build_models(tokenizer)
+    params = list(text.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    if "unet" in state:
+        text.load_state_dict(state["text"])
+        unet.load_state_dict(state["unet"])
+        opt.load_state_dict(state["opt"])
+        ema = [t.clone() for t in state["ema"]]
+    else:
+        ema = [p.detach().clone() for p in params]
+    noise_schedule = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    ac = noise_schedule.alphas_cumprod
+    snr = ac / (1 - ac)
+    step, last_save, t0 = state.get("step", 0), time.time(), time.time()
+    rng = random.Random(args.seed * 1000 + step)
+    while time.time() < deadline and step < args.max_steps:
+        idx = np.random.randint(0, len(data.scenes), args.batch)
+        captions = ["" if rng.random() < 0.1 else data.caption(i, rng) for i in idx]
+        ids = tokenizer(captions, padding="max_length", max_length=TOKENS, truncation=True, return_tensors="pt").input_ids
+        x0 = (lat_mean[idx].float() + lat_std[idx].float() * torch.randn(len(idx), 4, 16, 16)) * scaling
+        t = torch.randint(0, 1000, (len(idx),))
+        noise = torch.randn_like(x0)
+        xt = noise_schedule.add_noise(x0, noise, t)
+        pred = unet(xt, t, text(ids).last_hidden_state).sample
+        weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 for ε-prediction
+        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        lr = args.lr * min(1.0, (step + 1) / 200)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_update(ema, [p.detach() for p in params], step, args.ema)
+        step += 1
+        if step % 25 == 0:
+            log_row(run, {"phase": "diffusion", "step": step, "loss": f"{loss.item():.6f}", "extra": f"lr={lr:.2e}",
+                          "seconds": f"{time.time() - t0:.0f}"})
+            logger.info("diffusion step %d loss %.4f (%.2f s/step)", step, loss.item(), (time.time() - t0) / max(step - state.get("step", 0), 1))
+        if time.time() - last_save > args.checkpoint_minutes * 60:
+            save_state(run, state, text, unet, opt, ema, step)
+            last_save = time.time()
+    save_state(run, state, text, unet, opt, ema, step)
+
+
+def save_state(run, state, text, unet, opt, ema, step) -> None:
+    state.update(text=text.state_dict(), unet=unet.state_dict(), opt=opt.state_dict(), ema=ema, step=step, rng=rng_state())
+    tmp = run / "state.pt.tmp"
+    torch.save(state, tmp)
+    tmp.replace(run / "state.pt")
+    plot_losses(run)
+    logger.info("saved state at step %d", step)
+
+
+# -- the diffusers checkpoint -------------------------------------------------------------------
+
+
+def save_checkpoint(run: Path, out: Path) -> None:
+    """The EMA weights as a genuine diffusers StableDiffusionPipeline directory."""
+    state = torch.load(run / "state.pt", weights_only=False)
+    tokenizer = CLIPTokenizer.from_pretrained(str(run / "tokenizer"))
+    text, unet = build_models(tokenizer)
+    params = list(text.parameters()) + list(unet.parameters())
+    with torch.no_grad():
+        for p, e in zip(params, state["ema"]):
+            p.copy_(e)
+    vae = AutoencoderKL(**VAE_CONFIG, scaling_factor=state["vae_stats"]["scaling_factor"])
+    vae.load_state_dict(state["vae"])
+    out.mkdir(parents=True, exist_ok=True)
+    text.save_pretrained(out / "text_encoder")
+    tokenizer.save_pretrained(out / "tokenizer")
+    unet.save_pretrained(out / "unet")
+    vae.save_pretrained(out / "vae")
+    DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None], "image_encoder": [None, None], "safety_checker": [None, None],
+        "requires_safety_checker": False, "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    (out / "training.json").write_text(json.dumps({
+        "diffusion_steps": state.get("step", 0), "vae_steps": state.get("vae_step", 0),
+        "vae_stats": state["vae_stats"], "seed": state["seed"], "held_out_pairs": dataset.HELD_OUT_PAIRS,
+    }, indent=2))
+    logger.info("wrote diffusers checkpoint %s (diffusion step %d)", out, state.get("step", 0))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="working directory (state, logs, latents)")
+    p.add_argument("--minutes", type=float, default=60, help="stop after this many minutes (resumable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scenes", type=int, default=40_000)
+    p.add_argument("--vae-steps", type=int, default=900)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--kl-weight", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--max-steps", type=int, default=10**9)
+    p.add_argument("--checkpoint-minutes", type=float, default=10)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--save", type=Path, help="write the EMA weights as a diffusers checkpoint and exit")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.save:
+        save_checkpoint(args.run, args.save)
+        return
+    deadline = time.time() + args.minutes * 60
+    args.run.mkdir(parents=True, exist_ok=True)
+    state_path = args.run / "state.pt"
+    state = torch.load(state_path, weights_only=False) if state_path.exists() else {"seed": args.seed}
+    random.seed(state["seed"])
+    np.random.seed(state["seed"])
+    torch.manual_seed(state["seed"])
+    if "rng" in state:
+        set_rng_state(state["rng"])
+    data = dataset.build(args.scenes, seed=state["seed"])
+    if not (args.run / "tokenizer").exists():
+        write_clip_tokenizer(args.run / "tokenizer", dataset.vocabulary(), max_length=TOKENS)
+    tokenizer = CLIPTokenizer.from_pretrained(str(args.run / "tokenizer"))
+    if state.get("vae_step", 0) < args.vae_steps:
+        logger.info("rendering %d scenes", len(data.scenes))
+        images = np.stack([np.asarray(render(s)) for s in data.scenes])
+        train_vae(args.run, state, images, args)
+    if not (args.run / "latents.npz").exists():
+        images = np.stack([np.asarray(render(s)) for s in data.scenes])
+        vae = AutoencoderKL(**VAE_CONFIG)
+        vae.load_state_dict(state["vae"])
+        state["vae_stats"] = encode_dataset(args.run, vae.eval(), images)
+        torch.save(state, state_path)
+    train_diffusion(args.run, state, data, tokenizer, args, deadline)
+
+
+if __name__ == "__main__":
+    main()
