@@ -142,6 +142,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve --------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from .serve.app import ServeConfig
+        from .serve.server import serve
+    except ImportError as e:
+        raise ImportError(f"serve needs the serve extra (fastapi, uvicorn, prometheus-client): {e}") from None
+    from .models import DEFAULT_MODEL, load_pipeline
+
+    warmup = tuple(tuple(parse_size(s)) for s in args.warmup_size)
+    for w, h in warmup:
+        if w is None or h is None:
+            raise InvalidRequestError("warmup-size", "must be WIDTHxHEIGHT")
+    pipe = load_pipeline(args.model, progress=_err, providers=args.provider, allow_fallback=args.allow_fallback)
+    name = args.model_name or Path(str(args.model or DEFAULT_MODEL)).name
+    config = ServeConfig(
+        model_name=name, api_key=args.api_key or os.environ.get("ORTDIFFUSION_API_KEY") or None,
+        max_queue=args.max_queue, max_batch_images=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
+        batching=not args.no_batching, request_timeout_s=args.timeout, warmup_sizes=warmup,  # type: ignore[arg-type]
+        public_url=args.public_url,
+    )
+    _err(f"serving {name} on http://{args.host}:{args.port} ({', '.join(f'{k}={v}' for k, v in pipe.providers.items())})")
+    serve(pipe, config, args.host, args.port)
+    return 0
+
+
 # -- entry --------------------------------------------------------------------------------------
 
 
@@ -177,6 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"))
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP images API with dynamic batching")
+    p.add_argument("--model", default=None, help="bundle, diffusers checkpoint or preset (default: the built-in model)")
+    p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the model's folder name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set ORTDIFFUSION_API_KEY)")
+    p.add_argument("--max-queue", type=int, default=16, help="waiting requests before 429")
+    p.add_argument("--max-batch", type=int, default=8, help="images per batch at most")
+    p.add_argument("--batch-window-ms", type=float, default=20.0, help="how long to gather compatible requests")
+    p.add_argument("--no-batching", action="store_true")
+    p.add_argument("--timeout", type=float, default=300.0, help="per-request deadline in seconds")
+    p.add_argument("--warmup-size", action="append", default=[], help="WxH to warm up before ready (repeatable)")
+    p.add_argument("--public-url", default=None, help="base of image URLs (default: the request's host)")
+    p.add_argument("--provider", default=None)
+    p.add_argument("--allow-fallback", action="store_true")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="a bundle's manifest in short, and this machine's providers")
     p.add_argument("bundle", type=Path)

@@ -1,0 +1,1 @@
+"""The HTTP service (needs the `serve` extra: fastapi, uvicorn, prometheus-client)."""
