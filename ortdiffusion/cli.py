@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -121,7 +120,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     lines = [
         f"bundle        {args.bundle} (format {manifest.format_version}, hash {manifest.bundle_sha256[:16]})",
         f"source        {manifest.source.checkpoint} (weights {manifest.source.weights_sha256[:16]})",
-        f"made by       " + ", ".join(f"{k} {v}" for k, v in manifest.created_by.items()),
+        "made by       " + ", ".join(f"{k} {v}" for k, v in manifest.created_by.items()),
         f"pipeline      {p.family}, {p.prediction_type} prediction, {p.latent_channels} latent channels, "
         f"VAE ×{p.vae_scale_factor} (scaling {p.vae_scaling_factor:g}), {p.tokenizer_max_length} tokens",
         f"default       {p.default_width}x{p.default_height}, scheduler {p.default_scheduler} "

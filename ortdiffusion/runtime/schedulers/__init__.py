@@ -77,7 +77,7 @@ def make_scheduler(name: SchedulerName | str, config: Mapping[str, Any]) -> Sche
     if name is SchedulerName.EULER:
         return EulerScheduler.from_config(config, use_karras_sigmas=False)
     if name is SchedulerName.EULER_ANCESTRAL:
-        return EulerAncestralScheduler.from_config(config)
+        return EulerAncestralScheduler.from_config(config, use_karras_sigmas=False, final_sigmas_type="zero")
     # DPM-Solver++(2M), with or without Karras sigmas as the name says
     return DPMSolverMultistepScheduler.from_config(
         config, algorithm_type="dpmsolver++", solver_order=2,

@@ -11,24 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from .noise_schedule import alphas_cumprod, config_from_dict, require, spaced_timesteps
+from .noise_schedule import TrainingScheduleConfig, config_from_dict, require, spaced_timesteps
 
 
 @dataclass(frozen=True)
-class DDIMConfig:
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: list[float] | None = None
-    prediction_type: str = "epsilon"
+class DDIMConfig(TrainingScheduleConfig):
     timestep_spacing: str = "leading"
-    steps_offset: int = 0
     set_alpha_to_one: bool = True
     clip_sample: bool = True
     clip_sample_range: float = 1.0
     thresholding: bool = False
-    rescale_betas_zero_snr: bool = False
 
 
 class DDIMScheduler:
@@ -38,10 +30,7 @@ class DDIMScheduler:
         require("prediction_type", config.prediction_type, ("epsilon", "v_prediction", "sample"))
         require("thresholding", config.thresholding, (False,))
         self.config = config
-        self.alphas_cumprod = alphas_cumprod(
-            config.num_train_timesteps, config.beta_start, config.beta_end, config.beta_schedule,
-            config.trained_betas, config.rescale_betas_zero_snr,
-        )
+        self.alphas_cumprod = config.alphas_cumprod()
         # ᾱ used after the last step: 1 (a clean image) or ᾱ_0, as the checkpoint was trained.
         self.final_alpha_cumprod = 1.0 if config.set_alpha_to_one else float(self.alphas_cumprod[0])
         self.init_noise_sigma = 1.0

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .noise_schedule import (
-    alphas_cumprod,
+    TrainingScheduleConfig,
     config_from_dict,
     karras_sigmas,
     require,
@@ -26,14 +26,8 @@ from .noise_schedule import (
 
 
 @dataclass(frozen=True)
-class DPMSolverConfig:
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: list[float] | None = None
+class DPMSolverConfig(TrainingScheduleConfig):
     solver_order: int = 2
-    prediction_type: str = "epsilon"
     thresholding: bool = False
     algorithm_type: str = "dpmsolver++"
     solver_type: str = "midpoint"
@@ -42,9 +36,6 @@ class DPMSolverConfig:
     use_karras_sigmas: bool = False
     final_sigmas_type: str = "zero"
     lambda_min_clipped: float = -math.inf
-    timestep_spacing: str = "linspace"
-    steps_offset: int = 0
-    rescale_betas_zero_snr: bool = False
 
 
 def _alpha_sigma(sigma: float) -> tuple[float, float]:
@@ -70,10 +61,7 @@ class DPMSolverMultistepScheduler:
         require("thresholding", config.thresholding, (False,))
         require("final_sigmas_type", config.final_sigmas_type, ("zero", "sigma_min"))
         self.config = config
-        self.cumprod = alphas_cumprod(
-            config.num_train_timesteps, config.beta_start, config.beta_end, config.beta_schedule,
-            config.trained_betas, config.rescale_betas_zero_snr,
-        )
+        self.cumprod = config.alphas_cumprod()
         self.init_noise_sigma = 1.0
         self.timesteps = np.zeros(0, dtype=np.int64)
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .noise_schedule import (
-    alphas_cumprod,
+    TrainingScheduleConfig,
     config_from_dict,
     karras_sigmas,
     require,
@@ -24,41 +24,30 @@ from .noise_schedule import (
 
 
 @dataclass(frozen=True)
-class EulerConfig:
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: list[float] | None = None
-    prediction_type: str = "epsilon"
+class EulerConfig(TrainingScheduleConfig):
     interpolation_type: str = "linear"
     use_karras_sigmas: bool = False
     sigma_min: float | None = None
     sigma_max: float | None = None
-    timestep_spacing: str = "linspace"
     timestep_type: str = "discrete"
-    steps_offset: int = 0
-    rescale_betas_zero_snr: bool = False
     final_sigmas_type: str = "zero"
 
 
-def sigma_schedule(c: Any, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray, float]:
+def sigma_schedule(c: EulerConfig, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray, float]:
     """(timesteps, sigmas with the final one appended, init_noise_sigma) for the Euler family."""
     require("interpolation_type", c.interpolation_type, ("linear",))
-    cumprod = alphas_cumprod(
-        c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule, c.trained_betas, c.rescale_betas_zero_snr
-    )
+    cumprod = c.alphas_cumprod()
     train_sigmas = sigmas_from_alphas(cumprod)
     timesteps = spaced_timesteps(
         c.timestep_spacing, c.num_train_timesteps, num_inference_steps, c.steps_offset, dtype=np.float64
     )
     sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
-    if getattr(c, "use_karras_sigmas", False):
+    if c.use_karras_sigmas:
         lo = c.sigma_min if c.sigma_min is not None else sigmas[-1]
         hi = c.sigma_max if c.sigma_max is not None else sigmas[0]
         sigmas = karras_sigmas(lo, hi, num_inference_steps)
         timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
-    final = train_sigmas[0] if getattr(c, "final_sigmas_type", "zero") == "sigma_min" else 0.0
+    final = train_sigmas[0] if c.final_sigmas_type == "sigma_min" else 0.0
     sigmas = np.concatenate([sigmas, [final]])
     top = float(sigmas.max())
     init_noise_sigma = top if c.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
@@ -76,9 +65,11 @@ def predicted_x0(prediction_type: str, model_output: np.ndarray, sample: np.ndar
 
 class EulerScheduler:
     needs_noise = False
+    config_class: type[EulerConfig] = EulerConfig
+    prediction_types: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 
     def __init__(self, config: EulerConfig):
-        require("prediction_type", config.prediction_type, ("epsilon", "v_prediction", "sample"))
+        require("prediction_type", config.prediction_type, self.prediction_types)
         require("timestep_type", config.timestep_type, ("discrete",))
         require("final_sigmas_type", config.final_sigmas_type, ("zero", "sigma_min"))
         self.config = config
@@ -87,7 +78,7 @@ class EulerScheduler:
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any], **overrides: Any) -> EulerScheduler:
-        return cls(config_from_dict(EulerConfig, raw, overrides))
+        return cls(config_from_dict(cls.config_class, raw, overrides))
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         self.timesteps, self.sigmas, self.init_noise_sigma = sigma_schedule(self.config, num_inference_steps)

@@ -19,6 +19,27 @@ from ..errors import InvalidRequestError
 C = TypeVar("C")
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingScheduleConfig:
+    """The fields every scheduler shares: how the checkpoint was trained, and how to space steps."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: list[float] | None = None
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 0
+    rescale_betas_zero_snr: bool = False
+
+    def alphas_cumprod(self) -> np.ndarray:
+        return alphas_cumprod(
+            self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule, self.trained_betas,
+            self.rescale_betas_zero_snr,
+        )
+
+
 def config_from_dict(cls: type[C], raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> C:
     """Build a frozen config dataclass from a diffusers scheduler config.
 
