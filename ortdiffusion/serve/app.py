@@ -213,7 +213,8 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig()) -> FastA
 
     # -- the API --------------------------------------------------------------------------------
 
-    async def run(body: GenerateImageRequest, n: int, request: Request) -> PipelineResult:
+    async def run(body: GenerateImageRequest, n: int, request: Request) -> tuple[PipelineResult, dict[str, str]]:
+        """Queue the generation and wait for it; also the timing headers for the response."""
         width, height = _parse_size(body.size)
         generation = make_request(
             pipeline.manifest, body.prompt, body.negative_prompt, n,
@@ -239,7 +240,12 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig()) -> FastA
             if job.started is not None:
                 metrics.queue_seconds.observe(job.started - job.enqueued)
         metrics.compute_seconds.observe(result.timings.total)
-        return result
+        headers = {
+            "x-ortdiffusion-providers": ",".join(f"{k}={v}" for k, v in result.providers.items()),
+            "x-ortdiffusion-queue-ms": f"{((job.started or job.enqueued) - job.enqueued) * 1e3:.1f}",
+            "x-ortdiffusion-compute-ms": f"{result.timings.total * 1e3:.1f}",
+        }
+        return result, headers
 
     def image_url(request: Request, png: bytes) -> str:
         base = (config.public_url or str(request.base_url)).rstrip("/")
@@ -251,7 +257,7 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig()) -> FastA
             return error_response(404, f"model {body.model!r} is not loaded; this service has {config.model_name!r}",
                                   "invalid_request_error", "model", "model_not_found")
         try:
-            result = await run(body, body.n, request)
+            result, headers = await run(body, body.n, request)
         except Cancelled:
             return Response(status_code=499)
         data = []
@@ -262,17 +268,17 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig()) -> FastA
             else:
                 data.append(ImageData(url=image_url(request, png), seed=seed))
         payload = ImagesResponse(created=int(time.time()), data=data, providers=result.providers)
-        return JSONResponse(payload.model_dump(exclude_none=True), headers=_provider_header(result))
+        return JSONResponse(payload.model_dump(exclude_none=True), headers=headers)
 
     @app.post("/generate-image", response_model=GenerateImageResponse, tags=["images"])
     async def generate_image(body: GenerateImageRequest, request: Request):
         try:
-            result = await run(body, 1, request)
+            result, headers = await run(body, 1, request)
         except Cancelled:
             return Response(status_code=499)
         png = encode_png(result.images[0], result.metadata[0])
         payload = GenerateImageResponse(image_url=image_url(request, png), seed=result.seeds[0])
-        return JSONResponse(payload.model_dump(), headers=_provider_header(result))
+        return JSONResponse(payload.model_dump(), headers=headers)
 
     @app.get("/v1/images/files/{token}.png", tags=["images"], response_class=Response,
              responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}})
@@ -308,10 +314,6 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig()) -> FastA
     app.add_middleware(BodyGuard, max_bytes=config.max_body_bytes, max_depth=config.max_json_depth)
     app.add_middleware(AuthAndCount, api_key=config.api_key, metrics=metrics)
     return app
-
-
-def _provider_header(result: PipelineResult) -> dict[str, str]:
-    return {"x-ortdiffusion-providers": ",".join(f"{k}={v}" for k, v in result.providers.items())}
 
 
 def _parse_size(size: str | None) -> tuple[int | None, int | None]:
