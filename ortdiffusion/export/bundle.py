@@ -38,7 +38,13 @@ from ..runtime.tokenizer import PromptTokenizer
 from .checkpoint import Checkpoint, load_checkpoint
 from .onnx_export import DEFAULT_OPSET, Exporter, export_onnx
 from .parity import FP32_TOLERANCE, check_parity, measure_parity
-from .specs import ComponentSpec, text_encoder_component, unet_component, vae_decoder_component
+from .specs import (
+    ComponentSpec,
+    text_encoder_component,
+    unet_component,
+    vae_decoder_component,
+)
+from .weights import store_exact_fp32_weights_as_fp16
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +61,8 @@ class ExportOptions:
     exporter: Exporter = Exporter.TORCHSCRIPT
     parity_tolerance: float = FP32_TOLERANCE
     overwrite: bool = False
+    #: Store weights that fp16 holds exactly as fp16 (compute stays fp32; see export/weights.py).
+    compact_weights: bool = True
 
 
 def export_component(
@@ -68,6 +76,8 @@ def export_component(
     if options.precision is not Precision.FP32:
         raise ExportError(f"{spec.name}: precision {options.precision.value} is not available yet; allowed: fp32")
     files = export_onnx(spec, module, bundle_dir / f"{spec.name}.onnx", options.opset, options.exporter)
+    if options.compact_weights and len(files) == 1:
+        store_exact_fp32_weights_as_fp16(files[0])
     parity = measure_parity(spec, module, files[0])
     check_parity(spec.name, parity, options.parity_tolerance)
     return ComponentManifest(

@@ -161,7 +161,14 @@ def write_clip_tokenizer(out_dir: Path, words: Iterable[str] = (), max_length: i
     by hand because no public tokenizer can be downloaded here; loading goes through transformers'
     own `CLIPTokenizer`, so the result is what diffusers pipelines use.
     """
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import CLIPTokenizer
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_byte_order)

@@ -22,7 +22,14 @@ from PIL import Image
 from .. import __version__
 from .components import Denoiser, ImageDecoder, TextEncoder
 from .errors import BundleError, NumericalError
-from .manifest import TEXT_ENCODER, UNET, VAE_DECODER, Manifest, load_manifest, verify_files
+from .manifest import (
+    TEXT_ENCODER,
+    UNET,
+    VAE_DECODER,
+    Manifest,
+    load_manifest,
+    verify_files,
+)
 from .png import save_png
 from .providers import ProviderPreference, default_preference
 from .request import GenerationRequest, make_request

@@ -11,7 +11,12 @@ import numpy as np
 
 from .errors import BundleError, ProviderError
 from .manifest import ComponentManifest
-from .providers import ProviderKind, ProviderPreference, available_providers, check_providers
+from .providers import (
+    ProviderKind,
+    ProviderPreference,
+    available_providers,
+    check_providers,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..runtime.errors import DeadlineExceededError, InvalidRequestError, OrtDiffusionError
+from ..runtime.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    OrtDiffusionError,
+)
 from ..runtime.pipeline import Pipeline, PipelineResult
 from ..runtime.png import encode_png
 from ..runtime.request import make_request

@@ -11,7 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from .noise_schedule import TrainingScheduleConfig, config_from_dict, require, spaced_timesteps
+from .noise_schedule import (
+    TrainingScheduleConfig,
+    config_from_dict,
+    require,
+    spaced_timesteps,
+)
 
 
 @dataclass(frozen=True)
