@@ -1,8 +1,9 @@
-"""`ortdiffusion export | generate | info` — the command line over export and runtime."""
+"""`ortdiffusion export | generate | compare | serve | info` — the command line over export and runtime."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -65,7 +66,7 @@ class ProgressBar:
     def __init__(self, label: str, enabled: bool):
         self.label, self.enabled, self.start = label, enabled, time.perf_counter()
 
-    def __call__(self, step: int, total: int) -> None:
+    def __call__(self, step: int, total: int, latents: object = None) -> None:
         if not self.enabled:
             return
         done = step + 1
@@ -141,6 +142,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- compare ------------------------------------------------------------------------------------
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .export.compare import compare
+
+    report = compare(args.checkpoint, args.bundle, args.prompt, args.steps, args.guidance, args.scheduler, args.seed,
+                     args.image)
+    print(f"torch ({args.checkpoint}) against ONNX Runtime ({args.bundle}), {report.precision}\n")
+    print("| what | figures | limit | result |\n|---|---|---|---|")
+    for line in report.lines:
+        figures = ", ".join(f"{k} {v:.3g}" for k, v in line.figures.items())
+        print(f"| {line.what} | {figures} | {line.limit} | {'pass' if line.passed else 'FAIL'} |")
+    if report.latent_divergence:
+        print("\nlatents, step by step (relative L2): " + " ".join(f"{d['rel_l2_error']:.1e}" for d in report.latent_divergence))
+    if args.json:
+        args.json.write_text(json.dumps(report.to_dict(), indent=2, default=float))
+    if args.image:
+        print(f"side by side (torch | ONNX | difference ×10): {args.image}")
+    print("\nPASS" if report.passed else "\nFAIL")
+    return 0 if report.passed else 3
+
+
 # -- serve --------------------------------------------------------------------------------------
 
 
@@ -206,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"))
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("compare", help="torch against ONNX Runtime, per component and end to end")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--prompt", default="a red circle on the left")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write the report as JSON")
+    p.add_argument("--image", type=Path, default=None, help="write torch | ONNX | difference as one PNG")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP images API with dynamic batching")
     p.add_argument("--model", default=None, help="bundle, diffusers checkpoint or preset (default: the built-in model)")

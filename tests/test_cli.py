@@ -77,3 +77,26 @@ def test_bad_generate_input_exits_2_naming_the_field(tiny_bundle, tmp_path, args
 def test_not_a_model_exits_1_naming_the_path(tmp_path):
     proc = run("generate", "x", "--model", tmp_path, check=False)
     assert proc.returncode == 1 and str(tmp_path) in proc.stderr and "not a bundle" in proc.stderr
+
+
+def test_compare_passes_on_its_own_export_and_writes_report_and_image(tiny_checkpoint, tiny_bundle, tmp_path):
+    import json
+
+    proc = run("compare", tiny_checkpoint, tiny_bundle, "--steps", "6", "--scheduler", "euler-ancestral",
+               "--json", tmp_path / "r.json", "--image", tmp_path / "side.png")
+    assert "PASS" in proc.stdout and "| unet.out_sample" in proc.stdout and "psnr_db" in proc.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] and len(report["latent_divergence"]) == 6
+    image_line = next(line for line in report["lines"] if line["what"].startswith("image"))
+    assert image_line["figures"]["psnr_db"] >= 40 and image_line["figures"]["ssim"] >= 0.99
+    assert Image.open(tmp_path / "side.png").size == (64 * 3, 64)
+
+
+def test_compare_refuses_a_bundle_of_another_checkpoint(tiny_checkpoint, tiny_bundle, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_checkpoint, other)
+    (other / "unet" / "config.json").write_text((other / "unet" / "config.json").read_text() + " ")
+    proc = run("compare", other, tiny_bundle, check=False)
+    assert proc.returncode == 1 and "was not exported from" in proc.stderr and "not compared" in proc.stderr

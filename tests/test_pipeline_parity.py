@@ -7,34 +7,20 @@ import numpy as np
 import pytest
 import torch
 from conftest import psnr
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler
 
-REFERENCE_SCHEDULERS = {
-    "ddim": (DDIMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {"use_karras_sigmas": False}),
-    "euler-ancestral": (EulerAncestralDiscreteScheduler, {}),
-    "dpm++2m": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
-    "dpm++2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-}
+from ortdiffusion.export.reference import ancestral_noise_from_seeds, reference_scheduler
+
+SCHEDULERS = ["ddim", "euler", "euler-ancestral", "dpm++2m", "dpm++2m-karras"]
 
 
 def run_reference(reference_pipeline, scheduler, latents, step_noise_seed, **kwargs):
-    cls, overrides = REFERENCE_SCHEDULERS[scheduler]
-    reference_pipeline.scheduler = cls.from_config(reference_pipeline.scheduler.config, **overrides)
-    import diffusers.schedulers.scheduling_euler_ancestral_discrete as ancestral
-
-    # The ancestral sampler draws fresh noise each step; hand diffusers the draws our pipeline
-    # makes from the image's seed (latents are given, so every draw of that generator is step noise).
-    rng = np.random.Generator(np.random.PCG64(step_noise_seed))
-    original = ancestral.randn_tensor
-    ancestral.randn_tensor = lambda shape, **kw: torch.from_numpy(rng.standard_normal(shape[1:], dtype=np.float32)[None])
-    try:
+    reference_pipeline.scheduler = reference_scheduler(scheduler, reference_pipeline.scheduler.config)
+    with ancestral_noise_from_seeds([step_noise_seed]):
         return reference_pipeline(latents=torch.from_numpy(latents), output_type="pil", **kwargs).images[0]
-    finally:
-        ancestral.randn_tensor = original
 
 
-@pytest.mark.parametrize("scheduler", list(REFERENCE_SCHEDULERS))
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 @pytest.mark.parametrize("guidance", [7.5, 1.0])
 def test_image_matches_diffusers(tiny_pipeline, reference_pipeline, scheduler, guidance):
     latents = np.random.default_rng(3).standard_normal((1, 4, 16, 16)).astype(np.float32)

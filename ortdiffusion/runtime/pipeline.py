@@ -39,8 +39,9 @@ from .tokenizer import PromptTokenizer
 
 logger = logging.getLogger(__name__)
 
-#: Called after each denoising step with (step index, number of steps); may raise to cancel.
-StepCallback = Callable[[int, int], None]
+#: Called after each denoising step with (step index, number of steps, the latents after it);
+#: may raise to cancel. The latents are the pipeline's own array: copy them to keep them.
+StepCallback = Callable[[int, int, np.ndarray], None]
 
 
 @dataclass
@@ -198,7 +199,7 @@ class Pipeline:
                 raise NumericalError(f"unet: latents became non-finite (NaN/Inf) at denoising step {i + 1} of {request.steps}")
             timings.scheduler += lap()
             if callback is not None:
-                callback(i, request.steps)
+                callback(i, request.steps, latents)
 
         # 5. image decoder: undo the VAE's latent scaling, decode to pixels in [-1, 1]
         latents = latents / np.float32(c.vae_scaling_factor)

@@ -172,7 +172,7 @@ class Batcher:
             for job in batch:
                 job.started = started
 
-            def check(step: int, total: int) -> None:
+            def check(step: int, total: int, latents: object) -> None:
                 if not any(job.wanted for job in batch):
                     raise Cancelled()
 

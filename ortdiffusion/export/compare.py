@@ -1,0 +1,190 @@
+"""torch against ONNX Runtime, per component and end to end, on identical inputs.
+
+The reference is the checkpoint run by transformers and diffusers themselves (diffusers'
+`StableDiffusionPipeline` for the end-to-end image); the candidate is the bundle run by this
+engine. Every figure is judged against a tolerance of the bundle's precision and the report says
+pass or fail per line.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..runtime.errors import BundleError
+from ..runtime.manifest import Precision, load_manifest, verify_files
+from ..runtime.session import Session
+from .bundle import pipeline_components
+from .checkpoint import load_checkpoint, weights_sha256
+from .parity import error_figures
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    rel_l2: float  # per component output
+    min_psnr_db: float  # final image
+    min_ssim: float
+
+
+TOLERANCES = {
+    Precision.FP32: Tolerances(rel_l2=1e-4, min_psnr_db=40.0, min_ssim=0.99),
+    Precision.FP16: Tolerances(rel_l2=2e-2, min_psnr_db=28.0, min_ssim=0.95),
+}
+
+
+@dataclass
+class Line:
+    what: str
+    figures: dict[str, float]
+    passed: bool
+    limit: str
+
+
+@dataclass
+class CompareReport:
+    checkpoint: str
+    bundle: str
+    precision: str
+    lines: list[Line] = field(default_factory=list)
+    latent_divergence: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(line.passed for line in self.lines)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def _gaussian_blur(x: np.ndarray, sigma: float = 1.5, radius: int = 5) -> np.ndarray:
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    k /= k.sum()
+    x = np.apply_along_axis(lambda r: np.convolve(r, k, mode="valid"), 0, x)
+    return np.apply_along_axis(lambda r: np.convolve(r, k, mode="valid"), 1, x)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM over channels (Wang et al. 2004: 11-tap Gaussian window, σ = 1.5, K1 = .01, K2 = .03)."""
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    scores = []
+    for ch in range(a.shape[-1]):
+        x, y = a[..., ch].astype(np.float64), b[..., ch].astype(np.float64)
+        if min(x.shape) < 11:
+            return float("nan")
+        mx, my = _gaussian_blur(x), _gaussian_blur(y)
+        sxx = _gaussian_blur(x * x) - mx**2
+        syy = _gaussian_blur(y * y) - my**2
+        sxy = _gaussian_blur(x * y) - mx * my
+        m = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+        scores.append(m.mean())
+    return float(np.mean(scores))
+
+
+def _counts(a: np.ndarray) -> dict[str, float]:
+    return {"nan": float(np.isnan(a).sum()), "inf": float(np.isinf(a).sum())}
+
+
+def compare_components(ckpt, bundle_dir: Path, manifest, tol: Tolerances, seed: int) -> list[Line]:
+    from ..runtime.providers import ProviderKind, ProviderPreference
+
+    lines = []
+    for spec, module in pipeline_components(ckpt):
+        session = Session(bundle_dir, manifest.components[spec.name], ProviderPreference(kinds=(ProviderKind.CPU,)))
+        for k, dims in enumerate(spec.parity_points()):
+            inputs = spec.sample_inputs(dims, seed=seed + k)
+            with torch.no_grad():
+                ref = module(*inputs)
+            ref = ref if isinstance(ref, tuple) else (ref,)
+            got = session.run({n: t.numpy() for n, t in zip(spec.input_names, inputs)})
+            for name, g, r in zip(spec.output_names, got, ref):
+                max_abs, rel_l2, cosine = error_figures(g, r.numpy())
+                figures = {"max_abs_error": max_abs, "rel_l2_error": rel_l2, "cosine_similarity": cosine, **_counts(g)}
+                ok = rel_l2 <= tol.rel_l2 and figures["nan"] == 0 and figures["inf"] == 0
+                shape = " ".join(f"{d}={v}" for d, v in dims.items())
+                lines.append(Line(f"{spec.name}.{name} [{shape}]", figures, ok, f"rel L2 ≤ {tol.rel_l2:g}, no NaN/Inf"))
+    return lines
+
+
+def compare_end_to_end(ckpt_dir: Path, bundle_dir: Path, prompt: str, steps: int, guidance: float,
+                       scheduler: str, seed: int, tol: Tolerances) -> tuple[list[Line], list[dict], np.ndarray, np.ndarray]:
+    from diffusers import StableDiffusionPipeline
+
+    from ..runtime.pipeline import Pipeline
+    from .reference import ancestral_noise_from_seeds, reference_scheduler
+
+    ours = Pipeline.load(bundle_dir, providers="cpu")
+    c = ours.manifest.pipeline
+    shape = (1, c.latent_channels, c.default_height // c.vae_scale_factor, c.default_width // c.vae_scale_factor)
+    latents = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    ours_steps: list[np.ndarray] = []
+    result = ours(prompt, latents=latents, seed=seed, num_inference_steps=steps, guidance_scale=guidance,
+                  scheduler=scheduler, callback=lambda i, n, x: ours_steps.append(x.copy()))
+
+    ref = StableDiffusionPipeline.from_pretrained(str(ckpt_dir), safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = reference_scheduler(scheduler, ref.scheduler.config)
+    ref_steps: list[np.ndarray] = []
+
+    def keep(pipe, i, t, kwargs):
+        ref_steps.append(kwargs["latents"].numpy().copy())
+        return kwargs
+
+    with ancestral_noise_from_seeds([seed]):
+        image_ref = ref(prompt, latents=torch.from_numpy(latents), num_inference_steps=steps, guidance_scale=guidance,
+                        callback_on_step_end=keep).images[0]
+    a, b = np.asarray(image_ref), np.asarray(result.images[0])
+    divergence = []
+    for i, (x, y) in enumerate(zip(ref_steps, ours_steps)):
+        max_abs, rel_l2, cosine = error_figures(y, x)
+        divergence.append({"step": i + 1, "max_abs_error": max_abs, "rel_l2_error": rel_l2, "cosine_similarity": cosine})
+    figures = {"psnr_db": psnr(a, b), "ssim": ssim(a, b), "max_abs_error": float(np.abs(a.astype(int) - b.astype(int)).max())}
+    lines = [Line(f"image [{prompt!r}, {scheduler}, {steps} steps]", figures,
+                  figures["psnr_db"] >= tol.min_psnr_db and figures["ssim"] >= tol.min_ssim,
+                  f"PSNR ≥ {tol.min_psnr_db:g} dB, SSIM ≥ {tol.min_ssim:g}")]
+    if divergence:
+        last = divergence[-1]
+        lines.append(Line("latents after the last step", {k: v for k, v in last.items() if k != "step"},
+                          last["rel_l2_error"] <= tol.rel_l2 * 100, f"rel L2 ≤ {tol.rel_l2 * 100:g}"))
+    return lines, divergence, a, b
+
+
+def side_by_side(a: np.ndarray, b: np.ndarray, path: Path, amplify: float = 10.0) -> None:
+    diff = np.clip(np.abs(a.astype(int) - b.astype(int)) * amplify, 0, 255).astype(np.uint8)
+    Image.fromarray(np.concatenate([a, b, diff], axis=1)).save(path)
+
+
+def compare(checkpoint: Path | str, bundle: Path | str, prompt: str = "a red circle on the left", steps: int = 20,
+            guidance: float = 7.5, scheduler: str | None = None, seed: int = 0, image_path: Path | None = None) -> CompareReport:
+    checkpoint, bundle = Path(checkpoint), Path(bundle)
+    manifest = load_manifest(bundle)
+    verify_files(bundle, manifest)
+    actual = weights_sha256(checkpoint)
+    if actual != manifest.source.weights_sha256:
+        raise BundleError(
+            str(bundle), f"was not exported from {checkpoint}: its manifest records weights "
+            f"{manifest.source.weights_sha256[:12]}…, the checkpoint's weights hash to {actual[:12]}… (not compared)"
+        )
+    precision = manifest.components["unet"].precision
+    tol = TOLERANCES[precision]
+    ckpt = load_checkpoint(checkpoint)
+    report = CompareReport(str(checkpoint), str(bundle), precision.value)
+    report.lines += compare_components(ckpt, bundle, manifest, tol, seed=7000 + seed)
+    lines, divergence, a, b = compare_end_to_end(
+        checkpoint, bundle, prompt, steps, guidance, scheduler or manifest.pipeline.default_scheduler, seed, tol)
+    report.lines += lines
+    report.latent_divergence = divergence
+    if image_path is not None:
+        side_by_side(a, b, image_path)
+    return report
