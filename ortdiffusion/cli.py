@@ -1,4 +1,4 @@
-"""`ortdiffusion export | generate | compare | serve | info` — the command line over export and runtime."""
+"""`ortdiffusion export | generate | compare | bench | serve | info` — the command line over export and runtime."""
 
 from __future__ import annotations
 
@@ -165,6 +165,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if report.passed else 3
 
 
+# -- bench --------------------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.runner import BenchPlan, Setting, markdown, plot, run_bench
+
+    sizes = [parse_size(s) for s in args.size.split(",")]
+    settings = tuple(Setting(int(b), w, h, args.steps) for (w, h) in sizes for b in args.batch.split(","))
+    engines = tuple(e.strip() for e in args.engines.split(","))
+    plan = BenchPlan(models=tuple(args.model or ["tiny"]), engines=engines, settings=settings, runs=args.runs,
+                     warmup=args.warmup, provider=args.provider, guidance=args.guidance)
+    report = run_bench(plan, progress=_err)
+    table = markdown(report)
+    print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
 # -- serve --------------------------------------------------------------------------------------
 
 
@@ -242,6 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="write the report as JSON")
     p.add_argument("--image", type=Path, default=None, help="write torch | ONNX | difference as one PNG")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="latency, per-stage timings, throughput and memory against baselines")
+    p.add_argument("--model", action="append", help="bundle, checkpoint or preset (tiny, sd15-arch, sd21-arch); repeatable")
+    p.add_argument("--engines", default="ortdiffusion,torch,optimum", help="run side by side, in alternating order")
+    p.add_argument("--size", default="64x64", help="comma-separated WxH")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,2,4,8")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--runs", type=int, default=5, help="timed runs per engine and setting, after warm-up")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--provider", default=None)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--markdown", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP images API with dynamic batching")
     p.add_argument("--model", default=None, help="bundle, diffusers checkpoint or preset (default: the built-in model)")

@@ -83,6 +83,24 @@ def resolve_bundle(model: str | Path | None, progress: Callable[[str], None] | N
     return bundle
 
 
+def resolve_checkpoint(model: str | Path | None) -> Path:
+    """The diffusers checkpoint behind `model` (for the torch side of benchmarks and comparisons)."""
+    model = str(model) if model is not None else DEFAULT_MODEL
+    path = Path(model)
+    if model in PRESET_NAMES and not path.exists():
+        return preset_checkpoint(model)
+    if (path / "model_index.json").is_file():
+        return path
+    if (path / MANIFEST_NAME).is_file():
+        from .runtime.manifest import load_manifest
+
+        source = Path(load_manifest(path).source.checkpoint)
+        if (source / "model_index.json").is_file():
+            return source
+        raise BundleError(str(path), f"its source checkpoint {source} is not on this machine")
+    raise BundleError(str(path), "not a diffusers checkpoint, a bundle or a preset")
+
+
 def load_pipeline(model: str | Path | None = None, progress: Callable[[str], None] | None = None, **load_options):
     """`Pipeline.load` for any model `resolve_bundle` accepts."""
     from .runtime.pipeline import Pipeline

@@ -1,0 +1,56 @@
+"""Per-component and end-to-end timings of the tiny preset on the CPU provider."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ortdiffusion.runtime.png import encode_png
+from ortdiffusion.runtime.schedulers import SchedulerName, make_scheduler
+
+
+def test_tokenize(benchmark, pipe):
+    benchmark(pipe.tokenizer, ["a red circle on the left", ""] * 4)
+
+
+def test_text_encoder(benchmark, pipe):
+    ids = pipe.tokenizer(["a red circle on the left", ""])
+    benchmark(pipe.text_encoder, ids)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 8])
+def test_unet_step(benchmark, pipe, batch):
+    c = pipe.manifest.pipeline
+    sample = np.random.default_rng(0).standard_normal((2 * batch, c.latent_channels, 16, 16)).astype(np.float32)
+    emb = pipe.text_encoder(pipe.tokenizer(["a red circle"] * 2 * batch))
+    benchmark(pipe.denoiser, sample, 500.0, emb)
+
+
+def test_image_decoder(benchmark, pipe):
+    latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    benchmark(pipe.image_decoder, latents)
+
+
+@pytest.mark.parametrize("name", [s.value for s in SchedulerName])
+def test_scheduler_20_steps(benchmark, pipe, name):
+    """A whole 20-step trajectory at SD's 64×64 latents (the scheduler's share of a generation)."""
+    x = np.random.default_rng(0).standard_normal((2, 4, 64, 64)).astype(np.float32)
+
+    def trajectory():
+        scheduler = make_scheduler(name, pipe.manifest.pipeline.scheduler_config)
+        scheduler.set_timesteps(20)
+        sample = x
+        for i in range(20):
+            sample = scheduler.step(x, i, sample, noise=x if scheduler.needs_noise else None)
+
+    benchmark(trajectory)
+
+
+def test_png_encode(benchmark, pipe):
+    result = pipe("a red circle", num_inference_steps=1, seed=0)
+    benchmark(encode_png, result.images[0], result.metadata[0])
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_pipeline_end_to_end(benchmark, pipe, batch):
+    benchmark(pipe, ["a red circle on the left"] * batch, seed=list(range(batch)), num_inference_steps=20)

@@ -1,0 +1,220 @@
+"""`ortdiffusion bench`: engines side by side, run in alternating order, one process each."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ENGINES = ("ortdiffusion", "torch", "optimum")
+
+
+@dataclass(frozen=True)
+class Setting:
+    batch: int
+    width: int
+    height: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    models: tuple[str, ...]
+    engines: tuple[str, ...]
+    settings: tuple[Setting, ...]
+    runs: int = 5
+    warmup: int = 1
+    provider: str | None = None
+    guidance: float = 7.5
+
+
+class Worker:
+    def __init__(self, engine: str, model: str, provider: str | None):
+        cmd = [sys.executable, "-m", "ortdiffusion.bench.worker", engine, model]
+        if provider:
+            cmd += ["--provider", provider]
+        self.engine = engine
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        hello = self._read()
+        self.error = hello.get("error")
+        self.load_s = hello.get("load_s", float("nan"))
+        self.providers = hello.get("providers", {})
+        self.precision = hello.get("precision")
+
+    def _read(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            return {"error": f"{self.engine} worker exited with {self.proc.wait()}"}
+        return json.loads(line)
+
+    def run(self, s: Setting, guidance: float) -> dict[str, Any]:
+        self.proc.stdin.write(json.dumps({"batch": s.batch, "width": s.width, "height": s.height, "steps": s.steps,
+                                          "guidance": guidance}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(60)
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
+            "mean": float(a.mean()), "runs": int(a.size)}
+
+
+def environment() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions = {}
+    for package in ("ortdiffusion", "onnxruntime", "onnxruntime-gpu", "numpy", "torch", "diffusers", "transformers",
+                    "optimum", "optimum-onnx"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+            "platform": platform.platform(), "packages": versions}
+
+
+def record(engine: Worker, model: str, setting: Setting, samples: list[dict], cold_start_s: float | None) -> dict:
+    per_stage: dict[str, list[float]] = defaultdict(list)
+    for sample in samples:
+        for stage, values in sample["stages"].items():
+            per_stage[stage] += values if stage == "unet_step" else [sum(values)]
+    end_to_end = stats([s["end_to_end"] for s in samples])
+    return {
+        "engine": engine.engine, "model": model, "providers": engine.providers, "precision": engine.precision,
+        "batch": setting.batch, "width": setting.width, "height": setting.height, "steps": setting.steps,
+        "end_to_end_s": end_to_end, "stages_s": {k: stats(v) for k, v in per_stage.items()},
+        "cold_start_s": cold_start_s, "images_per_s": setting.batch / end_to_end["mean"],
+        "peak_host_mb": max(s["peak_host_mb"] for s in samples),
+        "peak_device_mb": max((s["peak_device_mb"] for s in samples if s["peak_device_mb"] is not None), default=None),
+    }
+
+
+def run_bench(plan: BenchPlan, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    records, skipped = [], []
+    for model in plan.models:
+        workers = []
+        for name in plan.engines:
+            progress(f"{model}: starting {name}")
+            w = Worker(name, model, plan.provider)
+            if w.error:
+                progress(f"{model}: {name} skipped: {w.error}")
+                skipped.append({"engine": name, "model": model, "reason": w.error})
+                w.close()
+            else:
+                workers.append(w)
+        cold: dict[str, float] = {}
+        measured_cold: set[str] = set()
+        try:
+            for setting in plan.settings:
+                for w in workers:
+                    for k in range(plan.warmup):
+                        first = w.run(setting, plan.guidance)
+                        if w.engine not in measured_cold:  # load + the first image: the cold start
+                            cold[w.engine] = w.load_s + first["end_to_end"]
+                            measured_cold.add(w.engine)
+                samples: dict[str, list[dict]] = defaultdict(list)
+                for r in range(plan.runs):
+                    order = workers[r % len(workers):] + workers[:r % len(workers)]  # rotate who goes first
+                    for w in order:
+                        samples[w.engine].append(w.run(setting, plan.guidance))
+                    progress(f"{model} {setting.width}x{setting.height} batch {setting.batch}: run {r + 1}/{plan.runs} "
+                             + " ".join(f"{w.engine}={samples[w.engine][-1]['end_to_end']:.2f}s" for w in order))
+                for w in workers:
+                    records.append(record(w, model, setting, samples[w.engine], cold.pop(w.engine, None)))
+        finally:
+            for w in workers:
+                w.close()
+    return {"env": environment(), "plan": {"runs": plan.runs, "warmup": plan.warmup, "guidance": plan.guidance},
+            "records": records, "skipped": skipped}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    rows = ["| model | engine | providers | precision | batch | size | steps | end to end p50 s | p90 s | "
+            "UNet step p50 ms | images/s | cold start s | peak host MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["records"]:
+        unet = r["stages_s"].get("unet_step", {}).get("p50", float("nan")) * 1e3
+        providers = ",".join(sorted(set(r["providers"].values())))
+        cold = f"{r['cold_start_s']:.2f}" if r["cold_start_s"] is not None else "–"
+        rows.append(f"| {r['model']} | {r['engine']} | {providers} | {r['precision']} | {r['batch']} | "
+                    f"{r['width']}x{r['height']} | {r['steps']} | {r['end_to_end_s']['p50']:.3f} | "
+                    f"{r['end_to_end_s']['p90']:.3f} | {unet:.1f} | {r['images_per_s']:.3f} | {cold} | "
+                    f"{r['peak_host_mb']:.0f} |")
+    for s in report.get("skipped", []):
+        rows.append(f"\n{s['engine']} on {s['model']} skipped: {s['reason']}")
+    return "\n".join(rows)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = report["records"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    labels, bottoms = [], []
+    stages = ["tokenize", "text_encoder", "unet_step", "scheduler", "decoder", "postprocess", "png_encode"]
+    for i, r in enumerate(records):
+        labels.append(f"{r['engine']}\n{r['width']}x{r['height']} b{r['batch']}")
+        bottom = 0.0
+        for j, stage in enumerate(stages):
+            s = r["stages_s"].get(stage)
+            if not s:
+                continue
+            value = s["mean"] * (r["steps"] if stage == "unet_step" else 1)
+            axes[0].bar(i, value, bottom=bottom, color=f"C{j}", label=stage if i == 0 or stage not in bottoms else None)
+            bottoms.append(stage)
+            bottom += value
+    axes[0].set_xticks(range(len(labels)), labels, fontsize=7)
+    axes[0].set_ylabel("seconds per generation (mean)")
+    axes[0].set_title("per-stage breakdown")
+    handles, names = axes[0].get_legend_handles_labels()
+    unique = dict(zip(names, handles))
+    axes[0].legend(unique.values(), unique.keys(), fontsize=7)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["engine"], r["model"], r["width"], r["height"])].append(r)
+    for (engine, model, w, h), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["batch"])
+        batches = [r["batch"] for r in rs]
+        axes[1].plot(batches, [r["end_to_end_s"]["p50"] for r in rs], marker="o", label=f"{engine} {model} {w}x{h}")
+        axes[2].plot(batches, [r["images_per_s"] for r in rs], marker="o", label=f"{engine} {model} {w}x{h}")
+    axes[1].set_xlabel("batch")
+    axes[1].set_ylabel("end-to-end latency p50 (s)")
+    axes[2].set_xlabel("batch")
+    axes[2].set_ylabel("images per second")
+    for ax in axes[1:]:
+        ax.legend(fontsize=7)
+        ax.set_xscale("log", base=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

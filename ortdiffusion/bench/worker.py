@@ -1,0 +1,199 @@
+"""One engine in its own process, timed run by run on command (JSON lines on stdin/stdout).
+
+    python -m ortdiffusion.bench.worker ENGINE MODEL [--provider P]
+
+The runner keeps one worker per engine alive and asks them for runs in alternating order, so
+machine noise falls on all engines alike, while each process's peak memory is its engine's own.
+Commands: {"batch", "width", "height", "steps", "guidance"}; each answer: the stage timings of one
+generation, the process's peak resident memory, and (first answer only) the cold start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+PROMPT = "a red circle on the left"
+
+
+def peak_host_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def peak_device_mb() -> float | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 2**20
+    except ImportError:
+        pass
+    return None
+
+
+class OrtDiffusionEngine:
+    name = "ortdiffusion"
+
+    def __init__(self, model: str, provider: str | None):
+        from ..models import load_pipeline
+
+        self.pipe = load_pipeline(model, providers=provider)
+        self.providers = self.pipe.providers
+        self.precision = self.pipe.manifest.components["unet"].precision.value
+
+    def run(self, batch: int, width: int, height: int, steps: int, guidance: float) -> dict[str, Any]:
+        from ..runtime.png import encode_png
+
+        start = time.perf_counter()
+        result = self.pipe([PROMPT] * batch, seed=list(range(batch)), num_inference_steps=steps,
+                           guidance_scale=guidance, width=width, height=height)
+        png_start = time.perf_counter()
+        for image, meta in zip(result.images, result.metadata):
+            encode_png(image, meta)
+        end = time.perf_counter()
+        t = result.timings
+        return {
+            "end_to_end": end - start,
+            "stages": {"tokenize": [t.tokenize], "text_encoder": [t.text_encoder], "unet_step": list(t.unet_steps),
+                       "scheduler": [t.scheduler], "decoder": [t.decoder], "postprocess": [t.postprocess],
+                       "png_encode": [end - png_start]},
+        }
+
+
+class _Timed:
+    """Wrap a callable so each call's duration is recorded under `stage`."""
+
+    def __init__(self, fn: Callable, stage: str, sink: dict[str, list[float]]):
+        self.fn, self.stage, self.sink = fn, stage, sink
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        self.sink[self.stage].append(time.perf_counter() - start)
+        return out
+
+    def __getattr__(self, name):  # a tokenizer proxied this way keeps its attributes
+        return getattr(self.fn, name)
+
+
+class TorchEngine:
+    """diffusers' own StableDiffusionPipeline, eager (fp32 on the CPU; fp16 with SDPA on a GPU)."""
+
+    name = "torch"
+
+    def __init__(self, model: str, provider: str | None, compile_unet: bool = False):
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        from ..models import resolve_checkpoint
+
+        self.device = "cuda" if torch.cuda.is_available() and provider != "cpu" else "cpu"
+        dtype = torch.float16 if self.device == "cuda" else torch.float32
+        pipe = StableDiffusionPipeline.from_pretrained(str(resolve_checkpoint(model)), torch_dtype=dtype,
+                                                       safety_checker=None, requires_safety_checker=False)
+        pipe = pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        if compile_unet:
+            pipe.unet = torch.compile(pipe.unet)
+        self.sink: dict[str, list[float]] = defaultdict(list)
+        pipe.tokenizer = _Timed(pipe.tokenizer, "tokenize", self.sink)
+        pipe.text_encoder.forward = _Timed(pipe.text_encoder.forward, "text_encoder", self.sink)
+        pipe.unet.forward = _Timed(pipe.unet.forward, "unet_step", self.sink)
+        pipe.vae.decode = _Timed(pipe.vae.decode, "decoder", self.sink)
+        pipe.scheduler.step = _Timed(pipe.scheduler.step, "scheduler", self.sink)
+        self.pipe, self.torch = pipe, torch
+        self.providers = {"text_encoder": self.device, "unet": self.device, "vae_decoder": self.device}
+        self.precision = "fp16" if dtype == torch.float16 else "fp32"
+
+    def run(self, batch: int, width: int, height: int, steps: int, guidance: float) -> dict[str, Any]:
+        from ..runtime.png import encode_png
+
+        self.sink.clear()
+        generators = [self.torch.Generator(self.device).manual_seed(i) for i in range(batch)]
+        start = time.perf_counter()
+        images = self.pipe([PROMPT] * batch, generator=generators, num_inference_steps=steps, guidance_scale=guidance,
+                           width=width, height=height).images
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+        png_start = time.perf_counter()
+        for image in images:
+            encode_png(image, {})
+        end = time.perf_counter()
+        stages = {k: list(v) for k, v in self.sink.items()}
+        stages["png_encode"] = [end - png_start]
+        return {"end_to_end": end - start, "stages": stages}
+
+
+class OptimumEngine:
+    """Hugging Face Optimum's ONNX Runtime pipeline (where `optimum.onnxruntime` is installed)."""
+
+    name = "optimum"
+
+    def __init__(self, model: str, provider: str | None):
+        from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+        from ..models import cache_dir, resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(model)
+        exported = cache_dir() / "optimum" / checkpoint.name
+        if not (exported / "model_index.json").is_file():
+            pipe = ORTStableDiffusionPipeline.from_pretrained(str(checkpoint), export=True)
+            pipe.save_pretrained(str(exported))
+        ort_provider = {"cuda": "CUDAExecutionProvider"}.get(provider or "cpu", "CPUExecutionProvider")
+        self.pipe = ORTStableDiffusionPipeline.from_pretrained(str(exported), provider=ort_provider)
+        self.providers = {"text_encoder": provider or "cpu", "unet": provider or "cpu", "vae_decoder": provider or "cpu"}
+        self.precision = "fp32"
+
+    def run(self, batch: int, width: int, height: int, steps: int, guidance: float) -> dict[str, Any]:
+        import numpy as np
+
+        from ..runtime.png import encode_png
+
+        start = time.perf_counter()
+        images = self.pipe([PROMPT] * batch, num_inference_steps=steps, guidance_scale=guidance, width=width,
+                           height=height, generator=np.random.RandomState(0)).images
+        png_start = time.perf_counter()
+        for image in images:
+            encode_png(image, {})
+        end = time.perf_counter()
+        return {"end_to_end": end - start, "stages": {"png_encode": [end - png_start]}}
+
+
+ENGINES = {"ortdiffusion": OrtDiffusionEngine, "torch": TorchEngine, "optimum": OptimumEngine}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("engine", choices=list(ENGINES))
+    p.add_argument("model")
+    p.add_argument("--provider", default=None)
+    args = p.parse_args()
+    out = sys.stdout
+    sys.stdout = sys.stderr  # libraries' prints must not corrupt the protocol
+    start = time.perf_counter()
+    try:
+        engine = ENGINES[args.engine](args.model, args.provider)
+    except ImportError as e:
+        out.write(json.dumps({"error": f"{args.engine} unavailable: {e}"}) + "\n")
+        out.flush()
+        return
+    load_s = time.perf_counter() - start
+    out.write(json.dumps({"ready": True, "load_s": load_s, "providers": engine.providers,
+                          "precision": engine.precision}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        record = engine.run(cmd["batch"], cmd["width"], cmd["height"], cmd["steps"], cmd.get("guidance", 7.5))
+        record.update(peak_host_mb=peak_host_mb(), peak_device_mb=peak_device_mb())
+        out.write(json.dumps(record) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()
