@@ -175,7 +175,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings = tuple(Setting(int(b), w, h, args.steps) for (w, h) in sizes for b in args.batch.split(","))
     engines = tuple(e.strip() for e in args.engines.split(","))
     plan = BenchPlan(models=tuple(args.model or ["tiny"]), engines=engines, settings=settings, runs=args.runs,
-                     warmup=args.warmup, provider=args.provider, guidance=args.guidance)
+                     warmup=args.warmup, provider=args.provider, guidance=args.guidance,
+                     pythons=(("optimum", args.optimum_python),) if args.optimum_python else ())
     report = run_bench(plan, progress=_err)
     table = markdown(report)
     print(table)
@@ -277,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5, help="timed runs per engine and setting, after warm-up")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--provider", default=None)
+    p.add_argument("--optimum-python", default=None,
+                   help="python of a separate environment with optimum[onnxruntime] (see README)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)

@@ -36,11 +36,13 @@ class BenchPlan:
     warmup: int = 1
     provider: str | None = None
     guidance: float = 7.5
+    #: Interpreters for engines that live in an environment of their own (Optimum pins transformers < 4.58).
+    pythons: tuple[tuple[str, str], ...] = ()
 
 
 class Worker:
-    def __init__(self, engine: str, model: str, provider: str | None):
-        cmd = [sys.executable, "-m", "ortdiffusion.bench.worker", engine, model]
+    def __init__(self, engine: str, model: str, provider: str | None, python: str = sys.executable):
+        cmd = [python, "-m", "ortdiffusion.bench.worker", engine, model]
         if provider:
             cmd += ["--provider", provider]
         self.engine = engine
@@ -123,7 +125,7 @@ def run_bench(plan: BenchPlan, progress: Callable[[str], None] = print) -> dict[
         workers = []
         for name in plan.engines:
             progress(f"{model}: starting {name}")
-            w = Worker(name, model, plan.provider)
+            w = Worker(name, model, plan.provider, dict(plan.pythons).get(name, sys.executable))
             if w.error:
                 progress(f"{model}: {name} skipped: {w.error}")
                 skipped.append({"engine": name, "model": model, "reason": w.error})

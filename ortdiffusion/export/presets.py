@@ -198,6 +198,10 @@ def write_clip_tokenizer(out_dir: Path, words: Iterable[str] = (), max_length: i
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out_dir))
+    # transformers 4's (slow) CLIPTokenizer reads these two files, not tokenizer.json; writing them
+    # keeps the checkpoint loadable by tools pinned to it (e.g. Optimum's exporter).
+    (out_dir / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
 
 
 def _byte_order(symbol: str) -> int:
