@@ -28,7 +28,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .runtime.manifest import Precision
 
     options = ExportOptions(
-        opset=args.opset, precision=Precision(args.precision), exporter=Exporter(args.exporter), overwrite=args.overwrite
+        opset=args.opset, precision=Precision(args.precision), exporter=Exporter(args.exporter), overwrite=args.overwrite,
+        default_steps=args.default_steps, default_guidance=args.default_guidance,
     )
     start = time.perf_counter()
     manifest = export_checkpoint(args.checkpoint, args.out, options, progress=_err)
@@ -237,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--precision", choices=["fp32"], default="fp32")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
+    p.add_argument("--default-steps", type=int, default=20, help="steps a call that names none gets")
+    p.add_argument("--default-guidance", type=float, default=7.5, help="guidance a call that names none gets")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new bundle passed)")
     p.set_defaults(func=cmd_export)
 
@@ -244,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--model", default=None, help="bundle, diffusers checkpoint or preset (default: the built-in model)")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", type=int, default=None, help="default: the model's (manifest)")
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's (manifest)")
     p.add_argument("--scheduler", default=None, help=", ".join(s.value for s in SchedulerName))
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's native size)")

@@ -1,6 +1,6 @@
 """Turning what a user names as a model into a loaded bundle.
 
-A model is a bundle directory, a diffusers checkpoint directory (exported once into a cache keyed
+A model is `builtin` (the shipped model), a bundle directory, a diffusers checkpoint directory (exported once into a cache keyed
 by the hash of its weights, then reused), or a preset name (`tiny`, `sd15-arch`, `sd21-arch`:
 random-weight checkpoints built from configs, for timing). Checkpoints and presets need the
 `export` extra; bundles need only the runtime.
@@ -18,8 +18,22 @@ from .runtime.manifest import MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "tiny"
+BUILTIN = "builtin"
 PRESET_NAMES = ("tiny", "sd15-arch", "sd21-arch")
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+
+def builtin_bundle() -> Path:
+    """The shipped model's bundle (package data): runs with the runtime alone."""
+    return BUILTIN_DIR / "bundle"
+
+
+def builtin_checkpoint() -> Path:
+    """The shipped model's diffusers checkpoint (package data), the source of its bundle."""
+    return BUILTIN_DIR / "checkpoint"
+
+
+DEFAULT_MODEL = BUILTIN if (builtin_bundle() / MANIFEST_NAME).is_file() else "tiny"
 
 
 def cache_dir() -> Path:
@@ -54,6 +68,8 @@ def preset_checkpoint(name: str) -> Path:
 def resolve_bundle(model: str | Path | None, progress: Callable[[str], None] | None = None) -> Path:
     """A bundle directory for `model`, exporting (and caching) a checkpoint when needed."""
     model = str(model) if model is not None else DEFAULT_MODEL
+    if model == BUILTIN:
+        return builtin_bundle()
     path = Path(model)
     if (path / MANIFEST_NAME).is_file():
         return path
@@ -86,6 +102,8 @@ def resolve_bundle(model: str | Path | None, progress: Callable[[str], None] | N
 def resolve_checkpoint(model: str | Path | None) -> Path:
     """The diffusers checkpoint behind `model` (for the torch side of benchmarks and comparisons)."""
     model = str(model) if model is not None else DEFAULT_MODEL
+    if model == BUILTIN:
+        return builtin_checkpoint()
     path = Path(model)
     if model in PRESET_NAMES and not path.exists():
         return preset_checkpoint(model)

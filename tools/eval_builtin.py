@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--steps", default=",".join(map(str, STEPS)))
     args = p.parse_args()
     pipe = load_pipeline(args.model)
-    guidance = args.guidance if args.guidance is not None else 7.5
+    guidance = args.guidance if args.guidance is not None else pipe.manifest.pipeline.default_guidance
     sets = dataset.eval_scenes()
     report = {"env": {"machine": platform.machine(), "python": platform.python_version(),
                       "providers": pipe.providers, "model_hash": pipe.model_hash[:16]},

@@ -63,6 +63,8 @@ class ExportOptions:
     overwrite: bool = False
     #: Store weights that fp16 holds exactly as fp16 (compute stays fp32; see export/weights.py).
     compact_weights: bool = True
+    default_steps: int = 20
+    default_guidance: float = 7.5
 
 
 def export_component(
@@ -104,7 +106,7 @@ def pipeline_components(ckpt: Checkpoint) -> list[tuple[ComponentSpec, torch.nn.
     ]
 
 
-def pipeline_constants(ckpt: Checkpoint) -> PipelineConstants:
+def pipeline_constants(ckpt: Checkpoint, options: ExportOptions) -> PipelineConstants:
     vae_scale = 2 ** (len(ckpt.vae.config.block_out_channels) - 1)
     size = int(ckpt.unet.config.sample_size) * vae_scale
     return PipelineConstants(
@@ -121,6 +123,8 @@ def pipeline_constants(ckpt: Checkpoint) -> PipelineConstants:
         scheduler_class=ckpt.scheduler_class,
         scheduler_config=ckpt.scheduler_config,
         default_scheduler=default_scheduler_for(ckpt.scheduler_class).value,
+        default_steps=options.default_steps,
+        default_guidance=options.default_guidance,
     )
 
 
@@ -186,7 +190,7 @@ def export_checkpoint(
             format_version=FORMAT_VERSION,
             created_by=_versions(),
             source=SourceInfo(checkpoint=str(Path(checkpoint_dir).resolve()), weights_sha256=ckpt.weights_sha256),
-            pipeline=pipeline_constants(ckpt),
+            pipeline=pipeline_constants(ckpt, options),
             components={k: components[k] for k in (TEXT_ENCODER, UNET, VAE_DECODER)},
             tokenizer=file_record(tmp, tmp / TOKENIZER_NAME),
         )

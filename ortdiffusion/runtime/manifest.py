@@ -114,6 +114,9 @@ class PipelineConstants:
     scheduler_config: dict[str, Any]
     default_scheduler: str
     vae_shift_factor: float | None = None
+    #: What a call that names no step count or guidance scale gets (the model's own best setting).
+    default_steps: int = 20
+    default_guidance: float = 7.5
 
 
 @dataclass(frozen=True)

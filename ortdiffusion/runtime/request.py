@@ -106,14 +106,18 @@ def make_request(
     prompt: str | Sequence[str],
     negative_prompt: str | Sequence[str] | None = None,
     num_images_per_prompt: int = 1,
-    num_inference_steps: int = 20,
-    guidance_scale: float = 7.5,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     scheduler: str | SchedulerName | None = None,
     seed: int | Sequence[int] | None = None,
     latents: np.ndarray | None = None,
     width: int | None = None,
     height: int | None = None,
 ) -> GenerationRequest:
+    if num_inference_steps is None:
+        num_inference_steps = manifest.pipeline.default_steps
+    if guidance_scale is None:
+        guidance_scale = manifest.pipeline.default_guidance
     prompts = _prompts(prompt, "prompt")
     if negative_prompt is None:
         negatives = ("",) * len(prompts)

@@ -55,8 +55,6 @@ class ServeConfig:
     max_body_bytes: int = 64 * 1024
     max_json_depth: int = 32
     image_ttl_s: float = 3600.0
-    default_steps: int = 20
-    default_guidance: float = 7.5
     #: (width, height) shapes run once before /health/ready answers 200; empty: the model's default.
     warmup_sizes: tuple[tuple[int, int], ...] = field(default_factory=tuple)
     public_url: str | None = None
@@ -222,8 +220,7 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig()) -> FastA
         width, height = _parse_size(body.size)
         generation = make_request(
             pipeline.manifest, body.prompt, body.negative_prompt, n,
-            body.steps if body.steps is not None else config.default_steps,
-            body.guidance_scale if body.guidance_scale is not None else config.default_guidance,
+            body.steps, body.guidance_scale,
             body.scheduler, body.seed, None, width, height,
         )
         job = batcher_holder["b"].submit(generation, config.request_timeout_s)
