@@ -148,14 +148,16 @@ def test_checkpoint_of_another_pipeline_is_refused(tiny_checkpoint, tmp_path):
 
 
 def test_sd2_style_checkpoint_v_prediction_1024_wide_per_block_heads(tmp_path):
-    """SD 2.x's shape of config, scaled down: v-prediction, linear projections, per-block heads."""
+    """SD 2.x's shape of config, scaled down but for its 1024-wide text encoder and cross-attention:
+    v-prediction, linear projections, per-block head counts, "!" as the pad token."""
     from ortdiffusion.export.presets import PRESETS, Preset, build_checkpoint
 
     base = PRESETS["tiny"]
     sd2_like = Preset(
         name="tiny-sd2",
-        text_encoder={**base.text_encoder, "hidden_size": 64, "intermediate_size": 128, "hidden_act": "gelu"},
-        unet={**base.unet, "cross_attention_dim": 64, "attention_head_dim": [2, 4], "use_linear_projection": True},
+        text_encoder={**base.text_encoder, "hidden_size": 1024, "intermediate_size": 1024, "num_hidden_layers": 1,
+                      "num_attention_heads": 16, "hidden_act": "gelu"},
+        unet={**base.unet, "cross_attention_dim": 1024, "attention_head_dim": [2, 4], "use_linear_projection": True},
         vae=base.vae, scheduler={**base.scheduler, "prediction_type": "v_prediction", "timestep_spacing": "trailing"},
         scheduler_class="EulerDiscreteScheduler", pad_token="!", vocab_words=base.vocab_words,
     )
@@ -163,7 +165,7 @@ def test_sd2_style_checkpoint_v_prediction_1024_wide_per_block_heads(tmp_path):
     manifest = export_checkpoint(ckpt, tmp_path / "bundle")
     assert manifest.pipeline.prediction_type == "v_prediction"
     assert manifest.pipeline.default_scheduler == "euler"
-    assert manifest.components["unet"].inputs[2].shape == ("batch", 77, 64)
+    assert manifest.components["unet"].inputs[2].shape == ("batch", 77, 1024)
     assert Tokenizer.from_file(str(tmp_path / "bundle" / "tokenizer.json")).token_to_id("!") == manifest.pipeline.pad_token_id
 
     # and the image matches diffusers' own pipeline on it (v-prediction through Euler)

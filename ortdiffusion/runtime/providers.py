@@ -42,8 +42,12 @@ _ORT_NAMES = {
 }
 _FROM_ORT_NAME = {v: k for k, v in _ORT_NAMES.items()}
 
-#: Preference order when the caller names none: the fastest the machine and the bundle allow.
-DEFAULT_ORDER = (ProviderKind.TENSORRT, ProviderKind.CUDA, ProviderKind.CPU)
+#: Every provider, fastest first (the order `available_providers` reports in).
+ALL_KINDS = (ProviderKind.TENSORRT, ProviderKind.CUDA, ProviderKind.CPU)
+#: Preference when the caller names none. TensorRT is left out: onnxruntime-gpu lists it even
+#: where TensorRT's libraries are missing, and its first run builds engines for minutes; it runs
+#: when asked for by name.
+DEFAULT_ORDER = (ProviderKind.CUDA, ProviderKind.CPU)
 
 
 @dataclass(frozen=True)
@@ -132,13 +136,13 @@ def available_providers() -> tuple[ProviderKind, ...]:
     import onnxruntime as ort
 
     names = set(ort.get_available_providers())
-    return tuple(k for k in DEFAULT_ORDER if k.ort_name in names)
+    return tuple(k for k in ALL_KINDS if k.ort_name in names)
 
 
 def default_preference(supported: Iterable[str]) -> ProviderPreference:
-    """The fastest available provider the bundle supports, then the others in order."""
+    """The fastest available provider the bundle supports (of DEFAULT_ORDER), then the others."""
     allowed = {ProviderKind.parse(s) for s in supported}
-    kinds = tuple(k for k in available_providers() if k in allowed)
+    kinds = tuple(k for k in DEFAULT_ORDER if k in allowed and k in available_providers())
     if not kinds:
         raise ProviderError(
             f"providers: the bundle runs on {', '.join(sorted(allowed))}, "
