@@ -134,11 +134,24 @@ def run_bench(plan: BenchPlan, progress: Callable[[str], None] = print) -> dict[
                 workers.append(w)
         cold: dict[str, float] = {}
         measured_cold: set[str] = set()
+
+        def run_or_drop(w: Worker, setting: Setting) -> dict | None:
+            answer = w.run(setting, plan.guidance)
+            if "error" in answer:
+                progress(f"{model}: {w.engine} dropped: {answer['error']}")
+                skipped.append({"engine": w.engine, "model": model, "reason": answer["error"]})
+                workers.remove(w)
+                w.close()
+                return None
+            return answer
+
         try:
             for setting in plan.settings:
-                for w in workers:
+                for w in list(workers):
                     for k in range(plan.warmup):
-                        first = w.run(setting, plan.guidance)
+                        first = run_or_drop(w, setting)
+                        if first is None:
+                            break
                         if w.engine not in measured_cold:  # load + the first image: the cold start
                             cold[w.engine] = w.load_s + first["end_to_end"]
                             measured_cold.add(w.engine)
@@ -146,11 +159,15 @@ def run_bench(plan: BenchPlan, progress: Callable[[str], None] = print) -> dict[
                 for r in range(plan.runs):
                     order = workers[r % len(workers):] + workers[:r % len(workers)]  # rotate who goes first
                     for w in order:
-                        samples[w.engine].append(w.run(setting, plan.guidance))
+                        answer = run_or_drop(w, setting)
+                        if answer is not None:
+                            samples[w.engine].append(answer)
+                    order = [w for w in order if w in workers]
                     progress(f"{model} {setting.width}x{setting.height} batch {setting.batch}: run {r + 1}/{plan.runs} "
                              + " ".join(f"{w.engine}={samples[w.engine][-1]['end_to_end']:.2f}s" for w in order))
                 for w in workers:
-                    records.append(record(w, model, setting, samples[w.engine], cold.pop(w.engine, None)))
+                    if samples[w.engine]:
+                        records.append(record(w, model, setting, samples[w.engine], cold.pop(w.engine, None)))
         finally:
             for w in workers:
                 w.close()

@@ -151,13 +151,13 @@ class OptimumEngine:
         self.precision = "fp32"
 
     def run(self, batch: int, width: int, height: int, steps: int, guidance: float) -> dict[str, Any]:
-        import numpy as np
+        import torch
 
         from ..runtime.png import encode_png
 
         start = time.perf_counter()
         images = self.pipe([PROMPT] * batch, num_inference_steps=steps, guidance_scale=guidance, width=width,
-                           height=height, generator=np.random.RandomState(0)).images
+                           height=height, generator=torch.Generator().manual_seed(0)).images
         png_start = time.perf_counter()
         for image in images:
             encode_png(image, {})
@@ -189,7 +189,12 @@ def main() -> None:
     out.flush()
     for line in sys.stdin:
         cmd = json.loads(line)
-        record = engine.run(cmd["batch"], cmd["width"], cmd["height"], cmd["steps"], cmd.get("guidance", 7.5))
+        try:
+            record = engine.run(cmd["batch"], cmd["width"], cmd["height"], cmd["steps"], cmd.get("guidance", 7.5))
+        except Exception as e:  # noqa: BLE001 - reported to the runner, which records the engine as failed
+            out.write(json.dumps({"error": f"{args.engine} failed: {type(e).__name__}: {e}"}) + "\n")
+            out.flush()
+            continue
         record.update(peak_host_mb=peak_host_mb(), peak_device_mb=peak_device_mb())
         out.write(json.dumps(record) + "\n")
         out.flush()

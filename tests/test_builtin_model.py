@@ -1,0 +1,41 @@
+"""The shipped model: a genuine diffusers checkpoint and the bundle exported from it."""
+
+from __future__ import annotations
+
+import pytest
+
+from ortdiffusion.models import builtin_bundle, builtin_checkpoint
+
+pytestmark = pytest.mark.skipif(not (builtin_bundle() / "manifest.json").is_file(), reason="no built-in model shipped yet")
+
+
+def test_shipped_bundle_was_exported_from_the_shipped_weights():
+    from ortdiffusion.export.checkpoint import weights_sha256
+    from ortdiffusion.runtime.manifest import load_manifest, verify_files
+
+    manifest = load_manifest(builtin_bundle())
+    verify_files(builtin_bundle(), manifest)
+    assert manifest.source.weights_sha256 == weights_sha256(builtin_checkpoint())
+
+
+def test_shipped_checkpoint_loads_in_diffusers_offline():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(builtin_checkpoint()), local_files_only=True)
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+
+
+def test_package_data_fits_in_40_mb():
+    size = sum(f.stat().st_size for d in (builtin_bundle(), builtin_checkpoint()) for f in d.rglob("*") if f.is_file())
+    assert size <= 40 * 2**20, f"{size / 2**20:.1f} MiB"
+
+
+def test_builtin_draws_what_it_is_asked():
+    """Not a quality benchmark (that is tools/eval_builtin.py): a red circle comes out red and round."""
+    from ortdiffusion import Pipeline
+    from ortdiffusion.builtin.evaluate import read_objects
+
+    pipe = Pipeline.load(builtin_bundle())
+    images = pipe("a red circle", seed=list(range(4)), num_images_per_prompt=4).images
+    found = [read_objects(img, max_objects=1) for img in images]
+    assert sum(bool(f) and f[0].color == "red" for f in found) >= 3
