@@ -82,6 +82,17 @@ class _Timed:
         return getattr(self.fn, name)
 
 
+def instrument(pipe) -> dict[str, list[float]]:
+    """Time the stages of a diffusers-style pipeline (diffusers' own, or Optimum's subclass of it)."""
+    sink: dict[str, list[float]] = defaultdict(list)
+    pipe.tokenizer = _Timed(pipe.tokenizer, "tokenize", sink)
+    pipe.text_encoder.forward = _Timed(pipe.text_encoder.forward, "text_encoder", sink)
+    pipe.unet.forward = _Timed(pipe.unet.forward, "unet_step", sink)
+    pipe.vae.decode = _Timed(pipe.vae.decode, "decoder", sink)
+    pipe.scheduler.step = _Timed(pipe.scheduler.step, "scheduler", sink)
+    return sink
+
+
 class TorchEngine:
     """diffusers' own StableDiffusionPipeline, eager (fp32 on the CPU; fp16 with SDPA on a GPU)."""
 
@@ -101,12 +112,7 @@ class TorchEngine:
         pipe.set_progress_bar_config(disable=True)
         if compile_unet:
             pipe.unet = torch.compile(pipe.unet)
-        self.sink: dict[str, list[float]] = defaultdict(list)
-        pipe.tokenizer = _Timed(pipe.tokenizer, "tokenize", self.sink)
-        pipe.text_encoder.forward = _Timed(pipe.text_encoder.forward, "text_encoder", self.sink)
-        pipe.unet.forward = _Timed(pipe.unet.forward, "unet_step", self.sink)
-        pipe.vae.decode = _Timed(pipe.vae.decode, "decoder", self.sink)
-        pipe.scheduler.step = _Timed(pipe.scheduler.step, "scheduler", self.sink)
+        self.sink = instrument(pipe)
         self.pipe, self.torch = pipe, torch
         self.providers = {"text_encoder": self.device, "unet": self.device, "vae_decoder": self.device}
         self.precision = "fp16" if dtype == torch.float16 else "fp32"
@@ -147,6 +153,8 @@ class OptimumEngine:
             pipe.save_pretrained(str(exported))
         ort_provider = {"cuda": "CUDAExecutionProvider"}.get(provider or "cpu", "CPUExecutionProvider")
         self.pipe = ORTStableDiffusionPipeline.from_pretrained(str(exported), provider=ort_provider)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.sink = instrument(self.pipe)
         self.providers = {"text_encoder": provider or "cpu", "unet": provider or "cpu", "vae_decoder": provider or "cpu"}
         self.precision = "fp32"
 
@@ -155,6 +163,7 @@ class OptimumEngine:
 
         from ..runtime.png import encode_png
 
+        self.sink.clear()
         start = time.perf_counter()
         images = self.pipe([PROMPT] * batch, num_inference_steps=steps, guidance_scale=guidance, width=width,
                            height=height, generator=torch.Generator().manual_seed(0)).images
@@ -162,7 +171,9 @@ class OptimumEngine:
         for image in images:
             encode_png(image, {})
         end = time.perf_counter()
-        return {"end_to_end": end - start, "stages": {"png_encode": [end - png_start]}}
+        stages = {k: list(v) for k, v in self.sink.items()}
+        stages["png_encode"] = [end - png_start]
+        return {"end_to_end": end - start, "stages": stages}
 
 
 ENGINES = {"ortdiffusion": OrtDiffusionEngine, "torch": TorchEngine, "optimum": OptimumEngine}
