@@ -225,8 +225,12 @@ def save_state(run, state, text, unet, opt, ema, step) -> None:
 # -- the diffusers checkpoint -------------------------------------------------------------------
 
 
-def save_checkpoint(run: Path, out: Path) -> None:
-    """The EMA weights as a genuine diffusers StableDiffusionPipeline directory."""
+def save_checkpoint(run: Path, out: Path, fp16: bool = True) -> None:
+    """The EMA weights as a genuine diffusers StableDiffusionPipeline directory.
+
+    Stored in fp16 by default: the shipped model *is* those fp16 weights (loaded as fp32 for export
+    and inference, losslessly), which halves the package and lets the bundle store them as fp16 too.
+    """
     state = torch.load(run / "state.pt", weights_only=False)
     tokenizer = CLIPTokenizer.from_pretrained(str(run / "tokenizer"))
     text, unet = build_models(tokenizer)
@@ -236,9 +240,16 @@ def save_checkpoint(run: Path, out: Path) -> None:
             p.copy_(e)
     vae = AutoencoderKL(**VAE_CONFIG, scaling_factor=state["vae_stats"]["scaling_factor"])
     vae.load_state_dict(state["vae"])
+    if fp16:
+        text, unet, vae = text.half(), unet.half(), vae.half()
     out.mkdir(parents=True, exist_ok=True)
     text.save_pretrained(out / "text_encoder")
     tokenizer.save_pretrained(out / "tokenizer")
+    # also the two files transformers 4's CLIPTokenizer reads, from the same BPE model
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+    (out / "tokenizer" / "vocab.json").write_text(json.dumps(bpe["vocab"]), encoding="utf-8")
+    (out / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
     unet.save_pretrained(out / "unet")
     vae.save_pretrained(out / "vae")
     DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
@@ -273,12 +284,13 @@ def main() -> None:
     p.add_argument("--checkpoint-minutes", type=float, default=10)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--save", type=Path, help="write the EMA weights as a diffusers checkpoint and exit")
+    p.add_argument("--save-fp32", action="store_true", help="with --save: keep fp32 weights")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.save:
-        save_checkpoint(args.run, args.save)
+        save_checkpoint(args.run, args.save, fp16=not args.save_fp32)
         return
     deadline = time.time() + args.minutes * 60
     args.run.mkdir(parents=True, exist_ok=True)

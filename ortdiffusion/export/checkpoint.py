@@ -80,8 +80,13 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
         cls = getattr(library, class_name, None)
         if cls is None:
             raise BundleError(str(path / name), f"unknown class {class_name!r} in model_index.json")
+        # Export runs and compares in fp32 whatever dtype the weights were saved in (transformers 5
+        # would otherwise keep a checkpoint's fp16); the tokenizer takes no dtype.
+        kwargs = {"torch_dtype": torch.float32} if name in ("unet", "vae") else {}
+        if name == "text_encoder":
+            kwargs = {"dtype": torch.float32}
         try:
-            return cls.from_pretrained(str(path / name))
+            return cls.from_pretrained(str(path / name), **kwargs)
         except (OSError, ValueError, json.JSONDecodeError) as e:
             raise BundleError(str(path / name), f"cannot be loaded: {e}") from None
 
