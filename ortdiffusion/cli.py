@@ -25,11 +25,12 @@ def _err(message: str) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export.bundle import ExportOptions, export_checkpoint
     from .export.onnx_export import Exporter
+    from .export.optimize import Target
     from .runtime.manifest import Precision
 
     options = ExportOptions(
         opset=args.opset, precision=Precision(args.precision), exporter=Exporter(args.exporter), overwrite=args.overwrite,
-        default_steps=args.default_steps, default_guidance=args.default_guidance,
+        default_steps=args.default_steps, default_guidance=args.default_guidance, target=Target(args.target),
     )
     start = time.perf_counter()
     manifest = export_checkpoint(args.checkpoint, args.out, options, progress=_err)
@@ -237,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path)
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--precision", choices=["fp32"], default="fp32")
+    p.add_argument("--target", choices=["generic", "cpu"], default="generic",
+                   help="generic: the plain graph, runs anywhere; cpu: ONNX Runtime's fusions and graph optimizations for the CPU provider")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
     p.add_argument("--default-steps", type=int, default=20, help="steps a call that names none gets")
     p.add_argument("--default-guidance", type=float, default=7.5, help="guidance a call that names none gets")

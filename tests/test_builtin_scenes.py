@@ -8,7 +8,13 @@ import numpy as np
 
 from ortdiffusion.builtin import dataset
 from ortdiffusion.builtin.evaluate import read_objects, score
-from ortdiffusion.builtin.scenes import COLORS, HELD_OUT_PAIRS, SHAPES, random_scene, render
+from ortdiffusion.builtin.scenes import (
+    COLORS,
+    HELD_OUT_PAIRS,
+    SHAPES,
+    random_scene,
+    render,
+)
 
 
 def test_evaluator_reads_clean_scenes_at_least_99_percent():

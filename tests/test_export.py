@@ -12,9 +12,18 @@ import torch
 import transformers
 from tokenizers import Tokenizer
 
-from ortdiffusion.export.bundle import ExportOptions, export_checkpoint, export_component
+from ortdiffusion.export.bundle import (
+    ExportOptions,
+    export_checkpoint,
+    export_component,
+)
 from ortdiffusion.export.onnx_export import Exporter
-from ortdiffusion.export.specs import ComponentSpec, InputSpec, text_encoder_component, unet_component
+from ortdiffusion.export.specs import (
+    ComponentSpec,
+    InputSpec,
+    text_encoder_component,
+    unet_component,
+)
 from ortdiffusion.runtime.errors import BundleError, ExportError
 from ortdiffusion.runtime.manifest import DimRange, TensorInfo, load_manifest
 
@@ -197,3 +206,21 @@ def test_sd15_sized_unet_exports_with_external_data(tmp_path):
     assert entry.files[1].size > 3_000_000_000
     assert max(r.rel_l2_error for r in entry.parity) <= 1e-4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.onnx", "unet.onnx.data"]
+
+
+def test_cpu_target_fuses_with_onnxruntimes_optimizer_and_keeps_parity(tiny_checkpoint, tmp_path):
+    """`--target cpu`: the transformer optimizer's fusions (NumPy-2 workaround in place) plus the
+    extended graph optimizations, saved; dynamic shapes kept; parity still ≤ 1e-4; CPU-only."""
+    import onnx
+
+    from ortdiffusion import Pipeline
+    from ortdiffusion.export.optimize import Target
+
+    manifest = export_checkpoint(tiny_checkpoint, tmp_path / "cpu", ExportOptions(target=Target.CPU))
+    unet = onnx.load(str(tmp_path / "cpu" / "unet.onnx"))
+    ops = {n.op_type for n in unet.graph.node}
+    assert "SkipLayerNormalization" in ops
+    assert all(c.providers == ("cpu",) for c in manifest.components.values())
+    assert all(r.rel_l2_error <= 1e-4 for c in manifest.components.values() for r in c.parity)
+    image = Pipeline.load(tmp_path / "cpu")("a red circle", seed=1, num_inference_steps=3, width=96, height=64).images[0]
+    assert image.size == (96, 64)

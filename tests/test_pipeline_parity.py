@@ -9,7 +9,10 @@ import torch
 from conftest import psnr
 from diffusers import DDIMScheduler
 
-from ortdiffusion.export.reference import ancestral_noise_from_seeds, reference_scheduler
+from ortdiffusion.export.reference import (
+    ancestral_noise_from_seeds,
+    reference_scheduler,
+)
 
 SCHEDULERS = ["ddim", "euler", "euler-ancestral", "dpm++2m", "dpm++2m-karras"]
 

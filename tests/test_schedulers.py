@@ -13,7 +13,11 @@ from diffusers import (
 )
 
 from ortdiffusion.runtime.errors import InvalidRequestError
-from ortdiffusion.runtime.schedulers import SchedulerName, default_scheduler_for, make_scheduler
+from ortdiffusion.runtime.schedulers import (
+    SchedulerName,
+    default_scheduler_for,
+    make_scheduler,
+)
 
 SD15 = {  # Stable Diffusion 1.x's scheduler config
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",

@@ -37,6 +37,7 @@ from ..runtime.schedulers import default_scheduler_for
 from ..runtime.tokenizer import PromptTokenizer
 from .checkpoint import Checkpoint, load_checkpoint
 from .onnx_export import DEFAULT_OPSET, Exporter, export_onnx
+from .optimize import Target, optimize_graph
 from .parity import FP32_TOLERANCE, check_parity, measure_parity
 from .specs import (
     ComponentSpec,
@@ -47,9 +48,6 @@ from .specs import (
 from .weights import store_exact_fp32_weights_as_fp16
 
 logger = logging.getLogger(__name__)
-
-#: A plain fp32 export has no provider-specific fusions: it runs on every provider.
-GENERIC_PROVIDERS = ("tensorrt", "cuda", "cpu")
 
 Progress = Callable[[str], None]
 
@@ -65,6 +63,7 @@ class ExportOptions:
     compact_weights: bool = True
     default_steps: int = 20
     default_guidance: float = 7.5
+    target: Target = Target.GENERIC
 
 
 def export_component(
@@ -78,6 +77,8 @@ def export_component(
     if options.precision is not Precision.FP32:
         raise ExportError(f"{spec.name}: precision {options.precision.value} is not available yet; allowed: fp32")
     files = export_onnx(spec, module, bundle_dir / f"{spec.name}.onnx", options.opset, options.exporter)
+    if len(files) == 1:  # graphs past 2 GB are left as exported
+        optimize_graph(files[0], spec.name, options.target)
     if options.compact_weights and len(files) == 1:
         store_exact_fp32_weights_as_fp16(files[0])
     parity = measure_parity(spec, module, files[0])
@@ -87,7 +88,7 @@ def export_component(
         files=tuple(file_record(bundle_dir, f) for f in files),
         precision=options.precision,
         opset=options.opset,
-        providers=GENERIC_PROVIDERS,
+        providers=options.target.providers,
         inputs=tuple(i.info for i in spec.inputs),
         outputs=spec.outputs,
         dims=spec.dims,

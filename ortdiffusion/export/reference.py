@@ -13,7 +13,12 @@ from ..runtime.schedulers import SchedulerName
 
 def reference_scheduler(name: SchedulerName | str, config: Mapping[str, Any]):
     """The diffusers scheduler our scheduler `name` mirrors, built from the same config."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
 
     name = SchedulerName.parse(name)
     table = {
