@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -70,20 +71,29 @@ def grid(pipe, scenes, path: Path, steps: int, scheduler: str, guidance: float) 
     canvas.save(path)
 
 
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="builtin")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--grid", type=Path)
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--per-set", type=int, default=48, help="prompts per evaluation set (at most 48; 30 held-out)")
     p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's default")
     p.add_argument("--schedulers", default=",".join(s.value for s in SchedulerName))
     p.add_argument("--steps", default=",".join(map(str, STEPS)))
     args = p.parse_args()
     pipe = load_pipeline(args.model)
     guidance = args.guidance if args.guidance is not None else pipe.manifest.pipeline.default_guidance
-    sets = dataset.eval_scenes()
-    report = {"env": {"machine": platform.machine(), "python": platform.python_version(),
+    sets = {k: v[:args.per_set] for k, v in dataset.eval_scenes().items()}
+    report = {"env": {"machine": platform.machine(), "cpu": _cpu(), "cores": os.cpu_count(),
+                      "python": platform.python_version(),
                       "providers": pipe.providers, "model_hash": pipe.model_hash[:16]},
               "guidance_scale": guidance, "seeds_per_prompt": args.seeds, "results": []}
     for scheduler in args.schedulers.split(","):
@@ -100,7 +110,9 @@ def main() -> None:
     one = dict(prompt="a red circle on the left", seed=0)
     pipe(**one)  # warm
     times = [pipe(**one).timings.total for _ in range(5)]
-    report["speed"] = {"one_image_default_settings_s": float(np.median(times)), "runs": times}
+    report["speed"] = {"one_image_default_settings_s": float(np.median(times)), "runs": times,
+                       "settings": {"steps": pipe.manifest.pipeline.default_steps, "guidance": guidance,
+                                    "scheduler": pipe.manifest.pipeline.default_scheduler, "size": "64x64"}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     if args.grid:

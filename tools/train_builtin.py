@@ -2,6 +2,7 @@
 
     python tools/train_builtin.py --run runs/builtin --minutes 120          # start or resume
     python tools/train_builtin.py --run runs/builtin --save ortdiffusion/builtin/checkpoint
+    python tools/train_builtin.py --run runs/new --init-from ortdiffusion/builtin/checkpoint --minutes 60
 
 Two phases, both on the CPU (a GPU is used when torch sees one):
 1. the autoencoder (AutoencoderKL) on rendered scenes: MSE + a small KL term, which keeps the
@@ -268,6 +269,24 @@ def save_checkpoint(run: Path, out: Path, fp16: bool = True) -> None:
     logger.info("wrote diffusers checkpoint %s (diffusion step %d)", out, state.get("step", 0))
 
 
+def warm_start(checkpoint: Path, run: Path) -> dict:
+    """Continue from a saved diffusers checkpoint (e.g. the shipped one) when the run's state.pt is
+    gone: its weights become both the model and its EMA; the optimiser starts afresh."""
+    meta = json.loads((checkpoint / "training.json").read_text())
+    tokenizer_dir = run / "tokenizer"
+    if not tokenizer_dir.exists():
+        CLIPTokenizer.from_pretrained(str(checkpoint / "tokenizer")).save_pretrained(str(tokenizer_dir))
+    text = CLIPTextModel.from_pretrained(str(checkpoint / "text_encoder"), dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(str(checkpoint / "unet"), torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(str(checkpoint / "vae"), torch_dtype=torch.float32)
+    params = list(text.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=8e-4, weight_decay=1e-2)
+    logger.info("warm start from %s (diffusion step %d)", checkpoint, meta["diffusion_steps"])
+    return {"text": text.state_dict(), "unet": unet.state_dict(), "opt": opt.state_dict(),
+            "ema": [p.detach().clone() for p in params], "step": meta["diffusion_steps"],
+            "vae": vae.state_dict(), "vae_step": meta["vae_steps"], "vae_stats": meta["vae_stats"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="working directory (state, logs, latents)")
@@ -285,6 +304,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--save", type=Path, help="write the EMA weights as a diffusers checkpoint and exit")
     p.add_argument("--save-fp32", action="store_true", help="with --save: keep fp32 weights")
+    p.add_argument("--init-from", type=Path, help="warm start from a diffusers checkpoint this script saved "
+                   "(e.g. ortdiffusion/builtin/checkpoint) when RUN has no state")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
@@ -296,6 +317,8 @@ def main() -> None:
     args.run.mkdir(parents=True, exist_ok=True)
     state_path = args.run / "state.pt"
     state = torch.load(state_path, weights_only=False) if state_path.exists() else {"seed": args.seed}
+    if args.init_from and "unet" not in state:
+        state.update(warm_start(args.init_from, args.run))
     random.seed(state["seed"])
     np.random.seed(state["seed"])
     torch.manual_seed(state["seed"])
