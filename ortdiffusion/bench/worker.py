@@ -93,6 +93,24 @@ def instrument(pipe) -> dict[str, list[float]]:
     return sink
 
 
+def run_diffusers_style(pipe, sink: dict[str, list[float]], sync: Callable[[], None] | None, **call: Any) -> dict[str, Any]:
+    """One timed generation of an instrumented diffusers-style pipeline, PNG encoding included."""
+    from ..runtime.png import encode_png
+
+    sink.clear()
+    start = time.perf_counter()
+    images = pipe(**call).images
+    if sync is not None:
+        sync()
+    png_start = time.perf_counter()
+    for image in images:
+        encode_png(image, {})
+    end = time.perf_counter()
+    stages = {k: list(v) for k, v in sink.items()}
+    stages["png_encode"] = [end - png_start]
+    return {"end_to_end": end - start, "stages": stages}
+
+
 class TorchEngine:
     """diffusers' own StableDiffusionPipeline, eager (fp32 on the CPU; fp16 with SDPA on a GPU)."""
 
@@ -118,22 +136,10 @@ class TorchEngine:
         self.precision = "fp16" if dtype == torch.float16 else "fp32"
 
     def run(self, batch: int, width: int, height: int, steps: int, guidance: float) -> dict[str, Any]:
-        from ..runtime.png import encode_png
-
-        self.sink.clear()
         generators = [self.torch.Generator(self.device).manual_seed(i) for i in range(batch)]
-        start = time.perf_counter()
-        images = self.pipe([PROMPT] * batch, generator=generators, num_inference_steps=steps, guidance_scale=guidance,
-                           width=width, height=height).images
-        if self.device == "cuda":
-            self.torch.cuda.synchronize()
-        png_start = time.perf_counter()
-        for image in images:
-            encode_png(image, {})
-        end = time.perf_counter()
-        stages = {k: list(v) for k, v in self.sink.items()}
-        stages["png_encode"] = [end - png_start]
-        return {"end_to_end": end - start, "stages": stages}
+        sync = self.torch.cuda.synchronize if self.device == "cuda" else None
+        return run_diffusers_style(self.pipe, self.sink, sync, prompt=[PROMPT] * batch, generator=generators,
+                                   num_inference_steps=steps, guidance_scale=guidance, width=width, height=height)
 
 
 class OptimumEngine:
@@ -161,19 +167,9 @@ class OptimumEngine:
     def run(self, batch: int, width: int, height: int, steps: int, guidance: float) -> dict[str, Any]:
         import torch
 
-        from ..runtime.png import encode_png
-
-        self.sink.clear()
-        start = time.perf_counter()
-        images = self.pipe([PROMPT] * batch, num_inference_steps=steps, guidance_scale=guidance, width=width,
-                           height=height, generator=torch.Generator().manual_seed(0)).images
-        png_start = time.perf_counter()
-        for image in images:
-            encode_png(image, {})
-        end = time.perf_counter()
-        stages = {k: list(v) for k, v in self.sink.items()}
-        stages["png_encode"] = [end - png_start]
-        return {"end_to_end": end - start, "stages": stages}
+        return run_diffusers_style(self.pipe, self.sink, None, prompt=[PROMPT] * batch,
+                                   generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
+                                   guidance_scale=guidance, width=width, height=height)
 
 
 ENGINES = {"ortdiffusion": OrtDiffusionEngine, "torch": TorchEngine, "optimum": OptimumEngine}

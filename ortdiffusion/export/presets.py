@@ -97,13 +97,8 @@ SD21 = Preset(
     name="sd21-arch",
     text_encoder=_clip_text_config(1024, 23, 16, 4096, "gelu"),
     unet={
+        **SD15.unet,
         "sample_size": 96,
-        "in_channels": 4,
-        "out_channels": 4,
-        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-        "block_out_channels": [320, 640, 1280, 1280],
-        "layers_per_block": 2,
         "cross_attention_dim": 1024,
         "attention_head_dim": [5, 10, 20, 20],  # SD 2.x: per-block head counts
         "use_linear_projection": True,
