@@ -60,13 +60,6 @@ class Timings:
     def unet(self) -> float:
         return float(sum(self.unet_steps))
 
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "tokenize": self.tokenize, "text_encoder": self.text_encoder, "unet": self.unet,
-            "scheduler": self.scheduler, "decoder": self.decoder, "postprocess": self.postprocess,
-            "total": self.total,
-        }
-
 
 @dataclass
 class PipelineResult:

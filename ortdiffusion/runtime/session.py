@@ -12,7 +12,6 @@ import numpy as np
 from .errors import BundleError, ProviderError
 from .manifest import ComponentManifest
 from .providers import (
-    ProviderKind,
     ProviderPreference,
     available_providers,
     check_providers,
@@ -66,4 +65,4 @@ def _restrict_to_component(preference: ProviderPreference, component: ComponentM
     return replace(preference, kinds=tuple(supported))
 
 
-__all__ = ["Session", "ProviderKind"]
+__all__ = ["Session"]
