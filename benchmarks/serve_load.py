@@ -35,15 +35,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, batching: bool, max_queue: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, batching: bool, max_queue: int, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "ortdiffusion.cli", "serve", "--model", model, "--port", str(port),
-           "--max-queue", str(max_queue), "--max-batch", "8"]
+           "--max-queue", str(max_queue), "--max-batch", "8", *extra]
     if not batching:
         cmd.append("--no-batching")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
+    for _ in range(3000):
         try:
             if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
                 return proc, url

@@ -209,6 +209,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for w, h in warmup:
         if w is None or h is None:
             raise InvalidRequestError("warmup-size", "must be WIDTHxHEIGHT")
+    if args.ray:
+        return _serve_ray(args)
     pipe = load_pipeline(args.model, progress=_err, providers=args.provider, allow_fallback=args.allow_fallback)
     name = args.model_name or Path(str(args.model or DEFAULT_MODEL)).name
     config = ServeConfig(
@@ -219,6 +221,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     _err(f"serving {name} on http://{args.host}:{args.port} ({', '.join(f'{k}={v}' for k, v in pipe.providers.items())})")
     serve(pipe, config, args.host, args.port)
+    return 0
+
+
+def _serve_ray(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from .serve import ray_app
+    except ImportError as e:
+        raise ImportError(f"serve --ray needs the ray extra: pip install 'ortdiffusion[ray]' ({e})") from None
+    if args.warmup_size:
+        raise InvalidRequestError("warmup-size", "is not supported with --ray (each replica warms up at its model's size)")
+    options = ray_app.RayOptions(
+        model=args.model, model_name=args.model_name, replicas=args.replicas, min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas, cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
+        max_ongoing_requests=args.max_ongoing_requests, provider=args.provider, allow_fallback=args.allow_fallback,
+        api_key=args.api_key or os.environ.get("ORTDIFFUSION_API_KEY") or None, max_queue=args.max_queue,
+        max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, batching=not args.no_batching,
+        timeout=args.timeout, public_url=args.public_url,
+    )
+    options.validate()
+    scale = (f"{options.min_replicas}..{options.max_replicas} replicas (autoscaling)" if options.max_replicas is not None
+             else f"{options.replicas} replica(s)")
+    _err(f"serving on http://{args.host}:{args.port} through Ray Serve, {scale}, "
+         f"{options.cpus_per_replica:g} CPU / {options.gpus_per_replica:g} GPU each")
+    ray_app.run(options, args.host, args.port, args.ray_address)
     return 0
 
 
@@ -306,6 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public-url", default=None, help="base of image URLs (default: the request's host)")
     p.add_argument("--provider", default=None)
     p.add_argument("--allow-fallback", action="store_true")
+    r = p.add_argument_group("Ray Serve (needs the ray extra)")
+    r.add_argument("--ray", action="store_true", help="serve through Ray Serve: replicas on a Ray cluster")
+    r.add_argument("--ray-address", default=None, help="cluster to join, e.g. auto or HOST:6379 (default: start a local one)")
+    r.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
+    r.add_argument("--min-replicas", type=int, default=1, help="autoscaling lower bound (with --max-replicas)")
+    r.add_argument("--max-replicas", type=int, default=None, help="turn on autoscaling up to this many replicas")
+    r.add_argument("--cpus-per-replica", type=float, default=1.0)
+    r.add_argument("--gpus-per-replica", type=float, default=0.0)
+    r.add_argument("--max-ongoing-requests", type=int, default=8, help="requests Ray hands one replica at once")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="a bundle's manifest in short, and this machine's providers")

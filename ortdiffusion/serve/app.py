@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import logging
+import os
+import socket
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -164,9 +167,18 @@ def _json_depth(body: bytes) -> int:
     return deepest
 
 
-def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig()) -> FastAPI:
+async def _resolved(value):
+    """The value, awaited if it is awaitable: image stores may be local (sync) or remote (async)."""
+    return await value if inspect.isawaitable(value) else value
+
+
+def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=None, instance: str | None = None) -> FastAPI:
+    """The service over one pipeline. `store` keeps PNGs for `response_format=url` (`put(png) →
+    token`, `get(token) → png | None`, either may be async; default: in this process). `instance`
+    names this copy of the service in the `x-ortdiffusion-instance` header (default host:pid)."""
     metrics = Metrics()
-    store = ImageStore(config.image_ttl_s)
+    store = store if store is not None else ImageStore(config.image_ttl_s)
+    instance = instance or f"{socket.gethostname()}:{os.getpid()}"
     state = {"ready": False}
     batcher_holder: dict[str, Batcher] = {}
 
@@ -237,6 +249,9 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig()) -> FastA
                     job.cancel()
                     raise DeadlineExceededError(f"the request took longer than {config.request_timeout_s:g} s")
             result = waiter.result()
+        except asyncio.CancelledError:
+            job.cancel()  # the task was cancelled (e.g. by Ray Serve when its client went away)
+            raise
         finally:
             if job.started is not None:
                 metrics.queue_seconds.observe(job.started - job.enqueued)
@@ -245,12 +260,13 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig()) -> FastA
             "x-ortdiffusion-providers": ",".join(f"{k}={v}" for k, v in result.providers.items()),
             "x-ortdiffusion-queue-ms": f"{((job.started or job.enqueued) - job.enqueued) * 1e3:.1f}",
             "x-ortdiffusion-compute-ms": f"{result.timings.total * 1e3:.1f}",
+            "x-ortdiffusion-instance": instance,
         }
         return result, headers
 
-    def image_url(request: Request, png: bytes) -> str:
+    async def image_url(request: Request, png: bytes) -> str:
         base = (config.public_url or str(request.base_url)).rstrip("/")
-        return f"{base}/v1/images/files/{store.put(png)}.png"
+        return f"{base}/v1/images/files/{await _resolved(store.put(png))}.png"
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, tags=["images"])
     async def images_generations(body: ImageGenerationRequest, request: Request):
@@ -267,7 +283,7 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig()) -> FastA
             if body.response_format == "b64_json":
                 data.append(ImageData(b64_json=base64.b64encode(png).decode(), seed=seed))
             else:
-                data.append(ImageData(url=image_url(request, png), seed=seed))
+                data.append(ImageData(url=await image_url(request, png), seed=seed))
         payload = ImagesResponse(created=int(time.time()), data=data, providers=result.providers)
         return JSONResponse(payload.model_dump(exclude_none=True), headers=headers)
 
@@ -278,13 +294,13 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig()) -> FastA
         except Cancelled:
             return Response(status_code=499)
         png = encode_png(result.images[0], result.metadata[0])
-        payload = GenerateImageResponse(image_url=image_url(request, png), seed=result.seeds[0])
+        payload = GenerateImageResponse(image_url=await image_url(request, png), seed=result.seeds[0])
         return JSONResponse(payload.model_dump(), headers=headers)
 
     @app.get("/v1/images/files/{token}.png", tags=["images"], response_class=Response,
              responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}})
     async def image_file(token: str):
-        png = store.get(token)
+        png = await _resolved(store.get(token))
         if png is None:
             return error_response(404, "no such image, or it expired", "invalid_request_error", "url", "image_not_found")
         return Response(png, media_type="image/png")
