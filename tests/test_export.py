@@ -224,3 +224,86 @@ def test_cpu_target_fuses_with_onnxruntimes_optimizer_and_keeps_parity(tiny_chec
     assert all(r.rel_l2_error <= 1e-4 for c in manifest.components.values() for r in c.parity)
     image = Pipeline.load(tmp_path / "cpu")("a red circle", seed=1, num_inference_steps=3, width=96, height=64).images[0]
     assert image.size == (96, 64)
+
+
+# -- fp16 ---------------------------------------------------------------------------------------
+
+
+class LargeInside(torch.nn.Module):
+    """Values beyond fp16's range in the middle of an otherwise small computation, as in a
+    norm computed from unscaled squares: small in, small out, ~1e6 in between."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, latents):
+        big = self.conv(latents) * 1000.0
+        squares = big * big  # up to ~1e6: inf in fp16
+        rms = torch.sqrt(squares.mean(dim=1, keepdim=True)) / 1000.0
+        return latents * rms
+
+
+def _large_inside_spec() -> ComponentSpec:
+    return ComponentSpec(
+        name="large_inside",
+        inputs=(InputSpec(TensorInfo("latents", "float32", ("batch", 4, "height", "width"))),),
+        outputs=(TensorInfo("out", "float32", ("batch", 4, "height", "width")),),
+        dims={"batch": DimRange(1, 1, 4), "height": DimRange(1, 8, 32), "width": DimRange(1, 8, 32)},
+    )
+
+
+def test_fp16_keeps_measured_overflow_nodes_in_fp32(tmp_path):
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from ortdiffusion.runtime.manifest import Precision
+
+    torch.manual_seed(0)
+    module = LargeInside().eval()
+    entry = export_component(_large_inside_spec(), module, tmp_path, ExportOptions(precision=Precision.FP16))
+    assert entry.precision is Precision.FP16
+    assert entry.fp32_nodes, "the ×3e5 region must have been measured and kept fp32"
+    assert max(r.rel_l2_error for r in entry.parity) <= 2e-2
+    import onnx
+
+    model = onnx.load(str(tmp_path / "large_inside.onnx"))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer), "the rest is fp16"
+
+    # The same conversion without the measured block list overflows: the list is what saves it.
+    plain_dir = tmp_path / "plain"
+    plain_dir.mkdir()
+    plain = export_component(_large_inside_spec(), module, plain_dir)
+    naive = convert_float_to_float16(onnx.load(str(plain_dir / plain.files[0].path)), keep_io_types=True)
+    x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    # ONNX's reference evaluator computes each node in the dtype it is given, as a GPU provider
+    # would; ONNX Runtime's CPU provider runs fp16 chains without fp16 kernels in fp32 and would
+    # hide the overflow.
+    from onnx.reference import ReferenceEvaluator
+
+    from ortdiffusion.export.fp16 import topological_sort
+
+    def run_as_written(model) -> np.ndarray:
+        topological_sort(model.graph)  # the converter appends its Casts; the evaluator needs order
+        return ReferenceEvaluator(model).run(None, {"latents": x})[0]
+
+    got = run_as_written(naive)
+    measured = run_as_written(onnx.load(str(tmp_path / "large_inside.onnx")))
+    with torch.no_grad():
+        ref = module(torch.from_numpy(x)).numpy()
+    assert not np.isfinite(got).all() or not np.allclose(got, ref, atol=1e-2), "naive fp16 should overflow"
+    np.testing.assert_allclose(measured, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_fp16_bundle_generates_like_fp32(tiny_checkpoint, tiny_pipeline, tmp_path):
+    from ortdiffusion import Pipeline
+    from ortdiffusion.runtime.manifest import Precision
+
+    from conftest import psnr
+
+    out = tmp_path / "fp16"
+    manifest = export_checkpoint(tiny_checkpoint, out, ExportOptions(precision=Precision.FP16))
+    assert manifest.components["unet"].precision is Precision.FP16
+    assert manifest.components["vae_decoder"].precision in (Precision.FP16, Precision.FP32)
+    half = Pipeline.load(out, providers="cpu")("a red circle", num_inference_steps=10, seed=3).images[0]
+    full = tiny_pipeline("a red circle", num_inference_steps=10, seed=3).images[0]
+    assert psnr(half, full) >= 28.0

@@ -36,6 +36,7 @@ from ..runtime.manifest import (
 from ..runtime.schedulers import default_scheduler_for
 from ..runtime.tokenizer import PromptTokenizer
 from .checkpoint import Checkpoint, load_checkpoint
+from .fp16 import FP16_TOLERANCE, convert_to_fp16
 from .onnx_export import DEFAULT_OPSET, Exporter, export_onnx
 from .optimize import Target, optimize_graph
 from .parity import FP32_TOLERANCE, check_parity, measure_parity
@@ -74,26 +75,59 @@ def export_component(
     Works for any `torch.nn.Module` whose forward takes the spec's inputs in order and returns its
     outputs (one tensor or a tuple).
     """
-    if options.precision is not Precision.FP32:
-        raise ExportError(f"{spec.name}: precision {options.precision.value} is not available yet; allowed: fp32")
     files = export_onnx(spec, module, bundle_dir / f"{spec.name}.onnx", options.opset, options.exporter)
     if len(files) == 1:  # graphs past 2 GB are left as exported
         optimize_graph(files[0], spec.name, options.target)
-    if options.compact_weights and len(files) == 1:
-        store_exact_fp32_weights_as_fp16(files[0])
-    parity = measure_parity(spec, module, files[0])
-    check_parity(spec.name, parity, options.parity_tolerance)
+    precision, fp32_nodes = Precision.FP32, ()
+    if options.precision is Precision.FP16:
+        precision, fp32_nodes, files, parity = _to_fp16(spec, module, files, options)
+    else:
+        if options.compact_weights and len(files) == 1:
+            store_exact_fp32_weights_as_fp16(files[0])
+        parity = measure_parity(spec, module, files[0])
+        check_parity(spec.name, parity, options.parity_tolerance)
     return ComponentManifest(
         name=spec.name,
         files=tuple(file_record(bundle_dir, f) for f in files),
-        precision=options.precision,
+        precision=precision,
         opset=options.opset,
         providers=options.target.providers,
         inputs=tuple(i.info for i in spec.inputs),
         outputs=spec.outputs,
         dims=spec.dims,
         parity=tuple(parity),
+        fp32_nodes=tuple(fp32_nodes),
     )
+
+
+def _to_fp16(spec: ComponentSpec, module: torch.nn.Module, files: list[Path], options: ExportOptions):
+    """fp16 with a measured block list, parity-checked against torch fp32. The image decoder stays
+    fp32 when its fp16 version misses parity (DESIGN.md: decoders are where fp16 breaks first)."""
+    # Only the decoder may fall back to fp32, so only its fp32 graph is kept aside meanwhile.
+    fp32_files = [f.with_name(f".{f.name}.fp32") for f in files] if spec.name == VAE_DECODER else []
+    for f, backup in zip(files, fp32_files):
+        shutil.copyfile(f, backup)
+    try:
+        fp32_nodes, fp16_files = convert_to_fp16(files, spec)
+        parity = measure_parity(spec, module, fp16_files[0])
+        tolerance = max(options.parity_tolerance, FP16_TOLERANCE)
+        try:
+            check_parity(spec.name, parity, tolerance)
+            return Precision.FP16, fp32_nodes, fp16_files, parity
+        except ExportError as e:
+            if not fp32_files:
+                raise
+            logger.warning("%s: fp16 missed parity (%s); keeping it fp32", spec.name, e)
+        for f in fp16_files:
+            f.unlink()
+        for f, backup in zip(files, fp32_files):
+            backup.replace(f)
+        parity = measure_parity(spec, module, files[0])
+        check_parity(spec.name, parity, options.parity_tolerance)
+        return Precision.FP32, (), files, parity
+    finally:
+        for backup in fp32_files:
+            backup.unlink(missing_ok=True)
 
 
 def pipeline_components(ckpt: Checkpoint) -> list[tuple[ComponentSpec, torch.nn.Module]]:

@@ -1,0 +1,215 @@
+"""fp16 export: a graph converted to float16 except the nodes whose values leave fp16's range.
+
+The block list is measured, not written by hand: the fp32 graph runs on calibration inputs (the
+component spec's sample inputs at its parity shapes, plus the extremes of any bounded input, such
+as the first and last timestep) with every intermediate tensor made a graph output; a node whose
+inputs or outputs reach `OVERFLOW_FRACTION` of fp16's largest value stays fp32. The conversion
+itself is ONNX Runtime's (`onnxruntime.transformers.float16`), with inputs and outputs kept fp32 so
+the runtime feeds an fp16 component exactly like an fp32 one; its own default list of operators
+without fp16 kernels applies as well. The list of nodes kept fp32 goes into the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .specs import ComponentSpec, Distribution
+
+logger = logging.getLogger(__name__)
+
+FP16_MAX = 65504.0
+#: Values beyond this fraction of fp16's range on calibration inputs keep a node in fp32: the
+#: headroom covers real inputs a little beyond the calibration set.
+OVERFLOW_FRACTION = 0.25
+#: Relative L2 error against torch fp32 above which an fp16 component fails parity (the same
+#: per-component tolerance `ortdiffusion compare` applies to fp16 bundles).
+FP16_TOLERANCE = 2e-2
+
+
+def calibration_feeds(spec: ComponentSpec, seed: int = 500) -> list[dict[str, np.ndarray]]:
+    """Sample inputs at each parity shape, and again with every bounded input at either end."""
+    feeds = []
+    for k, dims in enumerate(spec.parity_points()):
+        inputs = spec.sample_inputs(dims, seed=seed + k)
+        base = {s.info.name: t.numpy() for s, t in zip(spec.inputs, inputs)}
+        feeds.append(base)
+        bounded = [s for s in spec.inputs if s.distribution is Distribution.UNIFORM]
+        for end in ("low", "high") if bounded else ():
+            feeds.append({**base, **{s.info.name: np.full_like(base[s.info.name], getattr(s, end)) for s in bounded}})
+    return feeds
+
+
+def name_nodes(model) -> None:
+    """Give every unnamed node a unique, deterministic name: block lists address nodes by name."""
+    seen = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
+def tensor_ranges(structure, path: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """The largest |value| of every float tensor of `structure` (the graph at `path`, loaded
+    without its weights) over the feeds."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(structure)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    floats = {vi.name for vi in inferred.graph.value_info if vi.type.tensor_type.elem_type == TensorProto.FLOAT}
+    existing = {o.name for o in model.graph.output}
+    for name in sorted(floats - existing):
+        model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    # Saved beside the original so that its external data (if any) resolves; removed afterwards.
+    probe = path.with_name(f".{path.stem}.probe-{uuid.uuid4().hex[:8]}.onnx")
+    onnx.save(model, str(probe))
+    try:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+        session = ort.InferenceSession(str(probe), options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        ranges: dict[str, float] = defaultdict(float)
+        for feed in feeds:
+            for name, value in zip(names, session.run(names, feed)):
+                if value.dtype == np.float32 and value.size:
+                    ranges[name] = max(ranges[name], float(np.max(np.abs(value))))
+            for name, value in feed.items():
+                if value.dtype == np.float32:
+                    ranges[name] = max(ranges[name], float(np.abs(value).max()))
+    finally:
+        probe.unlink(missing_ok=True)
+    return dict(ranges)
+
+
+def overflow_nodes(model, ranges: dict[str, float], limit: float = FP16_MAX * OVERFLOW_FRACTION) -> list[str]:
+    """Nodes with an input or output whose measured magnitude reaches `limit` or is not finite."""
+    from onnx import TensorProto, numpy_helper
+
+    big = {name for name, r in ranges.items() if not np.isfinite(r) or r >= limit}
+    for init in model.graph.initializer:
+        if init.data_type == TensorProto.FLOAT and not init.external_data:
+            values = numpy_helper.to_array(init)
+            if values.size and float(np.abs(values).max()) >= limit:
+                big.add(init.name)
+    return [n.name for n in model.graph.node if big.intersection(n.input) or big.intersection(n.output)]
+
+
+def remove_fp16_round_trips(model) -> int:
+    """Let an edge between two fp32 nodes stay fp32.
+
+    onnxruntime's converter (1.31) puts a Cast to fp16 after every output of a blocked node and a
+    Cast back to fp32 before every blocked consumer, even when both ends are blocked: a value the
+    block list exists to protect still passes through fp16 and overflows (measured in
+    tests/test_export.py). Each Cast(fp32→fp16)→Cast(fp16→fp32) pair is bypassed here, so the fp32
+    consumer reads the fp32 producer directly; Casts left without consumers are removed. It also
+    writes one Cast twice when a node reads the same tensor twice (x·x); the copy is dropped.
+    """
+    from onnx import TensorProto
+
+    graph = model.graph
+    written: set[str] = set()
+    unique = []
+    for node in graph.node:
+        if node.op_type == "Cast" and node.output[0] in written:
+            continue
+        written.update(node.output)
+        unique.append(node)
+    duplicates = len(graph.node) - len(unique)
+    del graph.node[:]
+    graph.node.extend(unique)
+    outputs = {o.name for o in graph.output}
+    by_output = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+
+    def cast_to(node) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    rename: dict[str, str] = {}
+    dropped = set()
+    for back in graph.node:
+        if cast_to(back) != TensorProto.FLOAT or back.output[0] in outputs:
+            continue
+        down = by_output.get(back.input[0])
+        if down is None or cast_to(down) != TensorProto.FLOAT16:
+            continue
+        source = down.input[0]
+        producer = by_output.get(source)
+        if producer is not None and producer.op_type == "Cast":
+            continue  # keep the converter's own input casts as they are
+        rename[back.output[0]] = source
+        dropped.add(id(back))
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    # A down-cast whose every consumer was bypassed has no use left.
+    still_used = {name for node in graph.node if id(node) not in dropped for name in node.input} | outputs
+    for node in graph.node:
+        if cast_to(node) == TensorProto.FLOAT16 and node.output[0] not in still_used:
+            dropped.add(id(node))
+    kept = [node for node in graph.node if id(node) not in dropped]
+    removed = len(graph.node) - len(kept) + duplicates
+    del graph.node[:]
+    graph.node.extend(kept)
+    return removed
+
+
+def topological_sort(graph) -> None:
+    """Order the nodes so each comes after the producers of its inputs, as ONNX requires (the
+    converter appends its Casts at the end; ONNX Runtime sorts at load, other tools do not)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError(f"graph has a cycle or an input nobody produces near {pending[0].name}")
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def convert_to_fp16(files: list[Path], spec: ComponentSpec) -> tuple[list[str], list[Path]]:
+    """Convert the exported graph (`files`: the graph, then its external data if any) to fp16 in
+    place. Returns the nodes kept fp32 by measurement and the files now making up the graph."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from .onnx_export import EXTERNAL_DATA_BYTES
+
+    path = files[0]
+    structure = onnx.load(str(path), load_external_data=False)
+    name_nodes(structure)
+    ranges = tensor_ranges(structure, path, calibration_feeds(spec))
+    keep = overflow_nodes(structure, ranges)
+    logger.info("%s: largest |value| on calibration inputs %.3g; %d of %d nodes stay fp32",
+                spec.name, max(ranges.values(), default=0.0), len(keep), len(structure.graph.node))
+    model = onnx.load(str(path))
+    name_nodes(model)
+    large = len(files) > 1
+    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep, disable_shape_infer=large)
+    removed = remove_fp16_round_trips(converted)
+    logger.info("%s: %d fp32 → fp16 → fp32 round trips between fp32 nodes removed", spec.name, removed)
+    topological_sort(converted.graph)
+    for extra in files[1:]:
+        extra.unlink()
+    if large and converted.ByteSize() > EXTERNAL_DATA_BYTES:
+        data = path.with_name(path.name + ".data")
+        onnx.save_model(converted, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        return keep, [path, data]
+    onnx.save(converted, str(path))
+    return keep, [path]
