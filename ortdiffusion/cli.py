@@ -265,9 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--opset", type=int, default=18)
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="fp16: float16 except nodes whose values overflow it on calibration inputs (measured); "
-                   "the image decoder stays fp32 if its fp16 version misses parity")
+                   "the image decoder stays fp32 if its fp16 version misses parity. int8: the UNet quantized "
+                   "statically for the CPU provider, calibrated on diffusers' own pipeline runs")
     p.add_argument("--target", choices=["generic", "cpu"], default="generic",
                    help="generic: the plain graph, runs anywhere; cpu: ONNX Runtime's fusions and graph optimizations for the CPU provider")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")

@@ -307,3 +307,30 @@ def test_fp16_bundle_generates_like_fp32(tiny_checkpoint, tiny_pipeline, tmp_pat
     half = Pipeline.load(out, providers="cpu")("a red circle", num_inference_steps=10, seed=3).images[0]
     full = tiny_pipeline("a red circle", num_inference_steps=10, seed=3).images[0]
     assert psnr(half, full) >= 28.0
+
+
+# -- int8 ---------------------------------------------------------------------------------------
+
+
+def test_int8_quantizes_the_unet_statically_for_the_cpu(tiny_checkpoint, tiny_pipeline, tmp_path):
+    import onnx
+
+    from ortdiffusion import Pipeline
+    from ortdiffusion.export.quantize import Calibration
+    from ortdiffusion.runtime.manifest import Precision
+
+    from conftest import psnr
+
+    out = tmp_path / "int8"
+    options = ExportOptions(precision=Precision.INT8, calibration=Calibration(prompts=("a red circle", "a blue square"), steps=3))
+    manifest = export_checkpoint(tiny_checkpoint, out, options)
+    unet = manifest.components["unet"]
+    assert unet.precision is Precision.INT8 and unet.providers == ("cpu",)
+    assert manifest.components["text_encoder"].precision is Precision.FP32
+    assert manifest.components["vae_decoder"].precision is Precision.FP32
+    ops = {n.op_type for n in onnx.load(str(out / "unet.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert max(r.rel_l2_error for r in unet.parity) <= 0.25
+    quantized = Pipeline.load(out, providers="cpu")("a red circle", num_inference_steps=10, seed=3).images[0]
+    full = tiny_pipeline("a red circle", num_inference_steps=10, seed=3).images[0]
+    assert psnr(quantized, full) >= 20.0

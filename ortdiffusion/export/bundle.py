@@ -37,6 +37,7 @@ from ..runtime.schedulers import default_scheduler_for
 from ..runtime.tokenizer import PromptTokenizer
 from .checkpoint import Checkpoint, load_checkpoint
 from .fp16 import FP16_TOLERANCE, convert_to_fp16
+from .quantize import INT8_TOLERANCE, Calibration, quantize_unet, unet_calibration_feeds
 from .onnx_export import DEFAULT_OPSET, Exporter, export_onnx
 from .optimize import Target, optimize_graph
 from .parity import FP32_TOLERANCE, check_parity, measure_parity
@@ -65,10 +66,13 @@ class ExportOptions:
     default_steps: int = 20
     default_guidance: float = 7.5
     target: Target = Target.GENERIC
+    #: With precision int8: the prompts and steps the UNet is calibrated on.
+    calibration: Calibration = Calibration()
 
 
 def export_component(
-    spec: ComponentSpec, module: torch.nn.Module, bundle_dir: Path, options: ExportOptions = ExportOptions()
+    spec: ComponentSpec, module: torch.nn.Module, bundle_dir: Path, options: ExportOptions = ExportOptions(),
+    calibration_feeds: list[dict] | None = None,
 ) -> ComponentManifest:
     """Export one module by its spec into `bundle_dir`, check parity, return its manifest entry.
 
@@ -76,28 +80,44 @@ def export_component(
     outputs (one tensor or a tuple).
     """
     files = export_onnx(spec, module, bundle_dir / f"{spec.name}.onnx", options.opset, options.exporter)
-    if len(files) == 1:  # graphs past 2 GB are left as exported
-        optimize_graph(files[0], spec.name, options.target)
-    precision, fp32_nodes = Precision.FP32, ()
-    if options.precision is Precision.FP16:
-        precision, fp32_nodes, files, parity = _to_fp16(spec, module, files, options)
-    else:
-        if options.compact_weights and len(files) == 1:
-            store_exact_fp32_weights_as_fp16(files[0])
-        parity = measure_parity(spec, module, files[0])
-        check_parity(spec.name, parity, options.parity_tolerance)
+    if options.precision is Precision.INT8 and spec.name == UNET:
+        precision, fp32_nodes, providers = Precision.INT8, (), (Target.CPU.value,)
+        files, parity = _to_int8(spec, module, files, options, calibration_feeds)
+    else:  # int8 quantizes the UNet only; the other components of an int8 export stay fp32
+        providers = options.target.providers
+        if len(files) == 1:  # graphs past 2 GB are left as exported
+            optimize_graph(files[0], spec.name, options.target)
+        if options.precision is Precision.FP16:
+            precision, fp32_nodes, files, parity = _to_fp16(spec, module, files, options)
+        else:
+            precision, fp32_nodes = Precision.FP32, ()
+            if options.compact_weights and len(files) == 1:
+                store_exact_fp32_weights_as_fp16(files[0])
+            parity = measure_parity(spec, module, files[0])
+            check_parity(spec.name, parity, options.parity_tolerance)
     return ComponentManifest(
         name=spec.name,
         files=tuple(file_record(bundle_dir, f) for f in files),
         precision=precision,
         opset=options.opset,
-        providers=options.target.providers,
+        providers=providers,
         inputs=tuple(i.info for i in spec.inputs),
         outputs=spec.outputs,
         dims=spec.dims,
         parity=tuple(parity),
         fp32_nodes=tuple(fp32_nodes),
     )
+
+
+def _to_int8(spec: ComponentSpec, module: torch.nn.Module, files: list[Path], options: ExportOptions,
+             feeds: list[dict] | None):
+    """Static int8 from the plain graph (ONNX Runtime fuses the QDQ pairs itself at load)."""
+    if not feeds:
+        raise ExportError(f"{spec.name}: int8 needs calibration inputs (recorded by export_checkpoint)")
+    files = quantize_unet(files, feeds)
+    parity = measure_parity(spec, module, files[0])
+    check_parity(spec.name, parity, max(options.parity_tolerance, INT8_TOLERANCE))
+    return files, parity
 
 
 def _to_fp16(spec: ComponentSpec, module: torch.nn.Module, files: list[Path], options: ExportOptions):
@@ -215,9 +235,13 @@ def export_checkpoint(
     try:
         components = {}
         specs = pipeline_components(ckpt)
+        feeds = None
+        if options.precision is Precision.INT8:
+            say("int8: recording the UNet's inputs in diffusers' pipeline for calibration")
+            feeds = unet_calibration_feeds(ckpt, options.calibration)
         for n, (spec, module) in enumerate(specs, 1):
             say(f"[{n}/{len(specs)}] {spec.name}: exporting and checking parity")
-            components[spec.name] = export_component(spec, module, tmp, options)
+            components[spec.name] = export_component(spec, module, tmp, options, feeds if spec.name == UNET else None)
             worst = max(r.rel_l2_error for r in components[spec.name].parity)
             say(f"[{n}/{len(specs)}] {spec.name}: done, worst relative L2 error {worst:.2e}")
         write_tokenizer(ckpt, tmp)

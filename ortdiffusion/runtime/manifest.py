@@ -30,6 +30,7 @@ PIPELINE_COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)
 class Precision(str, Enum):
     FP32 = "fp32"
     FP16 = "fp16"
+    INT8 = "int8"  # the UNet only, for the CPU provider; the other components stay fp32
 
 
 @dataclass(frozen=True)
