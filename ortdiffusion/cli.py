@@ -171,11 +171,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.runner import BenchPlan, Setting, markdown, plot, run_bench
+    from .bench.runner import ENGINES, BenchPlan, Setting, markdown, plot, run_bench
 
     sizes = [parse_size(s) for s in args.size.split(",")]
     settings = tuple(Setting(int(b), w, h, args.steps) for (w, h) in sizes for b in args.batch.split(","))
     engines = tuple(e.strip() for e in args.engines.split(","))
+    for engine in engines:
+        if engine not in ENGINES:
+            raise InvalidRequestError("engines", f"unknown engine {engine!r}; allowed: {', '.join(ENGINES)}")
     plan = BenchPlan(models=tuple(args.model or ["tiny"]), engines=engines, settings=settings, runs=args.runs,
                      warmup=args.warmup, provider=args.provider, guidance=args.guidance,
                      pythons=(("optimum", args.optimum_python),) if args.optimum_python else ())
@@ -307,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency, per-stage timings, throughput and memory against baselines")
     p.add_argument("--model", action="append", help="bundle, checkpoint or preset (tiny, sd15-arch, sd21-arch); repeatable")
-    p.add_argument("--engines", default="ortdiffusion,torch,optimum", help="run side by side, in alternating order")
+    p.add_argument("--engines", default="ortdiffusion,torch,optimum", help="run side by side, in alternating order: ortdiffusion (generic fp32 bundle), ortdiffusion-cpu "
+                   "(CPU fusions), ortdiffusion-int8, ortdiffusion-fp16, torch, optimum")
     p.add_argument("--size", default="64x64", help="comma-separated WxH")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,2,4,8")
     p.add_argument("--steps", type=int, default=20)

@@ -65,11 +65,29 @@ def preset_checkpoint(name: str) -> Path:
     return path
 
 
-def resolve_bundle(model: str | Path | None, progress: Callable[[str], None] | None = None) -> Path:
-    """A bundle directory for `model`, exporting (and caching) a checkpoint when needed."""
+#: Export variants a cached bundle can be made in: (target, precision) → its cache-name suffix.
+VARIANTS = {("generic", "fp32"): "", ("cpu", "fp32"): "-cpu", ("cpu", "int8"): "-cpu-int8",
+            ("generic", "fp16"): "-fp16"}
+
+
+def resolve_bundle(model: str | Path | None, progress: Callable[[str], None] | None = None,
+                   target: str = "generic", precision: str = "fp32") -> Path:
+    """A bundle directory for `model`, exporting (and caching) a checkpoint when needed. A bundle
+    or the built-in model is used as it is; a checkpoint or preset is exported once per variant
+    (`target`, `precision`; see VARIANTS)."""
     model = str(model) if model is not None else DEFAULT_MODEL
-    if model == BUILTIN:
+    if (target, precision) not in VARIANTS:
+        allowed = ", ".join(f"{t}/{p}" for t, p in VARIANTS)
+        raise BundleError(str(model), f"no export variant {target}/{precision}; allowed: {allowed}")
+    if model == BUILTIN and (target, precision) == ("generic", "fp32"):
         return builtin_bundle()
+    defaults = None
+    if model == BUILTIN:  # another variant of the built-in model keeps its shipped defaults
+        from .runtime.manifest import load_manifest
+
+        shipped = load_manifest(builtin_bundle()).pipeline
+        defaults = (shipped.default_steps, shipped.default_guidance)
+        model = str(builtin_checkpoint())
     path = Path(model)
     if (path / MANIFEST_NAME).is_file():
         return path
@@ -86,17 +104,32 @@ def resolve_bundle(model: str | Path | None, progress: Callable[[str], None] | N
     except ImportError:
         raise _needs_export_extra(f"exporting the checkpoint {path}") from None
     read_model_index(path)
-    bundle = cache_dir() / "bundles" / weights_sha256(path)[:16]
+    bundle = cache_dir() / "bundles" / (weights_sha256(path)[:16] + VARIANTS[target, precision])
     if (bundle / MANIFEST_NAME).is_file():
         logger.info("using cached bundle %s for %s", bundle, path)
         return bundle
-    (progress or logger.info)(f"exporting {path} once into {bundle}")
+    (progress or logger.info)(f"exporting {path} ({target}, {precision}) once into {bundle}")
     try:
-        export_checkpoint(path, bundle, progress=progress)
+        export_checkpoint(path, bundle, _variant_options(model, target, precision, defaults), progress=progress)
     except ExportError:
         if not (bundle / MANIFEST_NAME).is_file():  # not a concurrent export that won the race
             raise
     return bundle
+
+
+def _variant_options(model: str, target: str, precision: str, defaults: tuple[int, float] | None):
+    from .export.bundle import ExportOptions
+    from .export.optimize import Target
+    from .export.quantize import Calibration
+    from .runtime.manifest import Precision
+
+    calibration = Calibration()
+    if model in PRESET_NAMES:
+        # Random weights: speed does not depend on the calibration, so a short one does.
+        calibration = Calibration(prompts=("a red circle", "a blue square on the left"), steps=4)
+    steps, guidance = defaults or (ExportOptions.default_steps, ExportOptions.default_guidance)
+    return ExportOptions(target=Target(target), precision=Precision(precision), calibration=calibration,
+                         default_steps=steps, default_guidance=guidance)
 
 
 def resolve_checkpoint(model: str | Path | None) -> Path:

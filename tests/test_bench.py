@@ -12,14 +12,17 @@ STAGES = {"tokenize", "text_encoder", "unet_step", "scheduler", "decoder", "png_
 
 def test_bench_records_ours_and_torch_with_stages_memory_and_env(tmp_path):
     out = tmp_path / "bench.json"
-    proc = run("bench", "--model", "tiny", "--engines", "ortdiffusion,torch,optimum", "--batch", "1,2",
+    proc = run("bench", "--model", "tiny", "--engines", "ortdiffusion,ortdiffusion-int8,torch,optimum", "--batch", "1,2",
                "--steps", "3", "--runs", "2", "--json", out, "--plot", tmp_path / "bench.png",
                "--markdown", tmp_path / "bench.md", cache=tmp_path / "cache")
     assert "| tiny | ortdiffusion | cpu | fp32 | 1 | 64x64 | 3 |" in proc.stdout
     report = json.loads(out.read_text())
     assert {"cpu", "cores", "packages"} <= set(report["env"])
     engines = {(r["engine"], r["batch"]) for r in report["records"]}
-    assert engines == {("ortdiffusion", 1), ("ortdiffusion", 2), ("torch", 1), ("torch", 2)}
+    assert engines == {(e, b) for e in ("ortdiffusion", "ortdiffusion-int8", "torch") for b in (1, 2)}
+    assert report["env"]["fp32_matmul_gflops"] > 1
+    precisions = {r["engine"]: r["precision"] for r in report["records"]}
+    assert precisions == {"ortdiffusion": "fp32", "ortdiffusion-int8": "int8", "torch": "fp32"}
     for r in report["records"]:
         assert {"engine", "model", "providers", "precision", "batch", "width", "height", "steps", "end_to_end_s",
                 "stages_s", "cold_start_s", "images_per_s", "peak_host_mb", "peak_device_mb"} <= set(r)
@@ -27,6 +30,14 @@ def test_bench_records_ours_and_torch_with_stages_memory_and_env(tmp_path):
         assert STAGES <= set(r["stages_s"]) and r["stages_s"]["unet_step"]["runs"] == 2 * 3 * 1
         assert r["peak_host_mb"] > 50 and r["peak_device_mb"] is None
         assert (r["cold_start_s"] is not None) == (r["batch"] == 1)
+        # FLOPs counted by torch for the setting; the rate and the share outside the networks
+        assert r["unet_step_gflop"] > 0 and 0 < r["unet_fraction_of_matmul_rate"] < 5
+        assert 0 <= r["outside_networks_fraction"] < 1
     # optimum is not installed in the test environment: said so, not faked
     assert report["skipped"] and report["skipped"][0]["engine"] == "optimum"
     assert Image.open(tmp_path / "bench.png").size[0] > 500
+
+
+def test_bench_refuses_an_unknown_engine(tmp_path):
+    proc = run("bench", "--engines", "ortdiffusion,tensorflow", check=False, cache=tmp_path / "cache")
+    assert proc.returncode == 2 and "engines" in proc.stderr and "tensorflow" in proc.stderr

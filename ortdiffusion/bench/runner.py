@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-ENGINES = ("ortdiffusion", "torch", "optimum")
+ENGINES = ("ortdiffusion", "ortdiffusion-cpu", "ortdiffusion-int8", "ortdiffusion-fp16", "torch", "optimum")
+#: The stages that are the three networks; everything else is overhead the engine itself adds.
+NETWORK_STAGES = ("text_encoder", "unet_step", "decoder")
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,23 @@ def environment() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             pass
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
-            "platform": platform.platform(), "packages": versions}
+            "platform": platform.platform(), "packages": versions, "fp32_matmul_gflops": matmul_gflops()}
+
+
+def matmul_gflops(n: int = 4096, repeats: int = 3) -> float:
+    """This machine's fp32 matrix-product rate (numpy's BLAS, best of `repeats`), the yardstick for
+    how close the UNet steps come to the hardware."""
+    import time
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    a @ b  # warm-up: thread pool, pages
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
 
 
 def record(engine: Worker, model: str, setting: Setting, samples: list[dict], cold_start_s: float | None) -> dict:
@@ -109,6 +127,8 @@ def record(engine: Worker, model: str, setting: Setting, samples: list[dict], co
         for stage, values in sample["stages"].items():
             per_stage[stage] += values if stage == "unet_step" else [sum(values)]
     end_to_end = stats([s["end_to_end"] for s in samples])
+    networks = sum(sum(sum(s["stages"].get(k, [])) for k in NETWORK_STAGES) for s in samples)
+    total = sum(s["end_to_end"] for s in samples)
     return {
         "engine": engine.engine, "model": model, "providers": engine.providers, "precision": engine.precision,
         "batch": setting.batch, "width": setting.width, "height": setting.height, "steps": setting.steps,
@@ -116,7 +136,23 @@ def record(engine: Worker, model: str, setting: Setting, samples: list[dict], co
         "cold_start_s": cold_start_s, "images_per_s": setting.batch / end_to_end["mean"],
         "peak_host_mb": max(s["peak_host_mb"] for s in samples),
         "peak_device_mb": max((s["peak_device_mb"] for s in samples if s["peak_device_mb"] is not None), default=None),
+        # Time outside the three networks (tokenizer, scheduler, guidance, copies, PNG), as a share.
+        "outside_networks_fraction": max(0.0, 1 - networks / total) if total > 0 else None,
+        "unet_step_gflop": next((s["unet_step_gflop"] for s in samples if "unet_step_gflop" in s), None),
     }
+
+
+def add_compute_rates(records: list[dict], matmul: float) -> None:
+    """Achieved UNet GFLOP/s per record, from the FLOPs torch counted for the same setting, and
+    its fraction of the machine's matrix-product rate."""
+    flops = {(r["model"], r["batch"], r["width"], r["height"]): r["unet_step_gflop"]
+             for r in records if r.get("unet_step_gflop")}
+    for r in records:
+        gflop = flops.get((r["model"], r["batch"], r["width"], r["height"]))
+        step = r["stages_s"].get("unet_step", {}).get("p50")
+        r["unet_step_gflop"] = gflop
+        r["unet_gflops_per_s"] = gflop / step if gflop and step else None
+        r["unet_fraction_of_matmul_rate"] = r["unet_gflops_per_s"] / matmul if r["unet_gflops_per_s"] else None
 
 
 def run_bench(plan: BenchPlan, progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -171,22 +207,28 @@ def run_bench(plan: BenchPlan, progress: Callable[[str], None] = print) -> dict[
         finally:
             for w in workers:
                 w.close()
-    return {"env": environment(), "plan": {"runs": plan.runs, "warmup": plan.warmup, "guidance": plan.guidance},
+    env = environment()
+    add_compute_rates(records, env["fp32_matmul_gflops"])
+    return {"env": env, "plan": {"runs": plan.runs, "warmup": plan.warmup, "guidance": plan.guidance},
             "records": records, "skipped": skipped}
 
 
 def markdown(report: dict[str, Any]) -> str:
     rows = ["| model | engine | providers | precision | batch | size | steps | end to end p50 s | p90 s | "
-            "UNet step p50 ms | images/s | cold start s | peak host MB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "UNet step p50 ms | UNet GFLOP/s (of matmul) | outside networks | images/s | cold start s | peak host MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["records"]:
         unet = r["stages_s"].get("unet_step", {}).get("p50", float("nan")) * 1e3
         providers = ",".join(sorted(set(r["providers"].values())))
         cold = f"{r['cold_start_s']:.2f}" if r["cold_start_s"] is not None else "–"
+        rate = (f"{r['unet_gflops_per_s']:.0f} ({r['unet_fraction_of_matmul_rate']:.0%})"
+                if r.get("unet_gflops_per_s") else "–")
+        outside = f"{r['outside_networks_fraction']:.1%}" if r.get("outside_networks_fraction") is not None else "–"
         rows.append(f"| {r['model']} | {r['engine']} | {providers} | {r['precision']} | {r['batch']} | "
                     f"{r['width']}x{r['height']} | {r['steps']} | {r['end_to_end_s']['p50']:.3f} | "
-                    f"{r['end_to_end_s']['p90']:.3f} | {unet:.1f} | {r['images_per_s']:.3f} | {cold} | "
+                    f"{r['end_to_end_s']['p90']:.3f} | {unet:.1f} | {rate} | {outside} | {r['images_per_s']:.3f} | {cold} | "
                     f"{r['peak_host_mb']:.0f} |")
+    rows.append(f"\nfp32 matrix-product rate of this machine (numpy, 4096²): {report['env'].get('fp32_matmul_gflops', 0):.0f} GFLOP/s")
     for s in report.get("skipped", []):
         rows.append(f"\n{s['engine']} on {s['model']} skipped: {s['reason']}")
     return "\n".join(rows)

@@ -37,13 +37,21 @@ def peak_device_mb() -> float | None:
     return None
 
 
+#: Engine names for our export variants: "ortdiffusion" (the generic fp32 bundle), "-cpu" (ONNX
+#: Runtime's CPU fusions), "-int8" (CPU target, int8 UNet), "-fp16".
+ORT_VARIANTS = {"ortdiffusion": ("generic", "fp32"), "ortdiffusion-cpu": ("cpu", "fp32"),
+                "ortdiffusion-int8": ("cpu", "int8"), "ortdiffusion-fp16": ("generic", "fp16")}
+
+
 class OrtDiffusionEngine:
     name = "ortdiffusion"
 
-    def __init__(self, model: str, provider: str | None):
-        from ..models import load_pipeline
+    def __init__(self, model: str, provider: str | None, variant: str = "ortdiffusion"):
+        from ..models import resolve_bundle
+        from ..runtime.pipeline import Pipeline
 
-        self.pipe = load_pipeline(model, providers=provider)
+        target, precision = ORT_VARIANTS[variant]
+        self.pipe = Pipeline.load(resolve_bundle(model, target=target, precision=precision), providers=provider)
         self.providers = self.pipe.providers
         self.precision = self.pipe.manifest.components["unet"].precision.value
 
@@ -111,6 +119,22 @@ def run_diffusers_style(pipe, sink: dict[str, list[float]], sync: Callable[[], N
     return {"end_to_end": end - start, "stages": stages}
 
 
+def unet_step_gflop(unet, batch: int, width: int, height: int, guidance: float, text: int, width_text: int,
+                    device: str, dtype) -> float:
+    """FLOPs of one UNet call at this setting (guidance doubles the batch), counted by torch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows = batch * (2 if guidance > 1 else 1)
+    latent = (rows, unet.config.in_channels, height // 8, width // 8)
+    args = (torch.zeros(latent, device=device, dtype=dtype), torch.tensor(500, device=device),
+            torch.zeros((rows, text, width_text), device=device, dtype=dtype))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        unet(*args)
+    return counter.get_total_flops() / 1e9
+
+
 class TorchEngine:
     """diffusers' own StableDiffusionPipeline, eager (fp32 on the CPU; fp16 with SDPA on a GPU)."""
 
@@ -134,12 +158,20 @@ class TorchEngine:
         self.pipe, self.torch = pipe, torch
         self.providers = {"text_encoder": self.device, "unet": self.device, "vae_decoder": self.device}
         self.precision = "fp16" if dtype == torch.float16 else "fp32"
+        self.flops: dict[tuple, float] = {}
 
     def run(self, batch: int, width: int, height: int, steps: int, guidance: float) -> dict[str, Any]:
+        key = (batch, width, height, guidance > 1)
+        if key not in self.flops:  # counted once per setting, outside the timed run
+            unet = self.pipe.unet  # its timing wrapper's record is cleared when the timed run starts
+            self.flops[key] = unet_step_gflop(unet, batch, width, height, guidance, self.pipe.tokenizer.model_max_length,
+                                              unet.config.cross_attention_dim, self.device, unet.dtype)
         generators = [self.torch.Generator(self.device).manual_seed(i) for i in range(batch)]
         sync = self.torch.cuda.synchronize if self.device == "cuda" else None
-        return run_diffusers_style(self.pipe, self.sink, sync, prompt=[PROMPT] * batch, generator=generators,
-                                   num_inference_steps=steps, guidance_scale=guidance, width=width, height=height)
+        answer = run_diffusers_style(self.pipe, self.sink, sync, prompt=[PROMPT] * batch, generator=generators,
+                                     num_inference_steps=steps, guidance_scale=guidance, width=width, height=height)
+        answer["unet_step_gflop"] = self.flops[key]
+        return answer
 
 
 class OptimumEngine:
@@ -172,7 +204,7 @@ class OptimumEngine:
                                    guidance_scale=guidance, width=width, height=height)
 
 
-ENGINES = {"ortdiffusion": OrtDiffusionEngine, "torch": TorchEngine, "optimum": OptimumEngine}
+ENGINES = {**{name: OrtDiffusionEngine for name in ORT_VARIANTS}, "torch": TorchEngine, "optimum": OptimumEngine}
 
 
 def main() -> None:
@@ -185,7 +217,8 @@ def main() -> None:
     sys.stdout = sys.stderr  # libraries' prints must not corrupt the protocol
     start = time.perf_counter()
     try:
-        engine = ENGINES[args.engine](args.model, args.provider)
+        extra = {"variant": args.engine} if args.engine in ORT_VARIANTS else {}
+        engine = ENGINES[args.engine](args.model, args.provider, **extra)
     except ImportError as e:
         out.write(json.dumps({"error": f"{args.engine} unavailable: {e}"}) + "\n")
         out.flush()
