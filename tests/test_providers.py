@@ -81,3 +81,52 @@ def test_component_exported_for_another_target_is_refused(tiny_bundle):
     cuda_only = type(unet)(**{**unet.__dict__, "providers": ("cuda",)})
     with pytest.raises(ProviderError, match="unet: exported for cuda; it cannot run on cpu"):
         Session(tiny_bundle, cuda_only, ProviderPreference(kinds=CPU_ONLY))
+
+
+# -- TensorRT: profiles, options, cache keys (the CPU-side logic; the engines need a GPU) --------
+
+
+def test_tensorrt_profile_comes_from_the_manifest_dims(tiny_bundle):
+    from ortdiffusion.runtime.providers import ShapeProfile
+
+    unet = load_manifest(tiny_bundle).components["unet"]
+    profile = ShapeProfile.for_component(unet)
+    b, h, w, t = unet.dims["batch"], unet.dims["height"], unet.dims["width"], unet.inputs[2].shape[1]
+    options = profile.to_ort()
+    assert options["trt_profile_min_shapes"] == (
+        f"sample:{b.min}x4x{h.min}x{w.min},timestep:{b.min},encoder_hidden_states:{b.min}x{t}x{unet.inputs[2].shape[2]}")
+    assert options["trt_profile_max_shapes"].startswith(f"sample:{b.max}x4x{h.max}x{w.max},")
+    assert options["trt_profile_opt_shapes"].startswith(f"sample:{b.opt}x4x{h.opt}x{w.opt},")
+
+
+def test_tensorrt_options_are_onnxruntimes_names(tiny_bundle):
+    from ortdiffusion.runtime.providers import ShapeProfile
+
+    profile = ShapeProfile.for_component(load_manifest(tiny_bundle).components["vae_decoder"])
+    options = TensorRTOptions(fp16=True, engine_cache_path="/cache/x", profile=profile, max_workspace_size=2**32).to_ort()
+    assert options == {
+        "device_id": "0", "trt_fp16_enable": "True", "trt_builder_optimization_level": "3",
+        "trt_engine_cache_enable": "True", "trt_engine_cache_path": "/cache/x",
+        "trt_timing_cache_enable": "True", "trt_timing_cache_path": "/cache/x",
+        **profile.to_ort(), "trt_max_workspace_size": str(2**32)}
+
+
+def test_tensorrt_cache_key_is_stable_and_changes_with_what_the_engine_depends_on(tiny_bundle):
+    from ortdiffusion.runtime.providers import ShapeProfile, tensorrt_cache_key
+
+    manifest = load_manifest(tiny_bundle)
+    unet = ShapeProfile.for_component(manifest.components["unet"])
+    args = dict(bundle_sha256=manifest.bundle_sha256, component="unet", gpu="NVIDIA H100 80GB HBM3",
+                tensorrt_version="10.9.0", profile=unet, fp16=True)
+    key = tensorrt_cache_key(**args)
+    assert key == tensorrt_cache_key(**args) and key.startswith("unet-")
+    changed = [tensorrt_cache_key(**{**args, name: value}) for name, value in [
+        ("bundle_sha256", "0" * 64), ("gpu", "NVIDIA H200"), ("tensorrt_version", "10.10.0"), ("fp16", False),
+        ("profile", ShapeProfile.for_component(manifest.components["vae_decoder"]))]]
+    assert len({key, *changed}) == 6
+
+
+@pytest.mark.skipif(ProviderKind.TENSORRT in available_providers(), reason="this machine has TensorRT")
+def test_asking_for_tensorrt_without_it_fails_loudly(tiny_bundle):
+    with pytest.raises(ProviderError, match="tensorrt"):
+        Pipeline.load(tiny_bundle, providers="tensorrt")

@@ -91,7 +91,7 @@ class Pipeline:
         c = manifest.pipeline
         self.tokenizer = PromptTokenizer(bundle_dir / manifest.tokenizer.path, c.tokenizer_max_length, c.pad_token_id)
         sessions = {
-            name: Session(bundle_dir, manifest.components[name], preference, intra_op_threads)
+            name: Session(bundle_dir, manifest.components[name], preference, intra_op_threads, manifest.bundle_sha256)
             for name in (TEXT_ENCODER, UNET, VAE_DECODER)
         }
         self.text_encoder = TextEncoder(sessions[TEXT_ENCODER])

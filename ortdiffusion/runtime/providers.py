@@ -71,19 +71,101 @@ class CudaOptions:
 
 
 @dataclass(frozen=True)
-class TensorRTOptions:
-    device_id: int = 0
-    fp16: bool = False
-    engine_cache_path: str | None = None
+class ShapeProfile:
+    """One TensorRT optimization profile: each input's shape at min, opt and max, from the
+    component's symbolic dims and their ranges in the manifest (the component spec's)."""
+
+    min: tuple[tuple[str, tuple[int, ...]], ...]
+    opt: tuple[tuple[str, tuple[int, ...]], ...]
+    max: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @classmethod
+    def for_component(cls, component) -> ShapeProfile:
+        def shapes(which: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+            out = []
+            for tensor in component.inputs:
+                dims = tuple(d if isinstance(d, int) else getattr(component.dims[d], which) for d in tensor.shape)
+                out.append((tensor.name, dims))
+            return tuple(out)
+
+        return cls(shapes("min"), shapes("opt"), shapes("max"))
+
+    @staticmethod
+    def _text(shapes) -> str:
+        # ONNX Runtime's format: "name:1x4x64x64,other:2" (a scalar input has no dims: "name:").
+        return ",".join(f"{name}:{'x'.join(map(str, dims))}" for name, dims in shapes)
 
     def to_ort(self) -> dict[str, str]:
-        options = {"device_id": str(self.device_id), "trt_fp16_enable": str(self.fp16)}
+        return {"trt_profile_min_shapes": self._text(self.min), "trt_profile_opt_shapes": self._text(self.opt),
+                "trt_profile_max_shapes": self._text(self.max)}
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """The TensorRT provider's options that the engine sets (ONNX Runtime's documented names)."""
+
+    device_id: int = 0
+    fp16: bool = False
+    #: Engines and timing caches go here; `tensorrt_cache_dir` gives the keyed folder per component.
+    engine_cache_path: str | None = None
+    profile: ShapeProfile | None = None
+    builder_optimization_level: int = 3  # TensorRT's default; 5 builds slower for faster engines
+    max_workspace_size: int | None = None
+
+    def to_ort(self) -> dict[str, str]:
+        options = {"device_id": str(self.device_id), "trt_fp16_enable": str(self.fp16),
+                   "trt_builder_optimization_level": str(self.builder_optimization_level)}
         if self.engine_cache_path:
             options.update(
                 trt_engine_cache_enable="True", trt_engine_cache_path=self.engine_cache_path,
                 trt_timing_cache_enable="True", trt_timing_cache_path=self.engine_cache_path,
             )
+        if self.profile is not None:
+            options.update(self.profile.to_ort())
+        if self.max_workspace_size is not None:
+            options["trt_max_workspace_size"] = str(self.max_workspace_size)
         return options
+
+
+def tensorrt_cache_key(bundle_sha256: str, component: str, gpu: str, tensorrt_version: str, profile: ShapeProfile,
+                       fp16: bool) -> str:
+    """What a TensorRT engine depends on; an engine cached under one key is never used for another.
+    The same bundle, component, GPU model, TensorRT version, profile and precision give the same key,
+    so a later run finds its engine and does not rebuild."""
+    import hashlib
+    import json
+
+    identity = {"bundle": bundle_sha256, "component": component, "gpu": gpu, "tensorrt": tensorrt_version,
+                "profile": [profile.min, profile.opt, profile.max], "fp16": fp16}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{component}-{digest}"
+
+
+def gpu_name(device_id: int = 0) -> str:
+    """The GPU's model name (nvidia-smi), or "unknown"."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", f"--id={device_id}", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        return out or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def tensorrt_version() -> str:
+    """The TensorRT library's version as the provider will load it, or "unknown"."""
+    import ctypes
+
+    for name in ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        v = int(lib.getInferLibVersion())
+        major, minor, patch = (v // 10000, v // 100 % 100, v % 100) if v >= 10000 else (v // 1000, v // 100 % 10, v % 100)
+        return f"{major}.{minor}.{patch}"
+    return "unknown"
 
 
 ProviderOptions = CudaOptions | TensorRTOptions | None
