@@ -23,10 +23,13 @@ from PIL import Image, ImageDraw
 
 from ortdiffusion.builtin import dataset
 from ortdiffusion.builtin.evaluate import score
-from ortdiffusion.models import load_pipeline
+from ortdiffusion.models import resolve_bundle
+from ortdiffusion.runtime.pipeline import Pipeline
 from ortdiffusion.runtime.schedulers import SchedulerName
 
 STEPS = (5, 10, 20, 50)
+#: precision → the export variant (target, precision) of the model it is measured on.
+PRECISIONS = {"fp32": ("generic", "fp32"), "fp16": ("generic", "fp16"), "int8": ("cpu", "int8")}
 
 
 def adherence(pipe, scenes, seeds: int, steps: int, scheduler: str, guidance: float, batch: int = 32) -> dict:
@@ -78,46 +81,82 @@ def _cpu() -> str:
     return platform.processor()
 
 
+def evaluate(pipe, sets: dict, seeds: int, steps: int, scheduler: str, guidance: float, precision: str) -> dict:
+    row = {"scheduler": scheduler, "steps": steps, "precision": precision, "seeds_per_prompt": seeds}
+    start = time.perf_counter()
+    for name, scenes in sets.items():
+        row[name] = adherence(pipe, scenes, seeds, steps, scheduler, guidance)
+    row["seconds"] = time.perf_counter() - start
+    print(f"{precision} {scheduler:>16} {steps:>3} steps: one {row['one_object']['all']:.2f} "
+          f"(colour+shape {row['one_object']['color_and_shape']:.2f}, position {row['one_object']['position']:.2f}) "
+          f"two {row['two_objects']['all']:.2f} held-out {row['held_out_pairs']['all']:.2f}", flush=True)
+    return row
+
+
+def markdown(report: dict) -> str:
+    """The README's tables: adherence by precision at the defaults, then by scheduler and steps."""
+    def cells(row: dict) -> str:
+        one, two, held = row["one_object"], row["two_objects"], row["held_out_pairs"]
+        return (f"{one['color_and_shape']:.2f} | {one['position']:.2f} | {one['all']:.2f} | {two['all']:.2f} | "
+                f"{held['color_and_shape']:.2f} | {held['all']:.2f}")
+
+    head = ("one object: colour+shape | position | all | two objects: all | held-out pairs: colour+shape | all |\n"
+            "|---|---|---|---|---|---|---|")
+    d = report["defaults"]
+    lines = [f"By precision ({d['scheduler']}, {d['steps']} steps, guidance {report['guidance_scale']:g}, "
+             f"{report['by_precision'][0]['one_object']['n']} images per set):", "", "| precision | " + head]
+    lines += [f"| {r['precision']} | {cells(r)} |" for r in report["by_precision"]]
+    n = report["results"][0]["one_object"]["n"] if report["results"] else 0
+    lines += ["", f"By scheduler and steps (fp32, {n} images per set):", "", "| scheduler | steps | " + head + "---|"]
+    lines += [f"| {r['scheduler']} | {r['steps']} | {cells(r)} |" for r in report["results"]]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="builtin")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--grid", type=Path)
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt at the default settings")
     p.add_argument("--per-set", type=int, default=48, help="prompts per evaluation set (at most 48; 30 held-out)")
+    p.add_argument("--precisions", default="fp32,fp16,int8", help="measured at the default scheduler and steps")
+    p.add_argument("--table-seeds", type=int, default=1, help="seeds per prompt in the scheduler × steps table")
+    p.add_argument("--table-per-set", type=int, default=24, help="prompts per set in the scheduler × steps table")
     p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's default")
     p.add_argument("--schedulers", default=",".join(s.value for s in SchedulerName))
     p.add_argument("--steps", default=",".join(map(str, STEPS)))
     args = p.parse_args()
-    pipe = load_pipeline(args.model)
-    guidance = args.guidance if args.guidance is not None else pipe.manifest.pipeline.default_guidance
-    sets = {k: v[:args.per_set] for k, v in dataset.eval_scenes().items()}
+    pipes = {name: Pipeline.load(resolve_bundle(args.model, print, *PRECISIONS[name]), providers="cpu")
+             for name in args.precisions.split(",")}
+    pipe = pipes["fp32"]
+    c = pipe.manifest.pipeline
+    guidance = args.guidance if args.guidance is not None else c.default_guidance
+    everything = dataset.eval_scenes()
+    sets = {k: v[:args.per_set] for k, v in everything.items()}
+    table_sets = {k: v[:args.table_per_set] for k, v in everything.items()}
     report = {"env": {"machine": platform.machine(), "cpu": _cpu(), "cores": os.cpu_count(),
                       "python": platform.python_version(),
                       "providers": pipe.providers, "model_hash": pipe.model_hash[:16]},
-              "guidance_scale": guidance, "seeds_per_prompt": args.seeds, "results": []}
+              "guidance_scale": guidance, "defaults": {"scheduler": c.default_scheduler, "steps": c.default_steps},
+              "by_precision": [], "results": []}
+    for name, variant in pipes.items():
+        report["by_precision"].append(
+            evaluate(variant, sets, args.seeds, c.default_steps, c.default_scheduler, guidance, name))
     for scheduler in args.schedulers.split(","):
         for steps in map(int, args.steps.split(",")):
-            row = {"scheduler": scheduler, "steps": steps, "precision": "fp32"}
-            start = time.perf_counter()
-            for name, scenes in sets.items():
-                row[name] = adherence(pipe, scenes, args.seeds, steps, scheduler, guidance)
-            row["seconds"] = time.perf_counter() - start
-            report["results"].append(row)
-            print(f"{scheduler:>16} {steps:>3} steps: one {row['one_object']['all']:.2f} "
-                  f"(colour+shape {row['one_object']['color_and_shape']:.2f}, position {row['one_object']['position']:.2f}) "
-                  f"two {row['two_objects']['all']:.2f} held-out {row['held_out_pairs']['all']:.2f}", flush=True)
+            report["results"].append(evaluate(pipe, table_sets, args.table_seeds, steps, scheduler, guidance, "fp32"))
     one = dict(prompt="a red circle on the left", seed=0)
     pipe(**one)  # warm
     times = [pipe(**one).timings.total for _ in range(5)]
     report["speed"] = {"one_image_default_settings_s": float(np.median(times)), "runs": times,
-                       "settings": {"steps": pipe.manifest.pipeline.default_steps, "guidance": guidance,
-                                    "scheduler": pipe.manifest.pipeline.default_scheduler, "size": "64x64"}}
+                       "settings": {"steps": c.default_steps, "guidance": guidance,
+                                    "scheduler": c.default_scheduler, "size": "64x64"}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
+    print(markdown(report))
     if args.grid:
         picks = sets["one_object"][:6] + sets["two_objects"][:4] + sets["held_out_pairs"][:2]
-        grid(pipe, picks, args.grid, 20, args.schedulers.split(",")[0], guidance)
+        grid(pipe, picks, args.grid, c.default_steps, c.default_scheduler, guidance)
 
 
 if __name__ == "__main__":
