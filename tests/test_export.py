@@ -226,6 +226,29 @@ def test_cpu_target_fuses_with_onnxruntimes_optimizer_and_keeps_parity(tiny_chec
     assert image.size == (96, 64)
 
 
+def test_cpu_target_optimizes_graphs_with_external_data_too(tiny_checkpoint, tmp_path, monkeypatch):
+    """A graph past the external-data threshold (SD-sized UNets) gets the same fusions, its weights
+    staying in one data file beside it (the threshold is lowered so the tiny model takes that path)."""
+    import onnx
+
+    from ortdiffusion import Pipeline
+    from ortdiffusion.export import onnx_export
+    from ortdiffusion.export.optimize import Target
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    manifest = export_checkpoint(tiny_checkpoint, tmp_path / "cpu", ExportOptions(target=Target.CPU))
+    unet = manifest.components["unet"]
+    assert [f.path for f in unet.files] == ["unet.onnx", "unet.onnx.data"]
+    graph = onnx.load(str(tmp_path / "cpu" / "unet.onnx"), load_external_data=False)
+    assert "SkipLayerNormalization" in {n.op_type for n in graph.graph.node}
+    big = [i for i in graph.graph.initializer if int(np.prod(i.dims)) * 4 >= 4096]
+    assert big and all(i.data_location == onnx.TensorProto.EXTERNAL for i in big)
+    assert sorted(p.name for p in (tmp_path / "cpu").iterdir() if p.name.startswith(("unet", "."))) == [
+        "unet.onnx", "unet.onnx.data"]
+    assert all(r.rel_l2_error <= 1e-4 for r in unet.parity)
+    assert Pipeline.load(tmp_path / "cpu")("a red circle", seed=1, num_inference_steps=2).images[0].size == (64, 64)
+
+
 # -- fp16 ---------------------------------------------------------------------------------------
 
 

@@ -85,8 +85,7 @@ def export_component(
         files, parity = _to_int8(spec, module, files, options, calibration_feeds)
     else:  # int8 quantizes the UNet only; the other components of an int8 export stay fp32
         providers = options.target.providers
-        if len(files) == 1:  # graphs past 2 GB are left as exported
-            optimize_graph(files[0], spec.name, options.target)
+        optimize_graph(files, spec.name, options.target)
         if options.precision is Precision.FP16:
             precision, fp32_nodes, files, parity = _to_fp16(spec, module, files, options)
         else:

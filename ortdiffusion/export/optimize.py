@@ -96,24 +96,42 @@ def numpy2_num_heads_fix():
             cls.get_num_heads = original
 
 
-def optimize_graph(path: Path, component: str, target: Target) -> dict[str, int]:
-    """Optimize the graph at `path` in place for `target`; return the fused operator counts."""
+def optimize_graph(files: list[Path], component: str, target: Target) -> dict[str, int]:
+    """Optimize the graph (`files`: the graph, then its external data if any) in place for
+    `target`; return the fused operator counts. A graph past 2 GB keeps its weights in the one
+    external data file beside it."""
     if target is Target.GENERIC:
         return {}
+    import tempfile
+
     import onnxruntime as ort
     from onnxruntime.transformers.optimizer import optimize_model
 
+    path, external = files[0], len(files) > 1
     model_type = MODEL_TYPES.get(component)
     fused: dict[str, int] = {}
-    if model_type is not None:
-        with numpy2_num_heads_fix():
-            model = optimize_model(str(path), model_type=model_type, opt_level=0, use_gpu=False,
-                                   optimization_options=fusion_options(model_type, target))
-        fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
-        model.save_model_to_file(str(path))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(path)
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}-opt-") as tmp:
+        staged = Path(tmp) / path.name  # written aside, then moved over: the originals are read meanwhile
+        source = path
+        if model_type is not None:
+            with numpy2_num_heads_fix():
+                model = optimize_model(str(path), model_type=model_type, opt_level=0, use_gpu=False,
+                                       optimization_options=fusion_options(model_type, target))
+            fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
+            fused_path = Path(tmp) / f"fused-{path.name}"
+            model.save_model_to_file(str(fused_path), use_external_data_format=external, all_tensors_to_one_file=True)
+            source = fused_path
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(staged)
+        if external:
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                             f"{path.name}.data")
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                             "1024")
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        staged.replace(path)
+        if external:
+            (Path(tmp) / f"{path.name}.data").replace(files[1])
     logger.info("%s optimized for %s: %s", component, target.value, fused)
     return fused
