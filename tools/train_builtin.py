@@ -24,6 +24,7 @@ import csv
 import json
 import logging
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -184,7 +185,10 @@ def train_diffusion(run: Path, state: dict, data: dataset.Dataset, tokenizer: CL
     snr = ac / (1 - ac)
     step, last_save, t0 = state.get("step", 0), time.time(), time.time()
     rng = random.Random(args.seed * 1000 + step)
-    while time.time() < deadline and step < args.max_steps:
+    stop = []  # SIGTERM/SIGINT: finish the step, save the state, exit (resumable from exactly here)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(True))
+    while time.time() < deadline and step < args.max_steps and not stop:
         idx = np.random.randint(0, len(data.scenes), args.batch)
         captions = ["" if rng.random() < 0.1 else data.caption(i, rng) for i in idx]
         ids = tokenizer(captions, padding="max_length", max_length=TOKENS, truncation=True, return_tensors="pt").input_ids
