@@ -9,8 +9,19 @@ Two phases, both on the CPU (a GPU is used when torch sees one):
    latents near zero-mean so the plain SD scaling factor suffices (shift factors are not part of
    StableDiffusionPipeline);
 2. the text encoder (CLIPTextModel) and UNet2DConditionModel jointly on the frozen autoencoder's
-   latents: ε-prediction, min-SNR-5 weighting (Hang et al. 2023), 10% empty captions for
-   classifier-free guidance, an EMA of the weights.
+   latents: v-prediction on a zero-terminal-SNR schedule with trailing timesteps (Lin et al. 2023),
+   min-SNR-5 weighting (Hang et al. 2023), 10% empty captions for classifier-free guidance, an EMA
+   of the weights.
+
+Why zero terminal SNR: the first model (steps 0–2942) used Stable Diffusion's own schedule and
+ε-prediction, and learned colour and shape but ignored every position word — "on the left" and
+"on the right" gave the same picture for a seed. On 16×16 latents, SD's schedule leaves the
+layout readable through the noise even at its last timestep (SNR 0.0047: a 4×4-latent object's
+mean stands out of the averaged noise), so in training the model could read where the object is
+from its input and never needed the text for it; at inference the layout then comes from the
+seed's noise. With zero terminal SNR there is nothing to read at the start of sampling, so the
+position must come from the prompt. A run that started on the old objective switches here (its
+EMA restarts from the current weights).
 
 Every `--checkpoint-minutes` the state (models, optimiser, EMA, RNGs, step) goes to RUN/state.pt,
 losses to RUN/losses.csv and the loss curve to RUN/loss.png; `--save DIR` writes the EMA weights as
@@ -54,8 +65,10 @@ UNET_CONFIG = dict(
 )
 TEXT_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                    max_position_embeddings=TOKENS, hidden_act="quick_gelu")
+OBJECTIVE = "v-zero-snr"  # see the module docstring; the first model was "epsilon"
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+                        rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
 
 
 def log_row(run: Path, row: dict) -> None:
@@ -180,6 +193,12 @@ def train_diffusion(run: Path, state: dict, data: dataset.Dataset, tokenizer: CL
         ema = [t.clone() for t in state["ema"]]
     else:
         ema = [p.detach().clone() for p in params]
+    if state.get("objective", "epsilon") != OBJECTIVE:
+        # A switch of objective: the EMA restarts from the current weights, with its warm-up.
+        logger.info("objective %s → %s at step %d", state.get("objective", "epsilon"), OBJECTIVE, state.get("step", 0))
+        ema = [p.detach().clone() for p in params]
+        state.update(objective=OBJECTIVE, objective_from_step=state.get("step", 0))
+    ema_offset = state.get("objective_from_step", 0)
     noise_schedule = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     ac = noise_schedule.alphas_cumprod
     snr = ac / (1 - ac)
@@ -197,8 +216,9 @@ def train_diffusion(run: Path, state: dict, data: dataset.Dataset, tokenizer: CL
         noise = torch.randn_like(x0)
         xt = noise_schedule.add_noise(x0, noise, t)
         pred = unet(xt, t, text(ids).last_hidden_state).sample
-        weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 for ε-prediction
-        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        target = noise_schedule.get_velocity(x0, noise, t)
+        weight = torch.clamp(snr[t], max=5.0) / (snr[t] + 1)  # min-SNR-5 for v-prediction
+        loss = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
         lr = args.lr * min(1.0, (step + 1) / 200)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -206,7 +226,7 @@ def train_diffusion(run: Path, state: dict, data: dataset.Dataset, tokenizer: CL
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        ema_update(ema, [p.detach() for p in params], step, args.ema)
+        ema_update(ema, [p.detach() for p in params], step - ema_offset, args.ema)
         step += 1
         if step % 25 == 0:
             log_row(run, {"phase": "diffusion", "step": step, "loss": f"{loss.item():.6f}", "extra": f"lr={lr:.2e}",
@@ -269,6 +289,7 @@ def save_checkpoint(run: Path, out: Path, fp16: bool = True) -> None:
     (out / "training.json").write_text(json.dumps({
         "diffusion_steps": state.get("step", 0), "vae_steps": state.get("vae_step", 0),
         "vae_stats": state["vae_stats"], "seed": state["seed"], "held_out_pairs": dataset.HELD_OUT_PAIRS,
+        "objective": state.get("objective", "epsilon"), "objective_from_step": state.get("objective_from_step", 0),
     }, indent=2))
     logger.info("wrote diffusers checkpoint %s (diffusion step %d)", out, state.get("step", 0))
 
@@ -286,7 +307,7 @@ def warm_start(checkpoint: Path, run: Path) -> dict:
     params = list(text.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=8e-4, weight_decay=1e-2)
     logger.info("warm start from %s (diffusion step %d)", checkpoint, meta["diffusion_steps"])
-    return {"text": text.state_dict(), "unet": unet.state_dict(), "opt": opt.state_dict(),
+    return {"objective": meta.get("objective", "epsilon"), "objective_from_step": meta.get("objective_from_step", 0),"text": text.state_dict(), "unet": unet.state_dict(), "opt": opt.state_dict(),
             "ema": [p.detach().clone() for p in params], "step": meta["diffusion_steps"],
             "vae": vae.state_dict(), "vae_step": meta["vae_steps"], "vae_stats": meta["vae_stats"]}
 

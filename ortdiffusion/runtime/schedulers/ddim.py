@@ -35,7 +35,7 @@ class DDIMScheduler:
         require("prediction_type", config.prediction_type, ("epsilon", "v_prediction", "sample"))
         require("thresholding", config.thresholding, (False,))
         self.config = config
-        self.alphas_cumprod = config.alphas_cumprod()
+        self.alphas_cumprod = config.alphas_cumprod(terminal_floor=False)
         # ᾱ used after the last step: 1 (a clean image) or ᾱ_0, as the checkpoint was trained.
         self.final_alpha_cumprod = 1.0 if config.set_alpha_to_one else float(self.alphas_cumprod[0])
         self.init_noise_sigma = 1.0

@@ -33,10 +33,12 @@ class TrainingScheduleConfig:
     steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
 
-    def alphas_cumprod(self) -> np.ndarray:
+    def alphas_cumprod(self, terminal_floor: bool = True) -> np.ndarray:
+        """`terminal_floor`: with zero terminal SNR, put ᾱ_T at 2⁻²⁴ instead of 0 (what diffusers'
+        sigma-based schedulers do, to avoid an infinite σ; its DDIM keeps 0)."""
         return alphas_cumprod(
             self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule, self.trained_betas,
-            self.rescale_betas_zero_snr,
+            self.rescale_betas_zero_snr, terminal_floor,
         )
 
 
@@ -67,6 +69,7 @@ def alphas_cumprod(
     beta_schedule: str,
     trained_betas: list[float] | None = None,
     rescale_betas_zero_snr: bool = False,
+    terminal_floor: bool = True,
 ) -> np.ndarray:
     """ᾱ_t for t = 0..T-1 (diffusers `DDPMScheduler.__init__`)."""
     if trained_betas is not None:
@@ -87,8 +90,8 @@ def alphas_cumprod(
     # diffusers keeps ᾱ in float32 (torch's cumprod accumulates in double, then rounds); so do we,
     # or the smallest noise levels drift apart by 1e-5 relative and rounded timesteps can differ.
     cumprod = np.cumprod((1.0 - betas).astype(np.float32).astype(np.float64)).astype(np.float32)
-    if rescale_betas_zero_snr:
-        cumprod[-1] = 2.0**-24  # as diffusers: avoid an infinite sigma at the last step
+    if rescale_betas_zero_snr and terminal_floor:
+        cumprod[-1] = 2.0**-24  # as diffusers' sigma schedulers: avoid an infinite sigma at the last step
     return cumprod.astype(np.float64)
 
 
@@ -100,8 +103,10 @@ def _cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
 
 
 def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    """Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1."""
-    sqrt_ab = np.sqrt(np.cumprod(1.0 - betas))
+    """Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1,
+    in float32 like diffusers (in float64 the smallest ᾱ differ by 2e-5 relative)."""
+    betas = np.asarray(betas, dtype=np.float32)
+    sqrt_ab = np.sqrt(np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32))
     first, last = sqrt_ab[0], sqrt_ab[-1]
     sqrt_ab = (sqrt_ab - last) * first / (first - last)
     ab = sqrt_ab**2
