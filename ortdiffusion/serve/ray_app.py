@@ -206,11 +206,14 @@ def run(options: RayOptions, host: str = "127.0.0.1", port: int = 8000, address:
     import ray
 
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(options), name=APP_NAME, route_prefix="/", blocking=False)
+    # After ray.init (which installs its own SIGTERM handler) and before deploying: the proxy can
+    # answer as soon as the replicas are up, while serve.run is still polling; a SIGTERM then must
+    # already mean "shut down cleanly".
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(options), name=APP_NAME, route_prefix="/", blocking=False)
     logger.info("serving on http://%s:%d through Ray Serve", host, port)
     stop.wait()
     serve.delete(APP_NAME)
