@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from .runtime.cache import cache_dir
 from .runtime.errors import BundleError, ExportError
 from .runtime.manifest import MANIFEST_NAME
 
@@ -34,11 +35,6 @@ def builtin_checkpoint() -> Path:
 
 
 DEFAULT_MODEL = BUILTIN if (builtin_bundle() / MANIFEST_NAME).is_file() else "tiny"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("ORTDIFFUSION_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ortdiffusion"
-    return Path(root)
 
 
 def _needs_export_extra(what: str) -> ImportError:

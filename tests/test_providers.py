@@ -130,3 +130,11 @@ def test_tensorrt_cache_key_is_stable_and_changes_with_what_the_engine_depends_o
 def test_asking_for_tensorrt_without_it_fails_loudly(tiny_bundle):
     with pytest.raises(ProviderError, match="tensorrt"):
         Pipeline.load(tiny_bundle, providers="tensorrt")
+
+
+def test_an_unknown_export_variant_is_refused_with_the_allowed_ones():
+    from ortdiffusion.models import resolve_bundle
+    from ortdiffusion.runtime.errors import BundleError
+
+    with pytest.raises(BundleError, match=r"no export variant cuda/int8; allowed: generic/fp32, cpu/fp32, cpu/int8"):
+        resolve_bundle("tiny", target="cuda", precision="int8")

@@ -31,6 +31,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_ready(url: str, timeout_s: float, process=None) -> None:
+    """Poll /health/ready until it answers 200; fail early with the log if `process` died."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process is not None:
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not become ready in {timeout_s:g} s")
+
+
 @contextmanager
 def running(pipeline, **config):
     config = ServeConfig(**{"model_name": "tiny", **config})
@@ -39,16 +54,7 @@ def running(pipeline, **config):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    else:
-        raise RuntimeError("server did not become ready")
+    wait_until_ready(url, 60)
     try:
         yield url
     finally:

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from test_serve import decode, free_port, running
+from test_serve import decode, free_port, running, wait_until_ready
 
 pytestmark = pytest.mark.slow
 
@@ -36,16 +36,7 @@ def ray_service(tiny_bundle):
     options = RayOptions(model=str(tiny_bundle), model_name="tiny", replicas=2, cpus_per_replica=1, threads=1)
     serve.run(build_app(options), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    else:
-        raise RuntimeError("Ray Serve application did not become ready")
+    wait_until_ready(url, 180)
     try:
         yield url
     finally:
@@ -168,15 +159,7 @@ def test_cli_serve_ray_starts_serves_and_stops_cleanly(tiny_bundle):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            time.sleep(0.5)
+        wait_until_ready(url, 240, proc)
         r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red circle", "steps": 2,
                                                              "response_format": "b64_json"}, timeout=60)
         assert r.status_code == 200 and base64.b64decode(r.json()["data"][0]["b64_json"])[:4] == b"\x89PNG"

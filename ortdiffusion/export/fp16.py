@@ -166,18 +166,30 @@ def remove_fp16_round_trips(model) -> int:
 
 def topological_sort(graph) -> None:
     """Order the nodes so each comes after the producers of its inputs, as ONNX requires (the
-    converter appends its Casts at the end; ONNX Runtime sorts at load, other tools do not)."""
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            raise ValueError(f"graph has a cycle or an input nobody produces near {pending[0].name}")
-        ready_ids = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in ready_ids]
-        for node in ready:
-            ordered.append(node)
-            available.update(node.output)
+    converter appends its Casts at the end; ONNX Runtime sorts at load, other tools do not).
+    Kahn's algorithm, keeping the original order among nodes that are ready together."""
+    import heapq
+
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
+    waiting = [0] * len(nodes)
+    users: dict[int, list[int]] = defaultdict(list)
+    for i, node in enumerate(nodes):
+        for source in {producer[name] for name in node.input if name in producer}:
+            waiting[i] += 1
+            users[source].append(i)
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    heapq.heapify(ready)
+    ordered = []
+    while ready:
+        i = heapq.heappop(ready)
+        ordered.append(nodes[i])
+        for j in users[i]:
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready, j)
+    if len(ordered) != len(nodes):
+        raise ValueError("graph has a cycle")
     del graph.node[:]
     graph.node.extend(ordered)
 

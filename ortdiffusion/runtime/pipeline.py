@@ -90,15 +90,15 @@ class Pipeline:
         self.manifest = manifest
         c = manifest.pipeline
         self.tokenizer = PromptTokenizer(bundle_dir / manifest.tokenizer.path, c.tokenizer_max_length, c.pad_token_id)
+        self.model_hash = manifest.bundle_sha256
         sessions = {
-            name: Session(bundle_dir, manifest.components[name], preference, intra_op_threads, manifest.bundle_sha256)
+            name: Session(bundle_dir, manifest.components[name], preference, intra_op_threads, self.model_hash)
             for name in (TEXT_ENCODER, UNET, VAE_DECODER)
         }
         self.text_encoder = TextEncoder(sessions[TEXT_ENCODER])
         self.denoiser = Denoiser(sessions[UNET])
         self.image_decoder = ImageDecoder(sessions[VAE_DECODER])
         self.providers = {name: s.providers[0].value for name, s in sessions.items()}
-        self.model_hash = manifest.bundle_sha256
 
     @classmethod
     def load(

@@ -106,7 +106,7 @@ class TensorRTOptions:
 
     device_id: int = 0
     fp16: bool = False
-    #: Engines and timing caches go here; `tensorrt_cache_dir` gives the keyed folder per component.
+    #: Engines and timing caches go here: the component's folder named by `tensorrt_cache_key`.
     engine_cache_path: str | None = None
     profile: ShapeProfile | None = None
     builder_optimization_level: int = 3  # TensorRT's default; 5 builds slower for faster engines

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import cache_dir
 from .errors import BundleError, ProviderError
 from .manifest import ComponentManifest
 from .providers import (
@@ -28,11 +28,6 @@ from .providers import (
 logger = logging.getLogger(__name__)
 
 
-def default_tensorrt_cache() -> Path:
-    root = os.environ.get("ORTDIFFUSION_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ortdiffusion"
-    return Path(root) / "tensorrt"
-
-
 class Session:
     def __init__(self, bundle_dir: Path, component: ComponentManifest, preference: ProviderPreference,
                  intra_op_threads: int = 0, bundle_sha256: str = "", tensorrt_cache: Path | None = None):
@@ -43,7 +38,7 @@ class Session:
         preference = _restrict_to_component(preference, component)
         self.tensorrt_engine_dir: Path | None = None
         if ProviderKind.TENSORRT in preference.kinds and ProviderKind.TENSORRT in available_providers():
-            preference = self._with_tensorrt_cache(preference, bundle_sha256, tensorrt_cache or default_tensorrt_cache())
+            preference = self._with_tensorrt_cache(preference, bundle_sha256, tensorrt_cache or cache_dir() / "tensorrt")
         cached = self.tensorrt_engine_dir is not None and any(self.tensorrt_engine_dir.glob("*.engine"))
         start = time.perf_counter()
         options = ort.SessionOptions()

@@ -167,6 +167,11 @@ def _json_depth(body: bytes) -> int:
     return deepest
 
 
+def default_instance() -> str:
+    """This process's name in `x-ortdiffusion-instance`: host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 async def _resolved(value):
     """The value, awaited if it is awaitable: image stores may be local (sync) or remote (async)."""
     return await value if inspect.isawaitable(value) else value
@@ -178,7 +183,7 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
     names this copy of the service in the `x-ortdiffusion-instance` header (default host:pid)."""
     metrics = Metrics()
     store = store if store is not None else ImageStore(config.image_ttl_s)
-    instance = instance or f"{socket.gethostname()}:{os.getpid()}"
+    instance = instance or default_instance()
     state = {"ready": False}
     batcher_holder: dict[str, Batcher] = {}
 

@@ -27,7 +27,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"Ray Serve is not installed: pip install 'ortdiffusion[ray]' ({e})") from None
 
 from ..runtime.errors import InvalidRequestError
-from .app import ServeConfig, create_app
+from .app import ServeConfig, create_app, default_instance
 from .images import ImageStore
 
 logger = logging.getLogger(__name__)
@@ -171,15 +171,8 @@ class Replica:
 
     def __serve_build_asgi_app__(self):
         context = serve.get_replica_context()
-        instance = f"{context.replica_id.unique_id}@{_node()}"
+        instance = f"{context.replica_id.unique_id}@{default_instance()}"
         return create_app(self.pipeline, self.options.serve_config(), store=RemoteImages(self.images), instance=instance)
-
-
-def _node() -> str:
-    import os
-    import socket
-
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def build_app(args: dict[str, Any] | RayOptions | None = None):
@@ -193,7 +186,7 @@ def build_app(args: dict[str, Any] | RayOptions | None = None):
         from pathlib import Path
 
         options = RayOptions(**{**asdict(options), "model_name": Path(str(options.model or DEFAULT_MODEL)).name})
-    images = SharedImages.bind(options.timeout if options.timeout > 3600 else 3600.0)
+    images = SharedImages.bind(options.serve_config().image_ttl_s)
     return Replica.options(**options.deployment_options()).bind(images, str(bundle), asdict(options))
 
 
