@@ -4,7 +4,8 @@ each in a fresh process, to find where the pipeline's memory goes.
     python benchmarks/memory_probe.py --model sd15-arch --size 512 --out benchmarks/results/memory-sd15-cpu2.json
 
 One denoising step at batch 2 (guidance), 77 text tokens; resident memory after loading and the
-process's peak. Variants: ONNX Runtime's defaults, its CPU memory arena off, arena and memory
+process's peak. Variants: ONNX Runtime's defaults on the generic export, on the `--target cpu`
+export (fused, attention as MultiHeadAttention), its CPU memory arena off, arena and memory
 pattern off; torch eager fp32 (diffusers' UNet2DConditionModel).
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = ("ort-default", "ort-no-arena", "ort-no-arena-no-pattern", "torch")
+VARIANTS = ("ort-default", "ort-cpu-target", "ort-no-arena", "ort-no-arena-no-pattern", "torch")
 
 
 def rss_mb() -> float:
@@ -45,12 +46,13 @@ def probe(variant: str, model: str, side: int) -> dict:
         unet = UNet2DConditionModel.from_pretrained(str(resolve_checkpoint(model) / "unet")).eval()
         text = rng.standard_normal((2, 77, unet.config.cross_attention_dim), dtype=np.float32)
         loaded = rss_mb()
+        step_start = time.perf_counter()
         with torch.no_grad():
             unet(torch.from_numpy(sample), torch.tensor(500), encoder_hidden_states=torch.from_numpy(text))
     else:
         import onnxruntime as ort
 
-        bundle = resolve_bundle(model)
+        bundle = resolve_bundle(model, target="cpu" if variant == "ort-cpu-target" else "generic")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.enable_cpu_mem_arena = "no-arena" not in variant
@@ -59,16 +61,18 @@ def probe(variant: str, model: str, side: int) -> dict:
         width = session.get_inputs()[2].shape[2]
         text = rng.standard_normal((2, 77, width), dtype=np.float32)
         loaded = rss_mb()
+        step_start = time.perf_counter()
         session.run(None, {"sample": sample, "timestep": np.array([500, 500], np.float32), "encoder_hidden_states": text})
     return {"variant": variant, "size": side, "rss_after_load_mb": loaded,
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "load_and_step_s": time.perf_counter() - start}
+            "load_and_step_s": time.perf_counter() - start, "step_s": time.perf_counter() - step_start}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sd15-arch")
     p.add_argument("--size", default="256,512")
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", type=Path)
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -77,12 +81,13 @@ def main() -> None:
         return
     rows = []
     for side in map(int, args.size.split(",")):
-        for variant in VARIANTS:
+        for variant in args.variants.split(","):
             out = subprocess.run([sys.executable, __file__, "--child", variant, args.model, str(side)],
                                  capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"{side}: {variant:<24} after load {r['rss_after_load_mb']:7.0f} MB, peak {r['peak_mb']:7.0f} MB", flush=True)
+            print(f"{side}: {variant:<24} after load {r['rss_after_load_mb']:7.0f} MB, peak {r['peak_mb']:7.0f} MB, "
+                  f"step {r['step_s']:.2f} s", flush=True)
     if args.out:
         args.out.write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
 

@@ -47,18 +47,20 @@ def test_list_of_seeds_and_prompts(tiny_pipeline):
 
 
 def test_guidance_at_most_one_runs_only_the_conditional_half(tiny_pipeline, monkeypatch):
-    batches = []
+    batches, lasts = [], []
     original = tiny_pipeline.denoiser.__call__
 
     class Spy:
-        def __call__(self, sample, t, emb):
+        def __call__(self, sample, t, emb, last=False):
             batches.append(sample.shape[0])
-            return original(sample, t, emb)
+            lasts.append(last)
+            return original(sample, t, emb, last=last)
 
     monkeypatch.setattr(tiny_pipeline, "denoiser", Spy())
     tiny_pipeline("a red circle", seed=1, num_inference_steps=2, guidance_scale=1.0, num_images_per_prompt=2)
     tiny_pipeline("a red circle", seed=1, num_inference_steps=2, guidance_scale=7.0, num_images_per_prompt=2)
     assert batches == [2, 2, 4, 4]
+    assert lasts == [False, True, False, True]  # the UNet's arena is released after the last step only
 
 
 def test_four_threads_match_sequential_calls(tiny_pipeline):
@@ -95,7 +97,7 @@ def test_non_finite_latents_raise_numerical_error(tiny_pipeline, monkeypatch):
     original = tiny_pipeline.denoiser.__call__
 
     class Broken:
-        def __call__(self, sample, t, emb):
+        def __call__(self, sample, t, emb, last=False):
             out = original(sample, t, emb)
             out[0, 0, 0, 0] = np.nan
             return out

@@ -1,8 +1,9 @@
 """Graph optimization for a target provider, with ONNX Runtime's own tools.
 
-Two steps, both ONNX Runtime's: its transformer optimizer's fusions for CLIP, UNet and VAE graphs
-(attention, LayerNorm, Gelu, …), then its graph optimizer at the extended level, saved at export so
-that the runtime loads an already-optimized graph. Fusions whose operators only have CUDA kernels
+Three steps: ONNX Runtime's transformer optimizer's fusions for CLIP, UNet and VAE graphs
+(attention, LayerNorm, Gelu, …); for the CPU, the UNet's and VAE's attention cores fused into
+MultiHeadAttention (`attention.py`, which says why by hand); then ONNX Runtime's graph optimizer
+at the extended level, saved at export so that the runtime loads an already-optimized graph. Fusions whose operators only have CUDA kernels
 (GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd, NhwcConv, packed QKV) are left out for the CPU.
 The saved level is EXTENDED, not ALL: ONNX Runtime documents the layout optimizations of ALL as
 specific to the machine that ran them; the runtime applies those itself at load.
@@ -11,11 +12,11 @@ specific to the machine that ran them; the runtime applies those itself at load.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
-import numpy as np
+
+from .attention import fuse_attention
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +40,10 @@ def fusion_options(model_type: str, target: Target):
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     options = FusionOptions(model_type)
-    if target is Target.CPU and model_type == "unet":
-        # Measured here (onnxruntime 1.31, diffusers 0.42, TorchScript export): the UNet attention
-        # fusion detects 4 self- and 4 cross-attention blocks but writes a graph that fails to load
-        # (MatMul shape mismatch in the mid block). LayerNorm/SkipLayerNorm fusions are kept.
+    if target is Target.CPU and model_type in ("unet", "vae"):
+        # Its UNet attention fusion writes self-attention as the `Attention` op, whose CPU kernel
+        # materialises the [heads, S, S] scores; `attention.fuse_attention` writes
+        # MultiHeadAttention instead (flash attention on the CPU). LayerNorm fusions are kept.
         options.enable_attention = False
     if target is Target.CPU:
         for name in ("enable_group_norm", "enable_skip_group_norm", "enable_nhwc_conv", "enable_bias_splitgelu",
@@ -50,50 +51,6 @@ def fusion_options(model_type: str, target: Target):
             if hasattr(options, name):
                 setattr(options, name, False)
     return options
-
-
-@contextmanager
-def numpy2_num_heads_fix():
-    """Work around onnxruntime's UNet attention fusion under NumPy ≥ 2.4.
-
-    `FusionAttentionUnet.get_num_heads` calls `int()` on a one-element array, which NumPy 2.4 turns
-    from a deprecation into `TypeError: only 0-dimensional arrays can be converted to Python
-    scalars`. For the duration of an optimization this method is replaced by the same logic with
-    `.item()`; nothing else of onnxruntime is touched. Remove when onnxruntime fixes it upstream.
-    """
-    import sys
-
-    import onnxruntime.transformers.optimizer  # noqa: F401 - loads the fusion modules
-    from onnxruntime.transformers import fusion_attention_unet
-
-    # onnxruntime's transformer tools import each other as top-level modules too, so the class may
-    # exist twice; patch every copy.
-    classes = {fusion_attention_unet.FusionAttentionUnet}
-    if "fusion_attention_unet" in sys.modules:
-        classes.add(sys.modules["fusion_attention_unet"].FusionAttentionUnet)
-    originals = {cls: cls.get_num_heads for cls in classes}
-
-    def get_num_heads(self, reshape_q, is_torch2: bool = False) -> int:
-        num_heads = 0
-        if is_torch2:
-            parent = self.model.get_parent(reshape_q, 1)
-            if parent and parent.op_type == "Concat" and len(parent.input) == 4:
-                value = self.model.get_constant_value(parent.input[2])
-                if isinstance(value, np.ndarray) and value.size == 1:
-                    num_heads = int(value.reshape(-1)[0].item())
-        else:
-            value = self.model.get_constant_value(reshape_q.input[1])
-            if isinstance(value, np.ndarray) and list(value.shape) == [4]:
-                num_heads = int(value[2].item())
-        return num_heads if num_heads > 0 else 0
-
-    for cls in classes:
-        cls.get_num_heads = get_num_heads
-    try:
-        yield
-    finally:
-        for cls, original in originals.items():
-            cls.get_num_heads = original
 
 
 def optimize_graph(files: list[Path], component: str, target: Target) -> dict[str, int]:
@@ -114,10 +71,11 @@ def optimize_graph(files: list[Path], component: str, target: Target) -> dict[st
         staged = Path(tmp) / path.name  # written aside, then moved over: the originals are read meanwhile
         source = path
         if model_type is not None:
-            with numpy2_num_heads_fix():
-                model = optimize_model(str(path), model_type=model_type, opt_level=0, use_gpu=False,
-                                       optimization_options=fusion_options(model_type, target))
+            model = optimize_model(str(path), model_type=model_type, opt_level=0, use_gpu=False,
+                                   optimization_options=fusion_options(model_type, target))
             fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
+            if target is Target.CPU and model_type in ("unet", "vae"):
+                fused["MultiHeadAttention"] = fuse_attention(model.model)
             fused_path = Path(tmp) / f"fused-{path.name}"
             model.save_model_to_file(str(fused_path), use_external_data_format=external, all_tensors_to_one_file=True)
             source = fused_path

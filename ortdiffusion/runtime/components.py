@@ -15,7 +15,7 @@ class TextEncoder:
         self.session = session
 
     def __call__(self, input_ids: np.ndarray) -> np.ndarray:
-        return self.session.run({"input_ids": input_ids})[0].astype(np.float32, copy=False)
+        return self.session.run({"input_ids": input_ids}, release_memory=True)[0].astype(np.float32, copy=False)
 
 
 class Denoiser:
@@ -24,9 +24,12 @@ class Denoiser:
     def __init__(self, session: Session):
         self.session = session
 
-    def __call__(self, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray) -> np.ndarray:
+    def __call__(self, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray,
+                 last: bool = False) -> np.ndarray:
+        """`last`: the last step of a generation, after which the UNet's arena memory is released."""
         t = np.full((sample.shape[0],), timestep, dtype=np.float32)
-        out = self.session.run({"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states})[0]
+        feeds = {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states}
+        out = self.session.run(feeds, release_memory=last)[0]
         return out.astype(np.float32, copy=False)
 
 
@@ -42,11 +45,11 @@ class ImageDecoder:
         self.fp32_fallback = fp32_fallback
 
     def __call__(self, latents: np.ndarray) -> np.ndarray:
-        image = self.session.run({"latent_sample": latents})[0].astype(np.float32, copy=False)
+        image = self.session.run({"latent_sample": latents}, release_memory=True)[0].astype(np.float32, copy=False)
         if np.isfinite(image).all():
             return image
         if self.fp32_fallback is not None:
-            image = self.fp32_fallback.run({"latent_sample": latents})[0].astype(np.float32, copy=False)
+            image = self.fp32_fallback.run({"latent_sample": latents}, release_memory=True)[0].astype(np.float32, copy=False)
             if np.isfinite(image).all():
                 return image
         bad = int((~np.isfinite(image)).sum())

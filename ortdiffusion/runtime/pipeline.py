@@ -181,7 +181,7 @@ class Pipeline:
             if request.do_guidance:
                 model_input = np.concatenate([model_input, model_input])
             timings.scheduler += lap()
-            prediction = self.denoiser(model_input, float(t), embeddings)
+            prediction = self.denoiser(model_input, float(t), embeddings, last=i == len(scheduler.timesteps) - 1)
             timings.unet_steps.append(lap())
             if request.do_guidance:
                 uncond, cond = np.split(prediction, 2)

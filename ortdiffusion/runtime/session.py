@@ -78,8 +78,18 @@ class Session:
         options = replace(base, engine_cache_path=str(self.tensorrt_engine_dir), profile=profile)
         return replace(preference, options={**preference.options, ProviderKind.TENSORRT: options})
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return self._session.run(self.output_names, dict(feeds))
+    def run(self, feeds: Mapping[str, np.ndarray], release_memory: bool = False) -> list[np.ndarray]:
+        """Run; with `release_memory`, hand the memory this run's intermediates took in the CPU
+        arena back afterwards (ONNX Runtime's run option `memory.enable_memory_arena_shrinkage`).
+        The pipeline asks for it after the last denoising step and after the one-shot components,
+        so that one component's arena does not sit beside the next one's peak."""
+        if not release_memory:
+            return self._session.run(self.output_names, dict(feeds))
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        return self._session.run(self.output_names, dict(feeds), options)
 
 
 def _restrict_to_component(preference: ProviderPreference, component: ComponentManifest) -> ProviderPreference:
