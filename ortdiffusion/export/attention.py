@@ -7,7 +7,7 @@ each for QKᵀ and its softmax at batch 2) and why ONNX Runtime needed more memo
 SDPA never builds them. The ready-made fusions do not get there on the CPU:
 - onnxruntime.transformers' UNet fusion (`FusionAttentionUnet`) writes self-attention as the
   `Attention` op (whose CPU kernel materialises the scores) or as packed-QKV MultiHeadAttention (CUDA
-  only), and on diffusers 0.42's SD-1.5 UNet it wrote a graph ONNX Runtime 1.31 refused to load;
+  only);
 - onnxscript's `ort_fusions` need static shapes and constant scales, which a TorchScript export
   with dynamic batch and size does not have (its scale is computed from a Shape).
 

@@ -3,8 +3,9 @@
 Three steps: ONNX Runtime's transformer optimizer's fusions for CLIP, UNet and VAE graphs
 (attention, LayerNorm, Gelu, …); for the CPU, the UNet's and VAE's attention cores fused into
 MultiHeadAttention (`attention.py`, which says why by hand); then ONNX Runtime's graph optimizer
-at the extended level, saved at export so that the runtime loads an already-optimized graph. Fusions whose operators only have CUDA kernels
-(GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd, NhwcConv, packed QKV) are left out for the CPU.
+at the extended level, saved at export so that the runtime loads an already-optimized graph.
+Fusions whose operators only have CUDA kernels (GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd,
+NhwcConv, packed QKV) are left out for the CPU.
 The saved level is EXTENDED, not ALL: ONNX Runtime documents the layout optimizations of ALL as
 specific to the machine that ran them; the runtime applies those itself at load.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import logging
 from enum import Enum
 from pathlib import Path
-
 
 from .attention import fuse_attention
 

@@ -63,6 +63,8 @@ class Session:
         if names != expected:
             raise BundleError(str(self.path), f"graph inputs {names} differ from manifest.json's {expected}")
         self.output_names = [o.name for o in component.outputs]
+        self._release = ort.RunOptions()
+        self._release.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def _with_tensorrt_cache(self, preference: ProviderPreference, bundle_sha256: str, root: Path) -> ProviderPreference:
         """TensorRT options for this component: its shape profile from the manifest, and an engine
@@ -83,13 +85,7 @@ class Session:
         arena back afterwards (ONNX Runtime's run option `memory.enable_memory_arena_shrinkage`).
         The pipeline asks for it after the last denoising step and after the one-shot components,
         so that one component's arena does not sit beside the next one's peak."""
-        if not release_memory:
-            return self._session.run(self.output_names, dict(feeds))
-        import onnxruntime as ort
-
-        options = ort.RunOptions()
-        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        return self._session.run(self.output_names, dict(feeds), options)
+        return self._session.run(self.output_names, dict(feeds), self._release if release_memory else None)
 
 
 def _restrict_to_component(preference: ProviderPreference, component: ComponentManifest) -> ProviderPreference:
