@@ -272,8 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp16: float16 except nodes whose values overflow it on calibration inputs (measured); "
                    "the image decoder stays fp32 if its fp16 version misses parity. int8: the UNet quantized "
                    "statically for the CPU provider, calibrated on diffusers' own pipeline runs")
-    p.add_argument("--target", choices=["generic", "cpu"], default="generic",
-                   help="generic: the plain graph, runs anywhere; cpu: ONNX Runtime's fusions and graph optimizations for the CPU provider")
+    p.add_argument("--target", choices=["generic", "cpu", "cuda", "tensorrt"], default="generic",
+                   help="generic: the plain graph, runs anywhere; cpu: ONNX Runtime's fusions and graph optimizations "
+                   "for the CPU provider; cuda: its GPU fusions (flash attention, GroupNorm, NHWC convolution; "
+                   "parity is checked on the CUDA provider, so export where it runs); tensorrt: the plain graph, "
+                   "from which TensorRT builds fp16 engines itself")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
     p.add_argument("--default-steps", type=int, default=20, help="steps a call that names none gets")
     p.add_argument("--default-guidance", type=float, default=7.5, help="guidance a call that names none gets")

@@ -62,3 +62,15 @@ def psnr(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     mse = float(((a - b) ** 2).mean())
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where ONNX Runtime offers the CUDA provider."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and onnxruntime-gpu (CUDAExecutionProvider not available)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

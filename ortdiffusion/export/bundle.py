@@ -36,7 +36,7 @@ from ..runtime.manifest import (
 from ..runtime.schedulers import default_scheduler_for
 from ..runtime.tokenizer import PromptTokenizer
 from .checkpoint import Checkpoint, load_checkpoint
-from .fp16 import FP16_TOLERANCE, convert_to_fp16
+from .fp16 import FP16_TOLERANCE, convert_to_fp16, measure_ranges
 from .quantize import INT8_TOLERANCE, Calibration, quantize_unet, unet_calibration_feeds
 from .onnx_export import DEFAULT_OPSET, Exporter, export_onnx
 from .optimize import Target, optimize_graph
@@ -84,15 +84,20 @@ def export_component(
         precision, fp32_nodes, providers = Precision.INT8, (), (Target.CPU.value,)
         files, parity = _to_int8(spec, module, files, options, calibration_feeds)
     else:  # int8 quantizes the UNet only; the other components of an int8 export stay fp32
-        providers = options.target.providers
-        optimize_graph(files, spec.name, options.target)
-        if options.precision is Precision.FP16:
-            precision, fp32_nodes, files, parity = _to_fp16(spec, module, files, options)
+        target = options.target
+        providers = target.providers
+        fp16 = options.precision is Precision.FP16 and target.onnx_fp16
+        # A graph fused for CUDA does not run on the CPU, so its fp16 block list is measured first,
+        # on the plain graph (fp16.convert_to_fp16 says how the nodes are matched).
+        ranges = measure_ranges(files, spec) if fp16 and target is Target.CUDA else None
+        optimize_graph(files, spec.name, target, fp16=fp16)
+        if fp16:
+            precision, fp32_nodes, files, parity = _to_fp16(spec, module, files, options, ranges)
         else:
             precision, fp32_nodes = Precision.FP32, ()
-            if options.compact_weights and len(files) == 1:
+            if options.compact_weights and len(files) == 1 and target is not Target.CUDA:
                 store_exact_fp32_weights_as_fp16(files[0])
-            parity = measure_parity(spec, module, files[0])
+            parity = measure_parity(spec, module, files[0], target.parity_provider)
             check_parity(spec.name, parity, options.parity_tolerance)
     return ComponentManifest(
         name=spec.name,
@@ -119,7 +124,8 @@ def _to_int8(spec: ComponentSpec, module: torch.nn.Module, files: list[Path], op
     return files, parity
 
 
-def _to_fp16(spec: ComponentSpec, module: torch.nn.Module, files: list[Path], options: ExportOptions):
+def _to_fp16(spec: ComponentSpec, module: torch.nn.Module, files: list[Path], options: ExportOptions,
+             ranges: dict[str, float] | None = None):
     """fp16 with a measured block list, parity-checked against torch fp32. The image decoder stays
     fp32 when its fp16 version misses parity (DESIGN.md: decoders are where fp16 breaks first)."""
     # Only the decoder may fall back to fp32, so only its fp32 graph is kept aside meanwhile.
@@ -127,8 +133,8 @@ def _to_fp16(spec: ComponentSpec, module: torch.nn.Module, files: list[Path], op
     for f, backup in zip(files, fp32_files):
         shutil.copyfile(f, backup)
     try:
-        fp32_nodes, fp16_files = convert_to_fp16(files, spec)
-        parity = measure_parity(spec, module, fp16_files[0])
+        fp32_nodes, fp16_files = convert_to_fp16(files, spec, ranges)
+        parity = measure_parity(spec, module, fp16_files[0], options.target.parity_provider)
         tolerance = max(options.parity_tolerance, FP16_TOLERANCE)
         try:
             check_parity(spec.name, parity, tolerance)
@@ -141,7 +147,7 @@ def _to_fp16(spec: ComponentSpec, module: torch.nn.Module, files: list[Path], op
             f.unlink()
         for f, backup in zip(files, fp32_files):
             backup.replace(f)
-        parity = measure_parity(spec, module, files[0])
+        parity = measure_parity(spec, module, files[0], options.target.parity_provider)
         check_parity(spec.name, parity, options.parity_tolerance)
         return Precision.FP32, (), files, parity
     finally:
@@ -217,12 +223,30 @@ def _versions() -> dict[str, str]:
     }
 
 
+def check_options(options: ExportOptions) -> None:
+    """Refuse, before any work, an export this machine cannot check or that makes no sense."""
+    import onnxruntime as ort
+
+    if options.precision is Precision.INT8 and options.target not in (Target.GENERIC, Target.CPU):
+        raise ExportError(f"precision int8 is for the CPU provider; target {options.target.value} allows fp32 or fp16")
+    provider = options.target.parity_provider
+    if provider not in ort.get_available_providers():
+        raise ExportError(
+            f"target {options.target.value}: export checks parity on {provider}, which this onnxruntime "
+            f"({ort.__version__}) lacks (it offers {', '.join(ort.get_available_providers())}); export on a "
+            "machine with onnxruntime-gpu and a GPU, or choose --target generic")
+    if options.precision is Precision.FP16 and not options.target.onnx_fp16:
+        logger.info("target %s: the graph stays fp32; TensorRT builds fp16 engines from it (trt_fp16_enable)",
+                    options.target.value)
+
+
 def export_checkpoint(
     checkpoint_dir: Path | str, out_dir: Path | str, options: ExportOptions = ExportOptions(),
     progress: Progress | None = None,
 ) -> Manifest:
     """Export a diffusers checkpoint directory to a bundle at `out_dir`."""
     say = progress or (lambda msg: logger.info("%s", msg))
+    check_options(options)
     out_dir = Path(out_dir)
     if out_dir.exists() and not options.overwrite:
         raise ExportError(f"{out_dir}: already exists; choose another output or allow overwriting")

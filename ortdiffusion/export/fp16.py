@@ -125,7 +125,7 @@ def remove_fp16_round_trips(model) -> int:
     del graph.node[:]
     graph.node.extend(unique)
     outputs = {o.name for o in graph.output}
-    by_output = {out: node for node in graph.node for out in node.output}
+    by_output = {out: node for node in graph.node for out in node.output if out}
     consumers: dict[str, list] = defaultdict(list)
     for node in graph.node:
         for name in node.input:
@@ -171,11 +171,12 @@ def topological_sort(graph) -> None:
     import heapq
 
     nodes = list(graph.node)
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
+    # "" names an omitted optional input or output (fused operators have many), not a tensor.
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
     waiting = [0] * len(nodes)
     users: dict[int, list[int]] = defaultdict(list)
     for i, node in enumerate(nodes):
-        for source in {producer[name] for name in node.input if name in producer}:
+        for source in {producer[name] for name in node.input if name and name in producer}:
             waiting[i] += 1
             users[source].append(i)
     ready = [i for i, n in enumerate(waiting) if n == 0]
@@ -194,9 +195,42 @@ def topological_sort(graph) -> None:
     graph.node.extend(ordered)
 
 
-def convert_to_fp16(files: list[Path], spec: ComponentSpec) -> tuple[list[str], list[Path]]:
+def measure_ranges(files: list[Path], spec: ComponentSpec) -> dict[str, float]:
+    """The largest |value| of every float tensor of the graph in `files` on the spec's calibration
+    inputs (run on the CPU provider)."""
+    import onnx
+
+    structure = onnx.load(str(files[0]), load_external_data=False)
+    return tensor_ranges(structure, files[0], calibration_feeds(spec))
+
+
+def add_contrib_value_types(model) -> None:
+    """Record the element type of every tensor, contrib operators' outputs included, as ONNX
+    Runtime's own fp16 conversion of fused graphs does (`OnnxModel.convert_float_to_float16`):
+    ONNX's shape inference does not know com.microsoft operators, and the converter decides what
+    to cast by these types. Only the types are kept, not the shapes."""
+    from onnx import TensorProto, ValueInfoProto
+    from onnxruntime.transformers.shape_infer_helper import SymbolicShapeInferenceHelper
+
+    inferred = SymbolicShapeInferenceHelper(model).infer_shapes(model, auto_merge=True, guess_output_rank=False)
+    known = {vi.name for vi in model.graph.value_info}
+    for vi in inferred.graph.value_info if inferred is not None else ():
+        if vi.name and vi.name not in known and vi.type.tensor_type.elem_type != TensorProto.UNDEFINED:
+            typed = ValueInfoProto()
+            typed.CopyFrom(vi)
+            typed.type.tensor_type.ClearField("shape")
+            model.graph.value_info.append(typed)
+
+
+def convert_to_fp16(files: list[Path], spec: ComponentSpec,
+                    ranges: dict[str, float] | None = None) -> tuple[list[str], list[Path]]:
     """Convert the exported graph (`files`: the graph, then its external data if any) to fp16 in
-    place. Returns the nodes kept fp32 by measurement and the files now making up the graph."""
+    place. Returns the nodes kept fp32 by measurement and the files now making up the graph.
+
+    `ranges`: tensor magnitudes measured beforehand, on the plain graph, for a graph fused with
+    operators the CPU provider lacks (the CUDA target). Its nodes are matched by the tensors they
+    read and write, whose names the fusions keep; what a fused kernel computes inside (attention
+    scores, GroupNorm's statistics) it accumulates in fp32 itself."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -205,14 +239,19 @@ def convert_to_fp16(files: list[Path], spec: ComponentSpec) -> tuple[list[str], 
     path = files[0]
     structure = onnx.load(str(path), load_external_data=False)
     name_nodes(structure)
-    ranges = tensor_ranges(structure, path, calibration_feeds(spec))
+    if ranges is None:
+        ranges = tensor_ranges(structure, path, calibration_feeds(spec))
     keep = overflow_nodes(structure, ranges)
     logger.info("%s: largest |value| on calibration inputs %.3g; %d of %d nodes stay fp32",
                 spec.name, max(ranges.values(), default=0.0), len(keep), len(structure.graph.node))
     model = onnx.load(str(path))
     name_nodes(model)
     large = len(files) > 1
-    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep, disable_shape_infer=large)
+    fused = any(n.domain == "com.microsoft" for n in model.graph.node)
+    if fused:
+        add_contrib_value_types(model)
+    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
+                                         disable_shape_infer=large or fused)
     removed = remove_fp16_round_trips(converted)
     logger.info("%s: %d fp32 → fp16 → fp32 round trips between fp32 nodes removed", spec.name, removed)
     topological_sort(converted.graph)

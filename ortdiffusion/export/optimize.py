@@ -1,20 +1,35 @@
 """Graph optimization for a target provider, with ONNX Runtime's own tools.
 
-Three steps: ONNX Runtime's transformer optimizer's fusions for CLIP, UNet and VAE graphs
-(attention, LayerNorm, Gelu, …); for the CPU, the UNet's and VAE's attention cores fused into
-MultiHeadAttention (`attention.py`, which says why by hand); then ONNX Runtime's graph optimizer
-at the extended level, saved at export so that the runtime loads an already-optimized graph.
-Fusions whose operators only have CUDA kernels (GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd,
-NhwcConv, packed QKV) are left out for the CPU.
-The saved level is EXTENDED, not ALL: ONNX Runtime documents the layout optimizations of ALL as
-specific to the machine that ran them; the runtime applies those itself at load.
+For the CPU, three steps: ONNX Runtime's transformer optimizer's fusions for CLIP, UNet and VAE
+graphs (LayerNorm, Gelu, …); the UNet's and VAE's attention cores fused into MultiHeadAttention
+(`attention.py`, which says why by hand); then ONNX Runtime's graph optimizer at the extended
+level, saved at export so that the runtime loads an already-optimized graph. Fusions whose
+operators only have CUDA kernels (GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd, NhwcConv,
+packed QKV) are left out for the CPU. The saved level is EXTENDED, not ALL: ONNX Runtime documents
+the layout optimizations of ALL as specific to the machine that ran them; the runtime applies
+those itself at load.
+
+For CUDA: the transformer optimizer's GPU fusions, as ONNX Runtime's own stable-diffusion script
+(`onnxruntime.transformers.models.stable_diffusion.optimize_pipeline`) sets them: attention as
+MultiHeadAttention (flash / memory-efficient kernels), GroupNorm, SkipGroupNorm, BiasSplitGelu,
+BiasAdd, NHWC convolution, SkipLayerNorm; packed QKV/KV only for fp16. The graph-level
+optimizations are left to the runtime's load (they depend on the provider, which the export
+machine may lack).
+
+For TensorRT: the plain graph. TensorRT parses standard ONNX only (no com.microsoft operators),
+does its own fusions and builds fp16 engines itself (`trt_fp16_enable`), as NVIDIA's diffusion
+demo and ONNX Runtime's TensorRT engine builder feed it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
+
+import numpy as np
 
 from .attention import fuse_attention
 
@@ -26,20 +41,41 @@ class Target(str, Enum):
 
     GENERIC = "generic"  # the plain graph: runs on every provider
     CPU = "cpu"  # fused and pre-optimized for the CPU provider
+    CUDA = "cuda"  # fused with operators that only the CUDA provider has
+    TENSORRT = "tensorrt"  # the plain graph, for TensorRT to build its engines from
 
     @property
     def providers(self) -> tuple[str, ...]:
-        return {Target.GENERIC: ("tensorrt", "cuda", "cpu"), Target.CPU: ("cpu",)}[self]
+        return {Target.GENERIC: ("tensorrt", "cuda", "cpu"), Target.CPU: ("cpu",), Target.CUDA: ("cuda",),
+                Target.TENSORRT: ("tensorrt",)}[self]
+
+    @property
+    def parity_provider(self) -> str:
+        """The ONNX Runtime provider export checks parity on: the one the graph was built for,
+        where its operators need it (CUDA); the CPU provider where the graph is plain ONNX."""
+        return "CUDAExecutionProvider" if self is Target.CUDA else "CPUExecutionProvider"
+
+    @property
+    def onnx_fp16(self) -> bool:
+        """Whether `--precision fp16` converts the graph: not for TensorRT, which keeps the fp32
+        graph and builds fp16 engines from it (its documented way; it picks per-layer precision)."""
+        return self is not Target.TENSORRT
 
 
 #: The transformer optimizer's name for each component's graph family.
 MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae"}
 
 
-def fusion_options(model_type: str, target: Target):
+def fusion_options(model_type: str, target: Target, fp16: bool = False):
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     options = FusionOptions(model_type)
+    if target is Target.CUDA:
+        # As ONNX Runtime's stable-diffusion script: packed QKV / KV attention inputs only for fp16
+        # (the kernels that take them packed are fp16 ones).
+        options.enable_packed_qkv = fp16 and options.enable_packed_qkv
+        options.enable_packed_kv = fp16 and options.enable_packed_kv
+        return options
     if target is Target.CPU and model_type in ("unet", "vae"):
         # Its UNet attention fusion writes self-attention as the `Attention` op, whose CPU kernel
         # materialises the [heads, S, S] scores; `attention.fuse_attention` writes
@@ -53,12 +89,61 @@ def fusion_options(model_type: str, target: Target):
     return options
 
 
-def optimize_graph(files: list[Path], component: str, target: Target) -> dict[str, int]:
+@contextmanager
+def numpy2_num_heads_fix() -> Iterator[None]:
+    """Work around onnxruntime's UNet attention fusion under NumPy >= 2.4 (onnxruntime 1.31.1).
+
+    `FusionAttentionUnet.get_num_heads` calls `int()` on a one-element array, which NumPy 2.4 turns
+    from a deprecation into `TypeError: only 0-dimensional arrays can be converted to Python
+    scalars`. No option avoids that call (a `num_heads` given to the optimizer is only a fallback
+    after it), and pinning NumPy below 2.4 would hold back every user of the package; so for the
+    duration of one optimization this one method is replaced by the same logic with `.item()`.
+    Nothing else of onnxruntime is touched. Remove when onnxruntime fixes it upstream.
+    """
+    import sys
+
+    import onnxruntime.transformers.optimizer  # noqa: F401 - loads the fusion modules
+    from onnxruntime.transformers import fusion_attention_unet
+
+    # onnxruntime's transformer tools import each other as top-level modules too, so the class may
+    # exist twice; patch every copy.
+    classes = {fusion_attention_unet.FusionAttentionUnet}
+    if "fusion_attention_unet" in sys.modules:
+        classes.add(sys.modules["fusion_attention_unet"].FusionAttentionUnet)
+    originals = {cls: cls.get_num_heads for cls in classes}
+
+    def get_num_heads(self, reshape_q, is_torch2: bool = False) -> int:
+        num_heads = 0
+        if is_torch2:
+            parent = self.model.get_parent(reshape_q, 1)
+            if parent and parent.op_type == "Concat" and len(parent.input) == 4:
+                value = self.model.get_constant_value(parent.input[2])
+                if isinstance(value, np.ndarray) and list(value.shape) == [1]:
+                    num_heads = int(value[0].item())
+        else:
+            value = self.model.get_constant_value(reshape_q.input[1])
+            if isinstance(value, np.ndarray) and list(value.shape) == [4]:
+                num_heads = int(value[2].item())
+        return max(num_heads, 0)
+
+    for cls in classes:
+        cls.get_num_heads = get_num_heads
+    try:
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.get_num_heads = original
+
+
+def optimize_graph(files: list[Path], component: str, target: Target, fp16: bool = False) -> dict[str, int]:
     """Optimize the graph (`files`: the graph, then its external data if any) in place for
     `target`; return the fused operator counts. A graph past 2 GB keeps its weights in the one
-    external data file beside it."""
-    if target is Target.GENERIC:
+    external data file beside it. `fp16`: the graph will be converted to fp16 next (CUDA's packed
+    attention inputs are fused only then)."""
+    if target in (Target.GENERIC, Target.TENSORRT):
         return {}
+    if target is Target.CUDA:
+        return _fuse_for_cuda(files, component, fp16)
     import tempfile
 
     import onnxruntime as ort
@@ -92,4 +177,29 @@ def optimize_graph(files: list[Path], component: str, target: Target) -> dict[st
         if external:
             (Path(tmp) / f"{path.name}.data").replace(files[1])
     logger.info("%s optimized for %s: %s", component, target.value, fused)
+    return fused
+
+
+def _fuse_for_cuda(files: list[Path], component: str, fp16: bool) -> dict[str, int]:
+    """The transformer optimizer's GPU fusions, saved in place (see the module docstring)."""
+    import tempfile
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    path, external = files[0], len(files) > 1
+    model_type = MODEL_TYPES.get(component)
+    if model_type is None:
+        return {}
+    with numpy2_num_heads_fix():
+        model = optimize_model(str(path), model_type=model_type, opt_level=0, use_gpu=True,
+                               optimization_options=fusion_options(model_type, Target.CUDA, fp16))
+    fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}-opt-") as tmp:
+        staged = Path(tmp) / path.name  # written aside, then moved over: the originals are read meanwhile
+        model.save_model_to_file(str(staged), use_external_data_format=external, all_tensors_to_one_file=True,
+                                 size_threshold=1024)
+        staged.replace(path)
+        if external:
+            (Path(tmp) / f"{path.name}.data").replace(files[1])
+    logger.info("%s fused for cuda: %s", component, fused)
     return fused

@@ -27,11 +27,14 @@ def error_figures(got: np.ndarray, ref: np.ndarray) -> tuple[float, float, float
     return max_abs, rel_l2, cosine
 
 
-def measure_parity(spec: ComponentSpec, module: torch.nn.Module, onnx_path: Path) -> list[ParityRecord]:
-    """Run torch and ONNX Runtime (CPU provider) at the spec's two parity shapes."""
+def measure_parity(spec: ComponentSpec, module: torch.nn.Module, onnx_path: Path,
+                   provider: str = "CPUExecutionProvider") -> list[ParityRecord]:
+    """Run torch (fp32, CPU) and ONNX Runtime (on `provider`) at the spec's two parity shapes."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path), providers=[provider])
+    if session.get_providers()[0] != provider:
+        raise ExportError(f"{spec.name}: parity must run on {provider}, but the session got {session.get_providers()}")
     records = []
     for k, dims in enumerate(spec.parity_points()):
         inputs = spec.sample_inputs(dims, seed=1000 + k)  # fresh: not the inputs export traced with

@@ -1,0 +1,55 @@
+"""What needs a CUDA GPU: the CUDA target's export (parity is checked on the CUDA provider) and the
+pipeline on it. Marked `gpu`: skipped where ONNX Runtime has no CUDA provider (conftest.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import psnr
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cuda_fp16_bundle(tiny_checkpoint, tmp_path_factory):
+    from ortdiffusion.export.bundle import ExportOptions, export_checkpoint
+    from ortdiffusion.export.optimize import Target
+    from ortdiffusion.runtime.manifest import Precision
+
+    out = tmp_path_factory.mktemp("gpu") / "tiny-cuda-fp16"
+    return out, export_checkpoint(tiny_checkpoint, out, ExportOptions(target=Target.CUDA, precision=Precision.FP16))
+
+
+def test_cuda_target_exports_fused_fp16_with_parity_on_cuda(cuda_fp16_bundle):
+    import onnx
+
+    out, manifest = cuda_fp16_bundle
+    assert all(c.providers == ("cuda",) for c in manifest.components.values())
+    assert manifest.components["unet"].precision.value == "fp16"
+    ops = {n.op_type for n in onnx.load(str(out / "unet.onnx")).graph.node}
+    assert {"MultiHeadAttention", "GroupNorm"} <= ops
+    assert all(r.rel_l2_error <= 2e-2 for c in manifest.components.values() for r in c.parity)
+
+
+def test_cuda_pipeline_draws_what_the_cpu_pipeline_draws(cuda_fp16_bundle, tiny_pipeline):
+    from ortdiffusion import Pipeline
+
+    out, _ = cuda_fp16_bundle
+    pipe = Pipeline.load(out, providers="cuda")
+    assert set(pipe.providers.values()) == {"cuda"}
+    kwargs = dict(seed=3, num_inference_steps=4)
+    got = np.asarray(pipe("a red circle", **kwargs).images[0], np.float64)
+    ref = np.asarray(tiny_pipeline("a red circle", **kwargs).images[0], np.float64)
+    assert psnr(got, ref) > 30
+
+
+def test_generic_bundle_runs_on_cuda(tiny_bundle, tiny_pipeline):
+    from ortdiffusion import Pipeline
+
+    pipe = Pipeline.load(tiny_bundle, providers="cuda")
+    assert set(pipe.providers.values()) == {"cuda"}
+    kwargs = dict(seed=5, num_inference_steps=3)
+    got = np.asarray(pipe("a blue square", **kwargs).images[0], np.float64)
+    ref = np.asarray(tiny_pipeline("a blue square", **kwargs).images[0], np.float64)
+    assert psnr(got, ref) > 35
