@@ -463,8 +463,15 @@ def test_int8_quantizes_the_unet_statically_for_the_cpu(tiny_checkpoint, tiny_pi
     assert unet.precision is Precision.INT8 and unet.providers == ("cpu",)
     assert manifest.components["text_encoder"].precision is Precision.FP32
     assert manifest.components["vae_decoder"].precision is Precision.FP32
-    ops = {n.op_type for n in onnx.load(str(out / "unet.onnx")).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    nodes = onnx.load(str(out / "unet.onnx")).graph.node
+    ops = {n.op_type for n in nodes}
+    assert {"QuantizeLinear", "DequantizeLinear", "MultiHeadAttention"} <= ops and "Softmax" not in ops
+    # every projection MatMul/Conv reads int8 weights; attention itself stays fp32 (MultiHeadAttention)
+    dq = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
+    assert all(n.input[1] in dq for n in nodes if n.op_type in ("MatMul", "Conv"))
+    # ... and so does the attention output projection, reading MultiHeadAttention's output quantized
+    after_attention = [n for n in nodes if n.op_type == "MatMul" and "to_out" in n.name]
+    assert after_attention and all(n.input[0] in dq for n in after_attention)
     assert max(r.rel_l2_error for r in unet.parity) <= 0.25
     quantized = Pipeline.load(out, providers="cpu")("a red circle", num_inference_steps=10, seed=3).images[0]
     full = tiny_pipeline("a red circle", num_inference_steps=10, seed=3).images[0]

@@ -98,6 +98,33 @@ class _Feeds:
         return next(self._it, None)
 
 
+def fuse_attention_in_place(files: list[Path]) -> int:
+    """The attention cores as MultiHeadAttention (`attention.py`) before quantization: they then
+    run as fp32 flash attention instead of two activation × activation MatMuls quantized to 8 bits
+    (the lossiest of the UNet's products) around a softmax held in full, [heads, S, S]."""
+    import onnx
+
+    from .attention import fuse_attention
+
+    model = onnx.load(str(files[0]))
+    fused = fuse_attention(model)
+    # ONNX's shape inference, which the quantizer reads tensor types from, does not know the
+    # com.microsoft operator, so its outputs are typed here (fp32, like its inputs); without that
+    # the quantizer leaves the attention output projections unquantized ("failed to infer the type").
+    typed = {vi.name for vi in model.graph.value_info}
+    for node in model.graph.node:
+        if node.op_type == "MultiHeadAttention":
+            model.graph.value_info.extend(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None)
+                                          for o in node.output if o and o not in typed)
+    if len(files) > 1:
+        onnx.save_model(model, str(files[0]), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=files[1].name, size_threshold=1024)
+    else:
+        onnx.save(model, str(files[0]))
+    logger.info("unet: %d attention cores fused before quantization", fused)
+    return fused
+
+
 def quantize_unet(files: list[Path], feeds: list[dict[str, np.ndarray]]) -> list[Path]:
     """Quantize the fp32 UNet graph (`files`: graph, then external data if any) in place (int8
     QDQ, static, MinMax); return the files that now make it up (int8 fits one file)."""
@@ -109,6 +136,7 @@ def quantize_unet(files: list[Path], feeds: list[dict[str, np.ndarray]]) -> list
         pass
 
     path, large = files[0], len(files) > 1
+    fuse_attention_in_place(files)
     prepared = path.with_name(f".{path.stem}.prep.onnx")
     quantized = path.with_name(f".{path.stem}.int8.onnx")
     scratch = [prepared, quantized, *(p.with_name(p.name + ".data") for p in (prepared, quantized))]
