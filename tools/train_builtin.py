@@ -79,7 +79,11 @@ OBJECTIVE = "v-zero-snr"  # see the module docstring; the first model was "epsil
 #: 0.634). A probe that trained the same weights on t >= 850 only, plain v-loss, learned them in
 #: ~250 steps (0.35 vs 0.72 at step 400). Hence HIGH_NOISE_SHARE of each batch is drawn from
 #: t >= HIGH_NOISE_FROM with plain v-loss (weight 1: the x0 error weighted SNR + 1 >= 1), the rest
-#: uniform with min-SNR-5.
+#: uniform with min-SNR-5. A first run of it resumed Adam's moments from the min-SNR run at lr 8e-4
+#: and degraded within 300 steps (x0 error at t=500: 0.15 -> 0.41, position still ignored), as the
+#: floored weighting above had; with Adam restarted on a change of weighting and lr 3e-4 it kept
+#: colour and shape and learned position (see `train_diffusion`). The floor's failure was most
+#: likely that resumed optimiser state too, not the weighting.
 LOSS_WEIGHTING = "min(snr,5)/(snr+1); plain v on a high-noise share"
 HIGH_NOISE_SHARE = 0.5
 HIGH_NOISE_FROM = 800
@@ -206,7 +210,11 @@ def train_diffusion(run: Path, state: dict, data: dataset.Dataset, tokenizer: CL
     if "unet" in state:
         text.load_state_dict(state["text"])
         unet.load_state_dict(state["unet"])
-        opt.load_state_dict(state["opt"])
+        if state.get("loss_weighting") == LOSS_WEIGHTING:
+            opt.load_state_dict(state["opt"])
+        # else Adam starts afresh: its second moments, sized for the old loss's gradients, would
+        # make the first few hundred updates of the new one several times too large (measured:
+        # resuming them into the high-noise share degraded the model within 300 steps).
         ema = [t.clone() for t in state["ema"]]
     else:
         ema = [p.detach().clone() for p in params]
@@ -241,7 +249,7 @@ def train_diffusion(run: Path, state: dict, data: dataset.Dataset, tokenizer: CL
         weight = torch.clamp(snr[t], max=5.0) / (snr[t] + 1)  # min-SNR-5 for v on the uniform share
         weight[:high] = 1.0  # plain v-loss on the high-noise share
         loss = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
-        lr = args.lr * min(1.0, (step + 1) / 200)
+        lr = args.lr * min(1.0, (step + 1 - state.get("loss_weighting_from_step", 0)) / 200)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
