@@ -39,3 +39,19 @@ def test_builtin_draws_what_it_is_asked():
     images = pipe("a red circle", seed=list(range(4)), num_images_per_prompt=4).images
     found = [read_objects(img, max_objects=1) for img in images]
     assert sum(bool(f) and f[0].color == "red" for f in found) >= 3
+
+
+def test_builtin_puts_the_object_where_the_prompt_says():
+    """The position words steer the layout, not the seed: the same seeds, "on the left" and "on the
+    right", give objects on either side (the model before session 4 drew the same picture for both)."""
+    from ortdiffusion import Pipeline
+    from ortdiffusion.builtin.evaluate import read_objects
+
+    pipe = Pipeline.load(builtin_bundle())
+    seeds = list(range(6))
+    sides = {}
+    for side in ("left", "right"):
+        images = pipe(f"a red circle on the {side}", seed=seeds, num_images_per_prompt=len(seeds)).images
+        sides[side] = [objs[0].x if (objs := read_objects(img, max_objects=1)) else None for img in images]
+    assert sum(x is not None and x < 32 for x in sides["left"]) >= 4, sides
+    assert sum(x is not None and x > 32 for x in sides["right"]) >= 4, sides

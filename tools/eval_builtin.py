@@ -93,6 +93,29 @@ def evaluate(pipe, sets: dict, seeds: int, steps: int, scheduler: str, guidance:
     return row
 
 
+def psnr_against_fp32(pipes: dict, sets: dict, steps: int, scheduler: str, guidance: float, per_set: int = 10) -> dict:
+    """How far each other precision's images are from fp32's, same prompts and seeds (PSNR, dB)."""
+    scenes = [s for group in sets.values() for s in group[:per_set]]
+    prompts, seeds = [s.caption for s in scenes], list(range(len(scenes)))
+
+    def images(pipe) -> list[np.ndarray]:
+        result = pipe(prompts, seed=seeds, num_inference_steps=steps, scheduler=scheduler, guidance_scale=guidance)
+        return [np.asarray(im, np.float64) for im in result.images]
+
+    reference = images(pipes["fp32"])
+    out = {"images": len(scenes), "settings": f"defaults ({scheduler}, {steps} steps, guidance {guidance:g}), "
+                                              f"{per_set} prompts per evaluation set, one seed each"}
+    for name, pipe in pipes.items():
+        if name == "fp32":
+            continue
+        values = []
+        for a, b in zip(images(pipe), reference):
+            mse = float(((a - b) ** 2).mean())
+            values.append(float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse))
+        out[f"{name}_vs_fp32_psnr_db"] = {"median": float(np.median(values)), "min": float(np.min(values))}
+    return out
+
+
 def markdown(report: dict) -> str:
     """The README's tables: adherence by precision at the defaults, then by scheduler and steps."""
     def cells(row: dict) -> str:
@@ -142,6 +165,8 @@ def main() -> None:
     for name, variant in pipes.items():
         report["by_precision"].append(
             evaluate(variant, sets, args.seeds, c.default_steps, c.default_scheduler, guidance, name))
+    if "fp32" in pipes and len(pipes) > 1:
+        report["psnr_against_fp32"] = psnr_against_fp32(pipes, sets, c.default_steps, c.default_scheduler, guidance)
     for scheduler in args.schedulers.split(","):
         for steps in map(int, args.steps.split(",")):
             report["results"].append(evaluate(pipe, table_sets, args.table_seeds, steps, scheduler, guidance, "fp32"))
