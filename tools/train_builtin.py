@@ -10,7 +10,8 @@ Two phases, both on the CPU (a GPU is used when torch sees one):
    StableDiffusionPipeline);
 2. the text encoder (CLIPTextModel) and UNet2DConditionModel jointly on the frozen autoencoder's
    latents: v-prediction on a zero-terminal-SNR schedule with trailing timesteps (Lin et al. 2023),
-   min-SNR-5 weighting (Hang et al. 2023; `LOSS_WEIGHTING`), 10% empty captions for
+   min-SNR-5 weighting (Hang et al. 2023) on a uniform half of each batch and plain v-loss on a
+   half drawn from the noisiest timesteps (`LOSS_WEIGHTING` says why), 10% empty captions for
    classifier-free guidance, an EMA of the weights.
 
 Why zero terminal SNR: the first model (steps 0–2942) used Stable Diffusion's own schedule and
