@@ -3,7 +3,6 @@ pipeline on it. Marked `gpu`: skipped where ONNX Runtime has no CUDA provider (c
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from conftest import psnr
@@ -32,24 +31,20 @@ def test_cuda_target_exports_fused_fp16_with_parity_on_cuda(cuda_fp16_bundle):
     assert all(r.rel_l2_error <= 2e-2 for c in manifest.components.values() for r in c.parity)
 
 
-def test_cuda_pipeline_draws_what_the_cpu_pipeline_draws(cuda_fp16_bundle, tiny_pipeline):
+def draws_like_the_cpu(bundle, tiny_pipeline, prompt: str, seed: int, steps: int) -> float:
+    """Load `bundle` on CUDA (and nothing else), draw `prompt`, return the PSNR against the CPU fp32 image."""
     from ortdiffusion import Pipeline
 
-    out, _ = cuda_fp16_bundle
-    pipe = Pipeline.load(out, providers="cuda")
+    pipe = Pipeline.load(bundle, providers="cuda")
     assert set(pipe.providers.values()) == {"cuda"}
-    kwargs = dict(seed=3, num_inference_steps=4)
-    got = np.asarray(pipe("a red circle", **kwargs).images[0], np.float64)
-    ref = np.asarray(tiny_pipeline("a red circle", **kwargs).images[0], np.float64)
-    assert psnr(got, ref) > 30
+    kwargs = dict(seed=seed, num_inference_steps=steps)
+    return psnr(pipe(prompt, **kwargs).images[0], tiny_pipeline(prompt, **kwargs).images[0])
+
+
+def test_cuda_pipeline_draws_what_the_cpu_pipeline_draws(cuda_fp16_bundle, tiny_pipeline):
+    out, _ = cuda_fp16_bundle
+    assert draws_like_the_cpu(out, tiny_pipeline, "a red circle", seed=3, steps=4) > 30
 
 
 def test_generic_bundle_runs_on_cuda(tiny_bundle, tiny_pipeline):
-    from ortdiffusion import Pipeline
-
-    pipe = Pipeline.load(tiny_bundle, providers="cuda")
-    assert set(pipe.providers.values()) == {"cuda"}
-    kwargs = dict(seed=5, num_inference_steps=3)
-    got = np.asarray(pipe("a blue square", **kwargs).images[0], np.float64)
-    ref = np.asarray(tiny_pipeline("a blue square", **kwargs).images[0], np.float64)
-    assert psnr(got, ref) > 35
+    assert draws_like_the_cpu(tiny_bundle, tiny_pipeline, "a blue square", seed=5, steps=3) > 35

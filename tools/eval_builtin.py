@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 
 from ortdiffusion.builtin import dataset
 from ortdiffusion.builtin.evaluate import score
+from ortdiffusion.export.compare import psnr
 from ortdiffusion.models import resolve_bundle
 from ortdiffusion.runtime.pipeline import Pipeline
 from ortdiffusion.runtime.schedulers import SchedulerName
@@ -108,10 +109,7 @@ def psnr_against_fp32(pipes: dict, sets: dict, steps: int, scheduler: str, guida
     for name, pipe in pipes.items():
         if name == "fp32":
             continue
-        values = []
-        for a, b in zip(images(pipe), reference):
-            mse = float(((a - b) ** 2).mean())
-            values.append(float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse))
+        values = [psnr(a, b) for a, b in zip(images(pipe), reference)]
         out[f"{name}_vs_fp32_psnr_db"] = {"median": float(np.median(values)), "min": float(np.min(values))}
     return out
 

@@ -95,6 +95,8 @@ def export_component(
             precision, fp32_nodes, files, parity = _to_fp16(spec, module, files, options, ranges)
         else:
             precision, fp32_nodes = Precision.FP32, ()
+            # Not for CUDA: its fused graph stays as ONNX Runtime's optimizer wrote it until a GPU
+            # has run it (fused kernels reading Cast-fed weights is unverified there).
             if options.compact_weights and len(files) == 1 and target is not Target.CUDA:
                 store_exact_fp32_weights_as_fp16(files[0])
             parity = measure_parity(spec, module, files[0], target.parity_provider)

@@ -142,64 +142,43 @@ def optimize_graph(files: list[Path], component: str, target: Target, fp16: bool
     attention inputs are fused only then)."""
     if target in (Target.GENERIC, Target.TENSORRT):
         return {}
-    if target is Target.CUDA:
-        return _fuse_for_cuda(files, component, fp16)
     import tempfile
+    from contextlib import nullcontext
 
     import onnxruntime as ort
     from onnxruntime.transformers.optimizer import optimize_model
 
     path, external = files[0], len(files) > 1
     model_type = MODEL_TYPES.get(component)
+    gpu = target is Target.CUDA
     fused: dict[str, int] = {}
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}-opt-") as tmp:
         staged = Path(tmp) / path.name  # written aside, then moved over: the originals are read meanwhile
         source = path
         if model_type is not None:
-            model = optimize_model(str(path), model_type=model_type, opt_level=0, use_gpu=False,
-                                   optimization_options=fusion_options(model_type, target))
+            # The NumPy-2 workaround is needed only where the UNet attention fusion runs (CUDA).
+            with numpy2_num_heads_fix() if gpu else nullcontext():
+                model = optimize_model(str(path), model_type=model_type, opt_level=0, use_gpu=gpu,
+                                       optimization_options=fusion_options(model_type, target, fp16))
             fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
             if target is Target.CPU and model_type in ("unet", "vae"):
                 fused["MultiHeadAttention"] = fuse_attention(model.model)
-            fused_path = Path(tmp) / f"fused-{path.name}"
-            model.save_model_to_file(str(fused_path), use_external_data_format=external, all_tensors_to_one_file=True)
-            source = fused_path
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = str(staged)
-        if external:
-            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                             f"{path.name}.data")
-            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                             "1024")
-        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
-        staged.replace(path)
-        if external:
-            (Path(tmp) / f"{path.name}.data").replace(files[1])
+            # For CUDA the fused graph is the result; the CPU's goes through ONNX Runtime below.
+            source = staged if gpu else Path(tmp) / f"fused-{path.name}"
+            model.save_model_to_file(str(source), use_external_data_format=external, all_tensors_to_one_file=True)
+        if target is Target.CPU:
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            options.optimized_model_filepath = str(staged)
+            if external:
+                options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                                 f"{path.name}.data")
+                options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                                 "1024")
+            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        if staged.exists():
+            staged.replace(path)
+            if external:
+                (Path(tmp) / f"{path.name}.data").replace(files[1])
     logger.info("%s optimized for %s: %s", component, target.value, fused)
-    return fused
-
-
-def _fuse_for_cuda(files: list[Path], component: str, fp16: bool) -> dict[str, int]:
-    """The transformer optimizer's GPU fusions, saved in place (see the module docstring)."""
-    import tempfile
-
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    path, external = files[0], len(files) > 1
-    model_type = MODEL_TYPES.get(component)
-    if model_type is None:
-        return {}
-    with numpy2_num_heads_fix():
-        model = optimize_model(str(path), model_type=model_type, opt_level=0, use_gpu=True,
-                               optimization_options=fusion_options(model_type, Target.CUDA, fp16))
-    fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}-opt-") as tmp:
-        staged = Path(tmp) / path.name  # written aside, then moved over: the originals are read meanwhile
-        model.save_model_to_file(str(staged), use_external_data_format=external, all_tensors_to_one_file=True,
-                                 size_threshold=1024)
-        staged.replace(path)
-        if external:
-            (Path(tmp) / f"{path.name}.data").replace(files[1])
-    logger.info("%s fused for cuda: %s", component, fused)
     return fused
