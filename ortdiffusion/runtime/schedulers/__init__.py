@@ -18,6 +18,7 @@ from .ddim import DDIMScheduler
 from .dpmsolver_multistep import DPMSolverMultistepScheduler
 from .euler import EulerScheduler
 from .euler_ancestral import EulerAncestralScheduler
+from .linear_step import LinearStep
 
 
 class Scheduler(Protocol):
@@ -33,6 +34,11 @@ class Scheduler(Protocol):
     def step(
         self, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None
     ) -> np.ndarray: ...
+
+    #: Step `step_index` as coefficients (linear_step.py): what the device loop's step graph runs.
+    def linear_step(self, step_index: int) -> LinearStep: ...
+
+    def input_scale(self, step_index: int) -> float: ...
 
 
 class SchedulerName(str, Enum):
@@ -86,6 +92,7 @@ def make_scheduler(name: SchedulerName | str, config: Mapping[str, Any]) -> Sche
 
 
 __all__ = [
+    "LinearStep",
     "Scheduler",
     "SchedulerName",
     "default_scheduler_for",

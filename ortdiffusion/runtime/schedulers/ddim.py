@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .linear_step import LinearScheduler, LinearStep
 from .noise_schedule import (
     TrainingScheduleConfig,
     config_from_dict,
@@ -28,7 +29,7 @@ class DDIMConfig(TrainingScheduleConfig):
     thresholding: bool = False
 
 
-class DDIMScheduler:
+class DDIMScheduler(LinearScheduler):
     needs_noise = False
 
     def __init__(self, config: DDIMConfig):
@@ -50,29 +51,23 @@ class DDIMScheduler:
         self.num_inference_steps = num_inference_steps
         self.timesteps = spaced_timesteps(c.timestep_spacing, c.num_train_timesteps, num_inference_steps, c.steps_offset)
 
-    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
-        return sample
-
-    def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+    def linear_step(self, step_index: int) -> LinearStep:
         c = self.config
         t = int(self.timesteps[step_index])
         # 1. the previous timestep (formula 12 walks the sub-sequence τ)
         prev_t = t - c.num_train_timesteps // self.num_inference_steps
-        a_t = self.alphas_cumprod[t]
-        a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        a_t = float(self.alphas_cumprod[t])
+        a_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
         b_t = 1.0 - a_t
-        # 2. predicted x_0 and ε from the model output (formula 12)
-        if c.prediction_type == "epsilon":
-            x0 = (sample - b_t**0.5 * model_output) / a_t**0.5
-            eps = model_output
+        # 2. predicted x_0 (formula 12), clipped where the checkpoint asks for it, and ε, both
+        #    linear in (sample, model output); ε from the unclipped prediction, as diffusers does
+        if c.prediction_type == "epsilon":  # x0 = (x − √β ε̂) / √ᾱ, ε = ε̂
+            x0_sample, x0_output, eps_sample, eps_output = 1 / a_t**0.5, -(b_t**0.5) / a_t**0.5, 0.0, 1.0
         elif c.prediction_type == "v_prediction":  # Salimans & Ho 2022, v = α ε − σ x
-            x0 = a_t**0.5 * sample - b_t**0.5 * model_output
-            eps = a_t**0.5 * model_output + b_t**0.5 * sample
-        else:
-            x0 = model_output
-            eps = (sample - a_t**0.5 * x0) / b_t**0.5
-        # 3. clip x_0 where the checkpoint asks for it
-        if c.clip_sample:
-            x0 = np.clip(x0, -c.clip_sample_range, c.clip_sample_range)
-        # 4. x_{t-1} = sqrt(ᾱ_prev) x_0 + sqrt(1 − ᾱ_prev) ε  (η = 0: no added noise)
-        return (a_prev**0.5 * x0 + (1.0 - a_prev) ** 0.5 * eps).astype(sample.dtype)
+            x0_sample, x0_output, eps_sample, eps_output = a_t**0.5, -(b_t**0.5), b_t**0.5, a_t**0.5
+        else:  # x0 = model output, ε = (x − √ᾱ x0) / √β
+            x0_sample, x0_output, eps_sample, eps_output = 0.0, 1.0, 1 / b_t**0.5, -(a_t**0.5) / b_t**0.5
+        # 3. x_{t-1} = sqrt(ᾱ_prev) x_0 + sqrt(1 − ᾱ_prev) ε  (η = 0: no added noise)
+        d = (1.0 - a_prev) ** 0.5
+        return LinearStep(x0_sample, x0_output, clip=c.clip_sample_range if c.clip_sample else None,
+                          sample=d * eps_sample, output=d * eps_output, x0=a_prev**0.5)

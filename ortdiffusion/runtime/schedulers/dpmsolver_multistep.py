@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .linear_step import LinearScheduler, LinearStep
 from .noise_schedule import (
     TrainingScheduleConfig,
     config_from_dict,
@@ -50,7 +51,7 @@ def _lambda(sigma: float) -> float:
     return math.log(alpha) - math.log(s)
 
 
-class DPMSolverMultistepScheduler:
+class DPMSolverMultistepScheduler(LinearScheduler):
     needs_noise = False
 
     def __init__(self, config: DPMSolverConfig):
@@ -99,46 +100,39 @@ class DPMSolverMultistepScheduler:
         self.sigmas = np.concatenate([sigmas, [final]])
         self.timesteps = timesteps.astype(np.int64)
         self.num_inference_steps = len(self.timesteps)
-        self._previous_x0: np.ndarray | None = None
-        self._lower_order_nums = 0
+        self._previous_x0 = None
 
-    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
-        return sample
-
-    def _x0(self, model_output: np.ndarray, sample: np.ndarray, sigma: float) -> np.ndarray:
-        """Data prediction x_θ (DPM-Solver++ integrates over x_0 estimates, not ε)."""
+    def _x0_coefficients(self, sigma: float) -> tuple[float, float]:
+        """Data prediction x_θ = a · sample + b · model output: (a, b) (DPM-Solver++ integrates
+        over x_0 estimates, not ε)."""
         alpha, s = _alpha_sigma(sigma)
-        if self.config.prediction_type == "epsilon":
-            return (sample - s * model_output) / alpha
-        if self.config.prediction_type == "v_prediction":
-            return alpha * sample - s * model_output
-        return model_output
+        if self.config.prediction_type == "epsilon":  # (x − σ ε) / α
+            return 1.0 / alpha, -s / alpha
+        if self.config.prediction_type == "v_prediction":  # α x − σ v
+            return alpha, -s
+        return 0.0, 1.0
 
-    def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+    def linear_step(self, step_index: int) -> LinearStep:
         c, n, i = self.config, len(self.timesteps), step_index
-        # 1. near the end of short schedules, drop to first order for stability (diffusers' lower_order_final)
+        # 1. near the end of short schedules, drop to first order for stability (diffusers'
+        #    lower_order_final); the first step has no previous x_0 to be second order with
         lower_order_final = i == n - 1 and (
             c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero"
         )
-        x0 = self._x0(model_output, sample, self.sigmas[i])
-        sigma_t, sigma_s0 = self.sigmas[i + 1], self.sigmas[i]
+        x0 = self._x0_coefficients(float(self.sigmas[i]))
+        sigma_t, sigma_s0 = float(self.sigmas[i + 1]), float(self.sigmas[i])
         alpha_t, s_t = _alpha_sigma(sigma_t)
         _, s_s0 = _alpha_sigma(sigma_s0)
-        with np.errstate(divide="ignore"):
-            h = (math.log(alpha_t) - math.log(s_t) if s_t > 0 else math.inf) - _lambda(sigma_s0)
+        h = (math.log(alpha_t) - math.log(s_t) if s_t > 0 else math.inf) - _lambda(sigma_s0)
         phi = math.expm1(-h) if math.isfinite(h) else -1.0  # e^{−h} − 1
-        if c.solver_order == 1 or self._lower_order_nums < 1 or lower_order_final:
+        if c.solver_order == 1 or i == 0 or lower_order_final:
             # 2a. first order (DPM-Solver++(1) = DDIM in x_0 form): x_t = (σ_t/σ_s) x − α_t (e^{−h} − 1) x_0
-            prev = (s_t / s_s0) * sample - (alpha_t * phi) * x0
-        else:
-            # 2b. second order multistep, using the previous step's x_0 (Algorithm 2, r = h_{i−1}/h_i)
-            h_0 = _lambda(sigma_s0) - _lambda(self.sigmas[i - 1])
-            r0 = h_0 / h
-            d0, d1 = x0, (1.0 / r0) * (x0 - self._previous_x0)
-            if c.solver_type == "midpoint":
-                prev = (s_t / s_s0) * sample - (alpha_t * phi) * d0 - 0.5 * (alpha_t * phi) * d1
-            else:
-                prev = (s_t / s_s0) * sample - (alpha_t * phi) * d0 + (alpha_t * (phi / h + 1.0)) * d1
-        self._previous_x0 = x0
-        self._lower_order_nums = min(self._lower_order_nums + 1, c.solver_order)
-        return prev.astype(sample.dtype)
+            return LinearStep(*x0, sample=s_t / s_s0, x0=-alpha_t * phi)
+        # 2b. second order multistep with the previous step's x_0 (Algorithm 2, r = h_{i−1}/h_i):
+        #     D0 = x_0, D1 = (x_0 − x_0_prev) / r
+        r0 = (_lambda(sigma_s0) - _lambda(float(self.sigmas[i - 1]))) / h
+        if c.solver_type == "midpoint":  # x_t = (σ_t/σ_s) x − α_t φ D0 − ½ α_t φ D1
+            d1 = -0.5 * alpha_t * phi
+        else:  # heun: x_t = (σ_t/σ_s) x − α_t φ D0 + α_t (φ/h + 1) D1
+            d1 = alpha_t * (phi / h + 1.0)
+        return LinearStep(*x0, sample=s_t / s_s0, x0=-alpha_t * phi + d1 / r0, previous_x0=-d1 / r0)

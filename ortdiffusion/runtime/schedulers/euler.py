@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .linear_step import LinearScheduler, LinearStep
 from .noise_schedule import (
     TrainingScheduleConfig,
     config_from_dict,
@@ -54,16 +55,17 @@ def sigma_schedule(c: EulerConfig, num_inference_steps: int) -> tuple[np.ndarray
     return timesteps, sigmas, init_noise_sigma
 
 
-def predicted_x0(prediction_type: str, model_output: np.ndarray, sample: np.ndarray, sigma: float) -> np.ndarray:
-    """x_0 from the model output at noise level σ (sample in the σ-scaled, variance-exploding space)."""
-    if prediction_type == "epsilon":
-        return sample - sigma * model_output
+def x0_coefficients(prediction_type: str, sigma: float) -> tuple[float, float]:
+    """x_0 = a · sample + b · model_output at noise level σ (sample in the σ-scaled,
+    variance-exploding space): (a, b)."""
+    if prediction_type == "epsilon":  # x − σ ε
+        return 1.0, -sigma
     if prediction_type == "v_prediction":
-        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-    return model_output
+        return 1.0 / (sigma**2 + 1), -sigma / (sigma**2 + 1) ** 0.5
+    return 0.0, 1.0
 
 
-class EulerScheduler:
+class EulerScheduler(LinearScheduler):
     needs_noise = False
     config_class: type[EulerConfig] = EulerConfig
     prediction_types: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
@@ -83,16 +85,13 @@ class EulerScheduler:
     def set_timesteps(self, num_inference_steps: int) -> None:
         self.timesteps, self.sigmas, self.init_noise_sigma = sigma_schedule(self.config, num_inference_steps)
 
-    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
+    def input_scale(self, step_index: int) -> float:
         # The UNet was trained on unit-variance inputs: x / sqrt(σ² + 1).
-        sigma = self.sigmas[step_index]
-        return (sample / (sigma**2 + 1) ** 0.5).astype(sample.dtype)
+        return 1.0 / (float(self.sigmas[step_index]) ** 2 + 1) ** 0.5
 
-    def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
-        sigma, sigma_next = self.sigmas[step_index], self.sigmas[step_index + 1]
-        # 1. denoised estimate D(x; σ)
-        x0 = predicted_x0(self.config.prediction_type, model_output, sample, sigma)
-        # 2. d = (x − D) / σ, the ODE's slope dx/dσ (Algorithm 2, line 7)
-        derivative = (sample - x0) / sigma
-        # 3. x_next = x + (σ_next − σ) d
-        return (sample + derivative * (sigma_next - sigma)).astype(sample.dtype)
+    def linear_step(self, step_index: int) -> LinearStep:
+        sigma, sigma_next = float(self.sigmas[step_index]), float(self.sigmas[step_index + 1])
+        # 1. denoised estimate D(x; σ); 2. d = (x − D) / σ, the ODE's slope dx/dσ (Algorithm 2, line 7);
+        # 3. x_next = x + (σ_next − σ) d = (1 + k) x − k D with k = (σ_next − σ) / σ
+        k = (sigma_next - sigma) / sigma
+        return LinearStep(*x0_coefficients(self.config.prediction_type, sigma), sample=1.0 + k, x0=-k)

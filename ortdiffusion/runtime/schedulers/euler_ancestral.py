@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from .euler import EulerConfig, EulerScheduler, predicted_x0
+from .euler import EulerConfig, EulerScheduler, x0_coefficients
+from .linear_step import LinearStep
 
 
 @dataclass(frozen=True)
@@ -30,15 +29,11 @@ class EulerAncestralScheduler(EulerScheduler):
     config_class = EulerAncestralConfig
     prediction_types = ("epsilon", "v_prediction")
 
-    def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
-        if noise is None:
-            raise ValueError("EulerAncestralScheduler.step needs `noise` (one standard normal draw per step)")
-        sigma, sigma_to = self.sigmas[step_index], self.sigmas[step_index + 1]
+    def linear_step(self, step_index: int) -> LinearStep:
+        sigma, sigma_to = float(self.sigmas[step_index]), float(self.sigmas[step_index + 1])
         # 1. split the move σ → σ_to into a deterministic part (σ_down) and fresh noise (σ_up)
         sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
         sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-        # 2. Euler step to σ_down
-        x0 = predicted_x0(self.config.prediction_type, model_output, sample, sigma)
-        prev = sample + (sample - x0) / sigma * (sigma_down - sigma)
-        # 3. add noise of standard deviation σ_up
-        return (prev + noise * sigma_up).astype(sample.dtype)
+        # 2. Euler step to σ_down: x + (σ_down − σ) (x − D) / σ; 3. add noise of standard deviation σ_up
+        k = (sigma_down - sigma) / sigma
+        return LinearStep(*x0_coefficients(self.config.prediction_type, sigma), sample=1.0 + k, x0=-k, noise=sigma_up)
