@@ -51,7 +51,7 @@ def test_guidance_at_most_one_runs_only_the_conditional_half(tiny_pipeline, monk
     original = tiny_pipeline.denoiser.__call__
 
     class Spy:
-        def __call__(self, sample, t, emb, last=False):
+        def __call__(self, sample, t, emb, last=False, transfers=None):
             batches.append(sample.shape[0])
             lasts.append(last)
             return original(sample, t, emb, last=last)
@@ -97,7 +97,7 @@ def test_non_finite_latents_raise_numerical_error(tiny_pipeline, monkeypatch):
     original = tiny_pipeline.denoiser.__call__
 
     class Broken:
-        def __call__(self, sample, t, emb, last=False):
+        def __call__(self, sample, t, emb, last=False, transfers=None):
             out = original(sample, t, emb)
             out[0, 0, 0, 0] = np.nan
             return out

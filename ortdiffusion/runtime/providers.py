@@ -58,6 +58,9 @@ class CudaOptions:
     arena_extend_strategy: str = "kSameAsRequested"  # grow by what is asked, not powers of two
     cudnn_conv_algo_search: str = "EXHAUSTIVE"
     gpu_mem_limit: int | None = None
+    #: Capture the session's kernels as one CUDA graph on its first runs and replay it after; needs
+    #: static shapes and IO binding to fixed buffers (device_loop.GraphCache sets both up).
+    enable_cuda_graph: bool = False
 
     def to_ort(self) -> dict[str, str]:
         options = {
@@ -67,6 +70,8 @@ class CudaOptions:
         }
         if self.gpu_mem_limit is not None:
             options["gpu_mem_limit"] = str(self.gpu_mem_limit)
+        if self.enable_cuda_graph:
+            options["enable_cuda_graph"] = "1"
         return options
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .cache import cache_dir
+from .device_loop import Transfers
 from .errors import BundleError, ProviderError
 from .manifest import ComponentManifest
 from .providers import (
@@ -30,7 +31,10 @@ logger = logging.getLogger(__name__)
 
 class Session:
     def __init__(self, bundle_dir: Path, component: ComponentManifest, preference: ProviderPreference,
-                 intra_op_threads: int = 0, bundle_sha256: str = "", tensorrt_cache: Path | None = None):
+                 intra_op_threads: int = 0, bundle_sha256: str = "", tensorrt_cache: Path | None = None,
+                 fixed_dims: Mapping[str, int] | None = None):
+        """`fixed_dims`: symbolic dims fixed at load (ONNX Runtime's free dimension overrides), so
+        the shape arithmetic folds away; what a CUDA graph needs (`device_loop.GraphCache`)."""
         import onnxruntime as ort
 
         self.component = component
@@ -45,10 +49,12 @@ class Session:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads  # 0: one per physical core
         options.log_severity_level = 3
+        for dim, value in (fixed_dims or {}).items():
+            options.add_free_dimension_override_by_name(dim, int(value))
+        self.fixed_dims = dict(fixed_dims or {})
+        self._ort_providers = preference.ort_providers(available_providers())
         try:
-            self._session = ort.InferenceSession(
-                str(self.path), options, providers=preference.ort_providers(available_providers())
-            )
+            self._session = ort.InferenceSession(str(self.path), options, providers=self._ort_providers)
         except (ProviderError, BundleError):
             raise
         except Exception as e:  # onnxruntime raises its own (non-exported) exception types
@@ -80,12 +86,55 @@ class Session:
         options = replace(base, engine_cache_path=str(self.tensorrt_engine_dir), profile=profile)
         return replace(preference, options={**preference.options, ProviderKind.TENSORRT: options})
 
-    def run(self, feeds: Mapping[str, np.ndarray], release_memory: bool = False) -> list[np.ndarray]:
+    @property
+    def device(self) -> tuple[str, int]:
+        """Where this session's inputs and outputs live: ("cuda", id) on the CUDA or TensorRT
+        provider, ("cpu", 0) on the CPU provider."""
+        if self.providers[0] in (ProviderKind.CUDA, ProviderKind.TENSORRT):
+            options = dict(self._ort_providers[0][1])
+            return "cuda", int(options.get("device_id", 0))
+        return "cpu", 0
+
+    def step_graph_providers(self) -> list[tuple[str, dict[str, str]]]:
+        """Providers for the small graphs that run between this session's steps (guidance and the
+        scheduler step): this session's own, except CUDA in place of TensorRT (an engine build for
+        a dozen elementwise ops is not worth it)."""
+        kind = self.providers[0]
+        if kind is ProviderKind.TENSORRT:
+            return [(ProviderKind.CUDA.ort_name, {"device_id": str(self.device[1])})]
+        return [p for p in self._ort_providers if p[0] == kind.ort_name]
+
+    def run(self, feeds: Mapping[str, np.ndarray], release_memory: bool = False,
+            transfers: Transfers | None = None) -> list[np.ndarray]:
         """Run; with `release_memory`, hand the memory this run's intermediates took in the CPU
         arena back afterwards (ONNX Runtime's run option `memory.enable_memory_arena_shrinkage`).
         The pipeline asks for it after the last denoising step and after the one-shot components,
-        so that one component's arena does not sit beside the next one's peak."""
-        return self._session.run(self.output_names, dict(feeds), self._release if release_memory else None)
+        so that one component's arena does not sit beside the next one's peak. Numpy feeds and
+        outputs cross between host and device; `transfers` counts them."""
+        outputs = self._session.run(self.output_names, dict(feeds), self._release if release_memory else None)
+        if transfers is not None:
+            for array in feeds.values():
+                transfers.sent(array)
+            for array in outputs:
+                transfers.received(array)
+        return outputs
+
+    def run_bound(self, inputs: Mapping, device_type: str, device_id: int, release_memory: bool = False,
+                  into=None) -> list:
+        """Run with IO binding: `inputs` are OrtValues (already where they should be); the first
+        output (the one the pipeline uses; the text encoder's pooled output is left unbound) is
+        written into the OrtValue `into`, or allocated on (`device_type`, `device_id`), and returned
+        as an OrtValue; nothing is copied."""
+        io = self._session.io_binding()
+        for name, value in inputs.items():
+            io.bind_ortvalue_input(name, value)
+        for name in self.output_names[:1]:
+            if into is not None:
+                io.bind_ortvalue_output(name, into)
+            else:
+                io.bind_output(name, device_type, device_id)
+        self._session.run_with_iobinding(io, self._release if release_memory else None)
+        return io.get_outputs()
 
 
 def _restrict_to_component(preference: ProviderPreference, component: ComponentManifest) -> ProviderPreference:
