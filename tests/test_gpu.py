@@ -48,3 +48,20 @@ def test_cuda_pipeline_draws_what_the_cpu_pipeline_draws(cuda_fp16_bundle, tiny_
 
 def test_generic_bundle_runs_on_cuda(tiny_bundle, tiny_pipeline):
     assert draws_like_the_cpu(tiny_bundle, tiny_pipeline, "a blue square", seed=5, steps=3) > 35
+
+
+def test_cuda_loop_stays_on_the_device_and_replays_a_cuda_graph(tiny_bundle, tiny_pipeline):
+    """On CUDA the default loop is the device loop: nothing crosses inside it; a CUDA-graph bucket
+    draws the same picture and its second call reuses the captured session."""
+    from ortdiffusion import Pipeline
+
+    kwargs = dict(seed=[7], num_inference_steps=4)
+    cpu = tiny_pipeline("a green star", **kwargs).images[0]
+    plain = Pipeline.load(tiny_bundle, providers="cuda")
+    assert plain.device_loop is not None
+    r = plain("a green star", **kwargs)
+    assert r.transfers.in_loop == 0 and psnr(r.images[0], cpu) > 35
+    graphed = Pipeline.load(tiny_bundle, providers="cuda", cuda_graphs=[(1, 64, 64)])
+    first, second = graphed("a green star", **kwargs), graphed("a green star", **kwargs)
+    assert graphed.device_loop.graphs.built == 1
+    assert psnr(first.images[0], cpu) > 35 and psnr(second.images[0], first.images[0]) > 60

@@ -88,6 +88,13 @@ OBJECTIVE = "v-zero-snr"  # see the module docstring; the first model was "epsil
 LOSS_WEIGHTING = "min(snr,5)/(snr+1); plain v on a high-noise share"
 HIGH_NOISE_SHARE = 0.5
 HIGH_NOISE_FROM = 800
+#: Share of each batch drawn from two-object scenes (the dataset holds ~40 %; None: uniform over
+#: the dataset, as up to step 5834). Session 5's probe: at step 5834 the x0 error of two-object
+#: scenes at t=999 was the same with the right caption, the objects swapped and the relation flipped
+#: (0.858 / 0.859 / 0.859; empty caption 1.170): the model drew the objects but did not read the
+#: relation at all (two objects all-right 0.28). Relations bind a word order to a layout, a harder
+#: thing to learn than one position word, so the batches give them more of their share.
+TWO_OBJECT_SHARE = 0.65
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                         rescale_betas_zero_snr=True, timestep_spacing="trailing",
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
@@ -236,8 +243,16 @@ def train_diffusion(run: Path, state: dict, data: dataset.Dataset, tokenizer: CL
     stop = []  # SIGTERM/SIGINT: finish the step, save the state, exit (resumable from exactly here)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
+    two = np.array([i for i, s in enumerate(data.scenes) if len(s.objects) == 2])
+    one = np.setdiff1d(np.arange(len(data.scenes)), two)
+    if state.get("two_object_share") != TWO_OBJECT_SHARE:
+        state.update(two_object_share=TWO_OBJECT_SHARE, two_object_share_from_step=state.get("step", 0))
     while time.time() < deadline and step < args.max_steps and not stop:
-        idx = np.random.randint(0, len(data.scenes), args.batch)
+        if TWO_OBJECT_SHARE is None:
+            idx = np.random.randint(0, len(data.scenes), args.batch)
+        else:
+            n_two = int(round(TWO_OBJECT_SHARE * args.batch))
+            idx = np.random.permutation(np.concatenate([np.random.choice(two, n_two), np.random.choice(one, args.batch - n_two)]))
         captions = ["" if rng.random() < 0.1 else data.caption(i, rng) for i in idx]
         ids = tokenizer(captions, padding="max_length", max_length=TOKENS, truncation=True, return_tensors="pt").input_ids
         x0 = (lat_mean[idx].float() + lat_std[idx].float() * torch.randn(len(idx), 4, 16, 16)) * scaling
@@ -322,6 +337,7 @@ def save_checkpoint(run: Path, out: Path, fp16: bool = True) -> None:
         "vae_stats": state["vae_stats"], "seed": state["seed"], "held_out_pairs": dataset.HELD_OUT_PAIRS,
         "objective": state.get("objective", "epsilon"), "objective_from_step": state.get("objective_from_step", 0),
         "loss_weighting": state.get("loss_weighting"), "loss_weighting_from_step": state.get("loss_weighting_from_step"),
+        "two_object_share": state.get("two_object_share"), "two_object_share_from_step": state.get("two_object_share_from_step"),
     }, indent=2))
     logger.info("wrote diffusers checkpoint %s (diffusion step %d)", out, state.get("step", 0))
 
