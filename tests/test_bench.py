@@ -33,6 +33,11 @@ def test_bench_records_ours_and_torch_with_stages_memory_and_env(tmp_path):
         # FLOPs counted by torch for the setting; the rate and the share outside the networks
         assert r["unet_step_gflop"] > 0 and 0 < r["unet_fraction_of_matmul_rate"] < 5
         assert 0 <= r["outside_networks_fraction"] < 1
+        # ours counts host<->device crossings (the host loop on the CPU: 4 per UNet step); torch does not
+        if r["engine"] == "torch":
+            assert r["transfers"] is None
+        else:
+            assert r["transfers"]["in_loop"] == 4 * 3
     # optimum is not installed in the test environment: said so, not faked
     assert report["skipped"] and report["skipped"][0]["engine"] == "optimum"
     assert Image.open(tmp_path / "bench.png").size[0] > 500

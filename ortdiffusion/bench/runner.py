@@ -139,6 +139,8 @@ def record(engine: Worker, model: str, setting: Setting, samples: list[dict], co
         # Time outside the three networks (tokenizer, scheduler, guidance, copies, PNG), as a share.
         "outside_networks_fraction": max(0.0, 1 - networks / total) if total > 0 else None,
         "unet_step_gflop": next((s["unet_step_gflop"] for s in samples if "unet_step_gflop" in s), None),
+        # ours only: arrays that crossed host <-> device in one generation (device_loop.Transfers)
+        "transfers": next((s["transfers"] for s in samples if "transfers" in s), None),
     }
 
 

@@ -71,6 +71,7 @@ class OrtDiffusionEngine:
             "stages": {"tokenize": [t.tokenize], "text_encoder": [t.text_encoder], "unet_step": list(t.unet_steps),
                        "scheduler": [t.scheduler], "decoder": [t.decoder], "postprocess": [t.postprocess],
                        "png_encode": [end - png_start]},
+            "transfers": result.transfers.as_dict(),
         }
 
 
