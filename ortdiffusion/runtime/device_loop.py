@@ -25,8 +25,9 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from contextlib import contextmanager
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,15 @@ class Transfers:
     in_loop: int = 0
     _looping: bool = False
 
+    @contextmanager
+    def looping(self):
+        """Crossings inside this block count as `in_loop`."""
+        self._looping = True
+        try:
+            yield
+        finally:
+            self._looping = False
+
     def sent(self, array: np.ndarray) -> None:
         self.host_to_device += 1
         self.bytes_host_to_device += array.nbytes
@@ -76,6 +86,23 @@ class Transfers:
         return {"host_to_device": self.host_to_device, "device_to_host": self.device_to_host,
                 "bytes_host_to_device": self.bytes_host_to_device, "bytes_device_to_host": self.bytes_device_to_host,
                 "in_loop": self.in_loop}
+
+
+def run_bound(session, inputs: Mapping, output_names: Sequence[str], device_type: str, device_id: int,
+              into: Mapping | None = None,
+              run_options=None) -> list:
+    """Run an ONNX Runtime session with IO binding: OrtValue `inputs`; each output written into its
+    OrtValue in `into`, or allocated on (`device_type`, `device_id`); the outputs as OrtValues."""
+    io = session.io_binding()
+    for name, value in inputs.items():
+        io.bind_ortvalue_input(name, value)
+    for name in output_names:
+        if into and name in into:
+            io.bind_ortvalue_output(name, into[name])
+        else:
+            io.bind_output(name, device_type, device_id)
+    session.run_with_iobinding(io, run_options)
+    return io.get_outputs()
 
 
 def coefficient_table(scheduler, guidance_scale: float, scaling_factor: float, shift_factor: float | None) -> np.ndarray:
@@ -130,7 +157,7 @@ class GraphCache:
         self.max_graphs = max_graphs
         self._make_session = make_session
         self._inputs, self._outputs = unet_inputs, unet_outputs
-        self._vae_scale_factor = vae_scale_factor
+        self.vae_scale_factor = vae_scale_factor
         self._device = device
         self._buckets: OrderedDict[tuple[int, int, int], GraphBucket] = OrderedDict()
         self._lock = threading.Lock()
@@ -144,7 +171,7 @@ class GraphCache:
     def get(self, images: int, height: int, width: int, guided: bool) -> GraphBucket:
         import onnxruntime as ort
 
-        f = self._vae_scale_factor
+        f = self.vae_scale_factor
         key = (images * (2 if guided else 1), height // f, width // f)
         with self._lock:
             if key in self._buckets:
@@ -205,17 +232,8 @@ class DeviceLoop:
 
     def _run_step_graph(self, graph, inputs: dict, into: dict | None = None) -> dict:
         """Run a step graph; outputs named in `into` are written into those OrtValues."""
-        io = graph.io_binding()
-        for name, value in inputs.items():
-            io.bind_ortvalue_input(name, value)
         names = [o.name for o in graph.get_outputs()]
-        for name in names:
-            if into and name in into:
-                io.bind_ortvalue_output(name, into[name])
-            else:
-                io.bind_output(name, self.device_type, self.device_id)
-        graph.run_with_iobinding(io)
-        return dict(zip(names, io.get_outputs()))
+        return dict(zip(names, run_bound(graph, inputs, names, self.device_type, self.device_id, into)))
 
     def __call__(self, ids: np.ndarray, latents: np.ndarray, scheduler, guidance_scale: float | None,
                  step_noise: np.ndarray | None, scaling_factor: float, shift_factor: float | None,
@@ -225,7 +243,7 @@ class DeviceLoop:
         `step_noise` (steps, batch, C, H, W) for a scheduler that adds noise, else None; `mark(stage)`
         is called as each stage ends ("text_encoder", "unet", "scheduler"), for the timings."""
         images = latents.shape[0]
-        height, width = (d * self.graphs._vae_scale_factor for d in latents.shape[2:]) if self.graphs else (0, 0)
+        height, width = (d * self.graphs.vae_scale_factor for d in latents.shape[2:]) if self.graphs else (0, 0)
         padded = self.graphs.pick(images, height, width) if self.graphs else None
         if padded is None:
             return self._loop(ids, latents, scheduler, guidance_scale, step_noise, scaling_factor, shift_factor,
@@ -283,22 +301,21 @@ class DeviceLoop:
         into = {"model_input": fixed["sample"], "timestep": fixed["timestep"]} if fixed else None
         mark("scheduler")
         # 3. the loop: nothing crosses unless a callback asks for the latents
-        transfers._looping = True
-        for i in range(steps):
-            (prediction,) = unet.run_bound(
-                {"sample": model_input, "timestep": timestep, "encoder_hidden_states": embeddings},
-                self.device_type, self.device_id, release_memory=i == steps - 1, into=fixed.get(unet.output_names[0]))
-            mark("unet")
-            out = self._run_step_graph(graph, {"prediction": prediction, **state}, into)
-            state.update(sample=out["next_sample"], previous_x0=out["x0"], step=out["step_out"],
-                         nonfinite=out["nonfinite_out"])
-            model_input, timestep = out["model_input"], out["timestep"]
-            mark("scheduler")
-            if callback is not None:
-                host = out["next_sample"].numpy()
-                transfers.received(host)
-                callback(i, steps, host)
-        transfers._looping = False
+        with transfers.looping():
+            for i in range(steps):
+                (prediction,) = unet.run_bound(
+                    {"sample": model_input, "timestep": timestep, "encoder_hidden_states": embeddings},
+                    self.device_type, self.device_id, release_memory=i == steps - 1, into=fixed.get(unet.output_names[0]))
+                mark("unet")
+                out = self._run_step_graph(graph, {"prediction": prediction, **state}, into)
+                state.update(sample=out["next_sample"], previous_x0=out["x0"], step=out["step_out"],
+                             nonfinite=out["nonfinite_out"])
+                model_input, timestep = out["model_input"], out["timestep"]
+                mark("scheduler")
+                if callback is not None:
+                    host = out["next_sample"].numpy()
+                    transfers.received(host)
+                    callback(i, steps, host)
         # 4. the NaN guard, read once, then the last table row: the decoder's input
         bad = out["nonfinite_out"].numpy()
         transfers.received(bad)

@@ -263,10 +263,9 @@ class Pipeline:
             if request.do_guidance:
                 model_input = np.concatenate([model_input, model_input])
             mark("scheduler")
-            transfers._looping = True
-            prediction = self.denoiser(model_input, float(t), embeddings, last=i == len(scheduler.timesteps) - 1,
-                                       transfers=transfers)
-            transfers._looping = False
+            with transfers.looping():
+                prediction = self.denoiser(model_input, float(t), embeddings, last=i == len(scheduler.timesteps) - 1,
+                                           transfers=transfers)
             mark("unet")
             if request.do_guidance:
                 uncond, cond = np.split(prediction, 2)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .cache import cache_dir
-from .device_loop import Transfers
+from .device_loop import Transfers, run_bound
 from .errors import BundleError, ProviderError
 from .manifest import ComponentManifest
 from .providers import (
@@ -125,16 +125,9 @@ class Session:
         output (the one the pipeline uses; the text encoder's pooled output is left unbound) is
         written into the OrtValue `into`, or allocated on (`device_type`, `device_id`), and returned
         as an OrtValue; nothing is copied."""
-        io = self._session.io_binding()
-        for name, value in inputs.items():
-            io.bind_ortvalue_input(name, value)
-        for name in self.output_names[:1]:
-            if into is not None:
-                io.bind_ortvalue_output(name, into)
-            else:
-                io.bind_output(name, device_type, device_id)
-        self._session.run_with_iobinding(io, self._release if release_memory else None)
-        return io.get_outputs()
+        name = self.output_names[0]
+        return run_bound(self._session, inputs, [name], device_type, device_id, {name: into} if into is not None else None,
+                         self._release if release_memory else None)
 
 
 def _restrict_to_component(preference: ProviderPreference, component: ComponentManifest) -> ProviderPreference:
