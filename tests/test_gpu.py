@@ -35,8 +35,9 @@ def draws_like_the_cpu(bundle, tiny_pipeline, prompt: str, seed: int, steps: int
     """Load `bundle` on CUDA (and nothing else), draw `prompt`, return the PSNR against the CPU fp32 image."""
     from ortdiffusion import Pipeline
 
-    pipe = Pipeline.load(bundle, providers="cuda")
+    pipe = Pipeline.load(bundle, providers="cuda")  # the per-node check passed: only shape arithmetic off CUDA
     assert set(pipe.providers.values()) == {"cuda"}
+    assert all(counts["cuda"] > counts.get("cpu", 0) for counts in pipe.placement.values()), pipe.placement
     kwargs = dict(seed=seed, num_inference_steps=steps)
     return psnr(pipe(prompt, **kwargs).images[0], tiny_pipeline(prompt, **kwargs).images[0])
 

@@ -13,6 +13,7 @@ from ortdiffusion.runtime.providers import (
     ProviderPreference,
     TensorRTOptions,
     available_providers,
+    check_placement,
     check_providers,
 )
 from ortdiffusion.runtime.session import Session
@@ -53,6 +54,39 @@ def test_session_that_lands_elsewhere_is_refused():
     allowed = ProviderPreference(kinds=(ProviderKind.CUDA,), allow_fallback=True)
     assert check_providers(allowed, ["CPUExecutionProvider"], "unet") == (ProviderKind.CPU,)
 
+
+def test_nodes_off_the_gpu_provider_are_refused_except_shape_arithmetic():
+    cuda = ProviderPreference(kinds=(ProviderKind.CUDA,))
+    nodes = [("CUDAExecutionProvider", "/conv_in/Conv", "Conv"), ("CUDAExecutionProvider", "/mid/MatMul", "MatMul"),
+             ("CPUExecutionProvider", "/attn/Shape", "Shape"), ("CPUExecutionProvider", "/attn/Gather", "Gather"),
+             ("CPUExecutionProvider", "/attn/Sqrt", "Sqrt")]
+    ok = check_placement(cuda, nodes, "unet")
+    assert ok.nodes == {"cuda": 2, "cpu": 3} and ok.shape_arithmetic == 3 and ok.off_provider == ()
+    fell_back = nodes + [("CPUExecutionProvider", "/up/Resize", "Resize")]
+    with pytest.raises(ProviderError, match=r"unet: 1 node\(s\) did not land on cuda \(Resize /up/Resize\); "
+                                            r"this is a silent fallback, refused \(allow_fallback=True"):
+        check_placement(cuda, fell_back, "unet")
+    allowed = check_placement(ProviderPreference(kinds=(ProviderKind.CUDA,), allow_fallback=True), fell_back, "unet")
+    assert allowed.off_provider == ("Resize /up/Resize",)
+    listed = check_placement(ProviderPreference.parse("cuda,cpu"), fell_back, "unet")  # the CPU asked for
+    assert listed.off_provider == () and listed.nodes == {"cuda": 2, "cpu": 4}
+
+
+def test_placement_is_read_from_the_real_session(tiny_bundle):
+    """The check reads ONNX Runtime's own record of where each node went: on the CPU provider every
+    node is there; the same record held against a CUDA-only preference names the compute nodes."""
+    pipe = Pipeline.load(tiny_bundle, providers="cpu")
+    assert set(pipe.placement) == {"text_encoder", "unet", "vae_decoder"}
+    assert all(set(counts) == {"cpu"} and counts["cpu"] > 10 for counts in pipe.placement.values())
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    real = ort.InferenceSession(str(tiny_bundle / "unet.onnx"), options, providers=["CPUExecutionProvider"])
+    assignments = [(s.ep_name, n.name, n.op_type) for s in real.get_provider_graph_assignment_info() for n in s.get_nodes()]
+    assert sum(pipe.placement["unet"].values()) == len(assignments)
+    with pytest.raises(ProviderError, match=r"unet: \d+ node\(s\) did not land on cuda \(.*Conv /"):
+        check_placement(ProviderPreference(kinds=(ProviderKind.CUDA,)), assignments, "unet")
 
 def test_option_strings_are_onnxruntimes():
     assert CudaOptions(device_id=1, gpu_mem_limit=2**30).to_ort() == {

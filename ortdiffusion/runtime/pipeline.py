@@ -105,6 +105,8 @@ class Pipeline:
         self.denoiser = Denoiser(sessions[UNET])
         self.image_decoder = ImageDecoder(sessions[VAE_DECODER])
         self.providers = {name: s.providers[0].value for name, s in sessions.items()}
+        #: where each component's nodes run, provider -> count (checked at load: see providers.check_placement)
+        self.placement = {name: dict(s.placement.nodes) for name, s in sessions.items() if s.placement is not None}
         # IO binding (the loop on the device): by default where the UNet runs on a GPU
         on_gpu = sessions[UNET].device[0] != "cpu"
         if io_binding is None:

@@ -1,8 +1,9 @@
 """Execution providers as data: an ordered preference with per-provider options.
 
 ONNX Runtime's provider names and option strings live here and nowhere else. After a session is
-created, `check_providers` compares what it really got with what was asked: a silent fallback to a
-provider the caller did not list is a `ProviderError` unless the caller allowed it.
+created, `check_providers` compares what it really got with what was asked, and `check_placement`
+where each node went: a silent fallback to a provider the caller did not list is a `ProviderError`
+unless the caller allowed it.
 """
 
 from __future__ import annotations
@@ -252,3 +253,58 @@ def check_providers(preference: ProviderPreference, got_ort_names: Sequence[str]
             f"{', '.join(k.value for k in got) or 'nothing'}; this is a silent fallback, refused"
         )
     return got
+
+
+#: Operators that a GPU provider implements but ONNX Runtime may still run on the CPU on purpose:
+#: its CUDA provider places the shape arithmetic of a graph (Shape → Gather → Concat → the shape
+#: input of a Reshape, a scale computed from a head size) on the CPU, because those few int64 values
+#: are read there anyway (`GetCpuPreferredNodes`). Such a node moves a handful of numbers, not
+#: activations, so it is not a fallback. Everything else — Conv, MatMul, Softmax, normalizations,
+#: attention, Resize, Transpose — landing on the CPU is.
+SHAPE_ARITHMETIC_OPS = frozenset({
+    "Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Range",
+    "ConstantOfShape", "Reshape", "Expand", "Identity", "Equal", "Greater", "Less", "Not", "And",
+    "Or", "Where", "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Floor", "Ceil", "Sqrt",
+    "Reciprocal", "Min", "Max", "ReduceProd",
+})
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where ONNX Runtime put a session's nodes (its graph assignment info, recorded at load).
+
+    `nodes`: provider → node count. `off_provider`: "OpType name" of each node on a provider the
+    caller did not list, shape arithmetic aside; `shape_arithmetic`: how many such nodes were left
+    aside (`SHAPE_ARITHMETIC_OPS`)."""
+
+    nodes: Mapping[str, int]
+    off_provider: tuple[str, ...] = ()
+    shape_arithmetic: int = 0
+
+
+def check_placement(preference: ProviderPreference, assignments: Iterable[tuple[str, str, str]], what: str) -> Placement:
+    """Per-node check after load. `assignments`: (ONNX Runtime provider name, node name, op type) of
+    every node. A node on a provider outside the preference is an error unless it is shape
+    arithmetic or the caller allowed a fallback; the error lists the nodes (the first 20)."""
+    wanted = {k.ort_name for k in preference.kinds}
+    counts: dict[str, int] = {}
+    off: list[str] = []
+    shape = 0
+    for provider, name, op_type in assignments:
+        kind = _FROM_ORT_NAME.get(provider)
+        counts[kind.value if kind else provider] = counts.get(kind.value if kind else provider, 0) + 1
+        if provider in wanted:
+            continue
+        if op_type in SHAPE_ARITHMETIC_OPS:
+            shape += 1
+        else:
+            off.append(f"{op_type} {name}")
+    placement = Placement(nodes=counts, off_provider=tuple(off), shape_arithmetic=shape)
+    if off and not preference.allow_fallback:
+        shown = "; ".join(off[:20]) + (f"; … {len(off) - 20} more" if len(off) > 20 else "")
+        raise ProviderError(
+            f"{what}: {len(off)} node(s) did not land on {', '.join(k.value for k in preference.kinds)} "
+            f"({shown}); this is a silent fallback, refused (allow_fallback=True accepts it, "
+            f"or list the provider they run on)"
+        )
+    return placement

@@ -19,7 +19,9 @@ from .providers import (
     ProviderPreference,
     ShapeProfile,
     TensorRTOptions,
+    Placement,
     available_providers,
+    check_placement,
     check_providers,
     gpu_name,
     tensorrt_cache_key,
@@ -49,6 +51,7 @@ class Session:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads  # 0: one per physical core
         options.log_severity_level = 3
+        options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
         for dim, value in (fixed_dims or {}).items():
             options.add_free_dimension_override_by_name(dim, int(value))
         self.fixed_dims = dict(fixed_dims or {})
@@ -61,6 +64,11 @@ class Session:
             raise BundleError(str(self.path), f"onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from None
         self.load_s = time.perf_counter() - start
         self.providers = check_providers(preference, self._session.get_providers(), component.name)
+        self.placement: Placement | None = None  # None where this onnxruntime cannot say (before 1.23)
+        if hasattr(self._session, "get_provider_graph_assignment_info"):
+            assignments = [(sub.ep_name, node.name, node.op_type)
+                           for sub in self._session.get_provider_graph_assignment_info() for node in sub.get_nodes()]
+            self.placement = check_placement(preference, assignments, component.name)
         if self.tensorrt_engine_dir is not None and self.providers[0] is ProviderKind.TENSORRT:
             what = "loaded its cached TensorRT engine" if cached else "built its TensorRT engine"
             logger.info("%s: %s in %.1f s (%s)", component.name, what, self.load_s, self.tensorrt_engine_dir)
