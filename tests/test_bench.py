@@ -46,3 +46,23 @@ def test_bench_records_ours_and_torch_with_stages_memory_and_env(tmp_path):
 def test_bench_refuses_an_unknown_engine(tmp_path):
     proc = run("bench", "--engines", "ortdiffusion,tensorflow", check=False, cache=tmp_path / "cache")
     assert proc.returncode == 2 and "engines" in proc.stderr and "tensorflow" in proc.stderr
+
+
+def test_our_worker_never_imports_torch(tiny_bundle):
+    """Our engine's peak host memory is its own: asking for GPU memory must not import torch (that
+    alone is ~190 MB resident, and it used to land in our peak)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from ortdiffusion.bench.worker import OrtDiffusionEngine, peak_device_mb
+from ortdiffusion.runtime.pipeline import Pipeline
+engine = OrtDiffusionEngine.__new__(OrtDiffusionEngine)
+engine.pipe = Pipeline.load({str(tiny_bundle)!r}, providers="cpu")
+engine.providers = engine.pipe.providers
+engine.run(1, 64, 64, 2, 3.0)
+print(peak_device_mb(engine), "torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["None", "False"], out.stdout

@@ -8,6 +8,7 @@ from ortdiffusion import Pipeline
 from ortdiffusion.runtime.errors import InvalidRequestError, ProviderError
 from ortdiffusion.runtime.manifest import load_manifest
 from ortdiffusion.runtime.providers import (
+    ComponentSettings,
     CudaOptions,
     ProviderKind,
     ProviderPreference,
@@ -87,6 +88,42 @@ def test_placement_is_read_from_the_real_session(tiny_bundle):
     assert sum(pipe.placement["unet"].values()) == len(assignments)
     with pytest.raises(ProviderError, match=r"unet: \d+ node\(s\) did not land on cuda \(.*Conv /"):
         check_placement(ProviderPreference(kinds=(ProviderKind.CUDA,)), assignments, "unet")
+
+def test_component_settings_lay_their_cuda_options_over_the_callers():
+    caller = ProviderPreference(kinds=(ProviderKind.CUDA,), options={ProviderKind.CUDA: CudaOptions(device_id=1)})
+    unet = ComponentSettings.parse({"arena_extend_strategy": "kNextPowerOfTwo", "gpu_mem_limit": 2**33}, "x")
+    options = unet.apply(caller).options[ProviderKind.CUDA].to_ort()
+    assert options["device_id"] == "1" and options["arena_extend_strategy"] == "kNextPowerOfTwo"
+    assert options["gpu_mem_limit"] == str(2**33)
+    assert ComponentSettings().apply(caller) is caller
+    assert unet.apply(ProviderPreference.parse("cpu")).options == {}  # nothing to lay over on the CPU
+
+
+@pytest.mark.parametrize("value, field, message", [
+    ({"arena": False}, "component_settings.unet.arena", "unknown setting; allowed: arena_extend_strategy, "
+                                                          "cpu_memory_arena, gpu_mem_limit"),
+    ({"arena_extend_strategy": "grow"}, "component_settings.unet.arena_extend_strategy",
+     "'grow'; allowed: kNextPowerOfTwo, kSameAsRequested"),
+    ({"gpu_mem_limit": -1}, "component_settings.unet.gpu_mem_limit", "-1; must be a positive number of bytes"),
+    ({"cpu_memory_arena": "no"}, "component_settings.unet.cpu_memory_arena", "must be true or false"),
+])
+def test_bad_component_settings_name_the_field(tiny_bundle, value, field, message):
+    with pytest.raises(InvalidRequestError) as e:
+        Pipeline.load(tiny_bundle, providers="cpu", component_settings={"unet": value})
+    assert e.value.field == field and str(e.value) == f"{field}: {message}"
+    with pytest.raises(InvalidRequestError, match="component_settings: unknown component 'vae'; allowed: "
+                                                  "text_encoder, unet, vae_decoder"):
+        Pipeline.load(tiny_bundle, providers="cpu", component_settings={"vae": {}})
+
+
+def test_component_settings_reach_their_session_only(tiny_bundle):
+    pipe = Pipeline.load(tiny_bundle, providers="cpu", component_settings={"text_encoder": {"cpu_memory_arena": False}})
+    arena = {name: s.session._session.get_session_options().enable_cpu_mem_arena
+             for name, s in (("text_encoder", pipe.text_encoder), ("unet", pipe.denoiser),
+                             ("vae_decoder", pipe.image_decoder))}
+    assert arena == {"text_encoder": False, "unet": True, "vae_decoder": True}
+    assert pipe("a red circle", num_inference_steps=1, seed=0).images[0].size == (64, 64)
+
 
 def test_option_strings_are_onnxruntimes():
     assert CudaOptions(device_id=1, gpu_mem_limit=2**30).to_ort() == {

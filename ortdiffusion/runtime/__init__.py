@@ -11,11 +11,12 @@ from .errors import (
     ProviderError,
 )
 from .pipeline import Pipeline, PipelineResult, Timings
-from .providers import ProviderKind, ProviderPreference, available_providers
+from .providers import ComponentSettings, CudaOptions, ProviderKind, ProviderPreference, TensorRTOptions, available_providers
 from .schedulers import SchedulerName
 
 __all__ = [
     "BundleError", "DeadlineExceededError", "ExportError", "InvalidRequestError", "NumericalError",
     "OrtDiffusionError", "OverloadedError", "ProviderError", "Pipeline", "PipelineResult", "Timings",
-    "ProviderKind", "ProviderPreference", "available_providers", "SchedulerName",
+    "ComponentSettings", "CudaOptions", "ProviderKind", "ProviderPreference", "TensorRTOptions", "available_providers",
+    "SchedulerName",
 ]

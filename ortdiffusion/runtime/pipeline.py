@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from PIL import Image
 from .. import __version__
 from .components import Denoiser, ImageDecoder, TextEncoder
 from .device_loop import DeviceLoop, GraphCache, Transfers
-from .errors import BundleError, NumericalError, ProviderError
+from .errors import BundleError, InvalidRequestError, NumericalError, ProviderError
 from .manifest import (
     TEXT_ENCODER,
     UNET,
@@ -34,7 +34,7 @@ from .manifest import (
     verify_files,
 )
 from .png import save_png
-from .providers import CudaOptions, ProviderKind, ProviderPreference, default_preference
+from .providers import ComponentSettings, CudaOptions, ProviderKind, ProviderPreference, default_preference
 from .request import GenerationRequest, make_request
 from .schedulers import SchedulerName, make_scheduler
 from .session import Session
@@ -91,14 +91,17 @@ class Pipeline:
     """A loaded bundle: its tokenizer, three sessions and constants."""
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, preference: ProviderPreference, intra_op_threads: int = 0,
-                 io_binding: bool | None = None, cuda_graphs: Sequence[tuple[int, int, int]] = (), max_cuda_graphs: int = 2):
+                 io_binding: bool | None = None, cuda_graphs: Sequence[tuple[int, int, int]] = (), max_cuda_graphs: int = 2,
+                 component_settings: Mapping[str, ComponentSettings] | None = None):
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         c = manifest.pipeline
         self.tokenizer = PromptTokenizer(bundle_dir / manifest.tokenizer.path, c.tokenizer_max_length, c.pad_token_id)
         self.model_hash = manifest.bundle_sha256
+        self.component_settings = dict(component_settings or {})
         sessions = {
-            name: Session(bundle_dir, manifest.components[name], preference, intra_op_threads, self.model_hash)
+            name: Session(bundle_dir, manifest.components[name], preference, intra_op_threads, self.model_hash,
+                          settings=self.component_settings.get(name))
             for name in (TEXT_ENCODER, UNET, VAE_DECODER)
         }
         self.text_encoder = TextEncoder(sessions[TEXT_ENCODER])
@@ -139,7 +142,8 @@ class Pipeline:
         component, c = self.manifest.components[UNET], self.manifest.pipeline
 
         def make_session(dims: dict[str, int]) -> Session:
-            return Session(self.bundle_dir, component, preference, threads, self.model_hash, fixed_dims=dims)
+            return Session(self.bundle_dir, component, preference, threads, self.model_hash, fixed_dims=dims,
+                           settings=self.component_settings.get(UNET))
 
         return GraphCache(sizes, max_graphs, make_session, component.inputs, component.outputs,
                           c.vae_scale_factor, unet.device)
@@ -154,11 +158,15 @@ class Pipeline:
         io_binding: bool | None = None,
         cuda_graphs: Sequence[tuple[int, int, int]] = (),
         max_cuda_graphs: int = 2,
+        component_settings: Mapping[str, ComponentSettings | Mapping] | None = None,
     ) -> Pipeline:
         """Load a bundle directory; `providers` is an ordered preference ("cuda,cpu"), None to choose.
         `io_binding`: keep the denoising loop on the device (device_loop.py); None: where the UNet
         runs on a GPU. `cuda_graphs`: (images, height, width) buckets whose UNet runs as a captured
-        CUDA graph, at most `max_cuda_graphs` kept at once (device_loop.GraphCache)."""
+        CUDA graph, at most `max_cuda_graphs` kept at once (device_loop.GraphCache).
+        `component_settings`: per component ("text_encoder", "unet", "vae_decoder") session settings
+        over the preference's — CPU arena on or off, the CUDA arena's extend strategy and memory
+        limit (providers.ComponentSettings, or a mapping of its fields)."""
         path = Path(path)
         if (path / "model_index.json").is_file() and not (path / "manifest.json").exists():
             raise BundleError(
@@ -170,7 +178,13 @@ class Pipeline:
         preference = ProviderPreference.parse(providers, allow_fallback)
         if preference is None:
             preference = default_preference(manifest.components[UNET].providers)
-        pipe = cls(path, manifest, preference, intra_op_threads, io_binding, cuda_graphs, max_cuda_graphs)
+        settings = {}
+        for name, value in (component_settings or {}).items():
+            if name not in (TEXT_ENCODER, UNET, VAE_DECODER):
+                raise InvalidRequestError("component_settings", f"unknown component {name!r}; allowed: "
+                                          f"{TEXT_ENCODER}, {UNET}, {VAE_DECODER}")
+            settings[name] = ComponentSettings.parse(value, f"component_settings.{name}")
+        pipe = cls(path, manifest, preference, intra_op_threads, io_binding, cuda_graphs, max_cuda_graphs, settings)
         logger.info("loaded %s on %s", path, pipe.providers)
         return pipe
 

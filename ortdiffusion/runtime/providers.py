@@ -9,7 +9,7 @@ unless the caller allowed it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from .errors import InvalidRequestError, ProviderError
@@ -131,6 +131,55 @@ class TensorRTOptions:
         if self.max_workspace_size is not None:
             options["trt_max_workspace_size"] = str(self.max_workspace_size)
         return options
+
+
+ARENA_EXTEND_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
+
+
+@dataclass(frozen=True)
+class ComponentSettings:
+    """Session settings for one component (`Pipeline.load(component_settings={"unet": ...})`), over
+    the preference's: the text encoder and decoder run once per request and need not keep an arena
+    the size of their peak beside the UNet's.
+
+    `cpu_memory_arena`: the CPU provider's memory arena (ONNX Runtime's `enable_cpu_mem_arena`).
+    `arena_extend_strategy`, `gpu_mem_limit` (bytes): the CUDA provider's, for this component only."""
+
+    cpu_memory_arena: bool = True
+    arena_extend_strategy: str | None = None
+    gpu_mem_limit: int | None = None
+
+    @classmethod
+    def parse(cls, value, field_name: str) -> ComponentSettings:
+        """From a ComponentSettings or a mapping of its fields; errors name the field."""
+        if isinstance(value, ComponentSettings):
+            settings = value
+        elif isinstance(value, Mapping):
+            known = {"cpu_memory_arena", "arena_extend_strategy", "gpu_mem_limit"}
+            for key in value:
+                if key not in known:
+                    raise InvalidRequestError(f"{field_name}.{key}", f"unknown setting; allowed: {', '.join(sorted(known))}")
+            settings = cls(**value)
+        else:
+            raise InvalidRequestError(field_name, f"expected ComponentSettings or a mapping, got {type(value).__name__}")
+        if not isinstance(settings.cpu_memory_arena, bool):
+            raise InvalidRequestError(f"{field_name}.cpu_memory_arena", "must be true or false")
+        if settings.arena_extend_strategy is not None and settings.arena_extend_strategy not in ARENA_EXTEND_STRATEGIES:
+            raise InvalidRequestError(f"{field_name}.arena_extend_strategy",
+                                      f"{settings.arena_extend_strategy!r}; allowed: {', '.join(ARENA_EXTEND_STRATEGIES)}")
+        limit = settings.gpu_mem_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+            raise InvalidRequestError(f"{field_name}.gpu_mem_limit", f"{limit!r}; must be a positive number of bytes")
+        return settings
+
+    def apply(self, preference: ProviderPreference) -> ProviderPreference:
+        """The preference with this component's CUDA options laid over the caller's (or the defaults)."""
+        overrides = {k: v for k, v in (("arena_extend_strategy", self.arena_extend_strategy),
+                                       ("gpu_mem_limit", self.gpu_mem_limit)) if v is not None}
+        if not overrides or ProviderKind.CUDA not in preference.kinds:
+            return preference
+        cuda = preference.options.get(ProviderKind.CUDA) or CudaOptions()
+        return replace(preference, options={**preference.options, ProviderKind.CUDA: replace(cuda, **overrides)})
 
 
 def tensorrt_cache_key(bundle_sha256: str, component: str, gpu: str, tensorrt_version: str, profile: ShapeProfile,

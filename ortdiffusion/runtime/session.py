@@ -15,11 +15,12 @@ from .device_loop import Transfers, run_bound
 from .errors import BundleError, ProviderError
 from .manifest import ComponentManifest
 from .providers import (
+    ComponentSettings,
+    Placement,
     ProviderKind,
     ProviderPreference,
     ShapeProfile,
     TensorRTOptions,
-    Placement,
     available_providers,
     check_placement,
     check_providers,
@@ -34,14 +35,16 @@ logger = logging.getLogger(__name__)
 class Session:
     def __init__(self, bundle_dir: Path, component: ComponentManifest, preference: ProviderPreference,
                  intra_op_threads: int = 0, bundle_sha256: str = "", tensorrt_cache: Path | None = None,
-                 fixed_dims: Mapping[str, int] | None = None):
+                 fixed_dims: Mapping[str, int] | None = None, settings: ComponentSettings | None = None):
         """`fixed_dims`: symbolic dims fixed at load (ONNX Runtime's free dimension overrides), so
-        the shape arithmetic folds away; what a CUDA graph needs (`device_loop.GraphCache`)."""
+        the shape arithmetic folds away; what a CUDA graph needs (`device_loop.GraphCache`).
+        `settings`: this component's own session settings (arena, GPU memory limit)."""
         import onnxruntime as ort
 
         self.component = component
         self.path = Path(bundle_dir) / component.model_file.path
-        preference = _restrict_to_component(preference, component)
+        self.settings = settings or ComponentSettings()
+        preference = self.settings.apply(_restrict_to_component(preference, component))
         self.tensorrt_engine_dir: Path | None = None
         if ProviderKind.TENSORRT in preference.kinds and ProviderKind.TENSORRT in available_providers():
             preference = self._with_tensorrt_cache(preference, bundle_sha256, tensorrt_cache or cache_dir() / "tensorrt")
@@ -50,6 +53,7 @@ class Session:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads  # 0: one per physical core
+        options.enable_cpu_mem_arena = self.settings.cpu_memory_arena
         options.log_severity_level = 3
         options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
         for dim, value in (fixed_dims or {}).items():
@@ -64,10 +68,9 @@ class Session:
             raise BundleError(str(self.path), f"onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from None
         self.load_s = time.perf_counter() - start
         self.providers = check_providers(preference, self._session.get_providers(), component.name)
-        self.placement: Placement | None = None  # None where this onnxruntime cannot say (before 1.23)
-        if hasattr(self._session, "get_provider_graph_assignment_info"):
-            assignments = [(sub.ep_name, node.name, node.op_type)
-                           for sub in self._session.get_provider_graph_assignment_info() for node in sub.get_nodes()]
+        self.placement: Placement | None = None  # None where this onnxruntime cannot say
+        assignments = self._node_assignments()
+        if assignments is not None:
             self.placement = check_placement(preference, assignments, component.name)
         if self.tensorrt_engine_dir is not None and self.providers[0] is ProviderKind.TENSORRT:
             what = "loaded its cached TensorRT engine" if cached else "built its TensorRT engine"
@@ -77,8 +80,21 @@ class Session:
         if names != expected:
             raise BundleError(str(self.path), f"graph inputs {names} differ from manifest.json's {expected}")
         self.output_names = [o.name for o in component.outputs]
-        self._release = ort.RunOptions()
-        self._release.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self._release: ort.RunOptions | None = None  # without a CPU arena there is nothing to hand back
+        if self.settings.cpu_memory_arena:
+            self._release = ort.RunOptions()
+            self._release.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+    def _node_assignments(self) -> list[tuple[str, str, str]] | None:
+        """(provider, node name, op type) for every node, from ONNX Runtime's record of the graph
+        partitioning (`session.record_ep_graph_assignment_info`); None where this onnxruntime does
+        not keep one (before 1.23)."""
+        try:
+            subgraphs = self._session.get_provider_graph_assignment_info()
+        except Exception as e:  # AttributeError before the API, onnxruntime's Fail where the record is off
+            logger.debug("%s: no node placement record (%s)", self.component.name, e)
+            return None
+        return [(sub.ep_name, node.name, node.op_type) for sub in subgraphs for node in sub.get_nodes()]
 
     def _with_tensorrt_cache(self, preference: ProviderPreference, bundle_sha256: str, root: Path) -> ProviderPreference:
         """TensorRT options for this component: its shape profile from the manifest, and an engine
