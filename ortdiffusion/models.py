@@ -63,7 +63,7 @@ def preset_checkpoint(name: str) -> Path:
 
 #: Export variants a cached bundle can be made in: (target, precision) → its cache-name suffix.
 VARIANTS = {("generic", "fp32"): "", ("cpu", "fp32"): "-cpu", ("cpu", "int8"): "-cpu-int8",
-            ("generic", "fp16"): "-fp16"}
+            ("generic", "fp16"): "-fp16", ("cuda", "fp16"): "-cuda-fp16"}
 
 
 def resolve_bundle(model: str | Path | None, progress: Callable[[str], None] | None = None,

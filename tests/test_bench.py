@@ -59,6 +59,7 @@ import sys
 from ortdiffusion.bench.worker import OrtDiffusionEngine, peak_device_mb
 from ortdiffusion.runtime.pipeline import Pipeline
 engine = OrtDiffusionEngine.__new__(OrtDiffusionEngine)
+engine.cuda_graphs = False
 engine.pipe = Pipeline.load({str(tiny_bundle)!r}, providers="cpu")
 engine.providers = engine.pipe.providers
 engine.run(1, 64, 64, 2, 3.0)
@@ -66,3 +67,21 @@ print(peak_device_mb(engine), "torch" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["None", "False"], out.stdout
+
+
+def test_cuda_graph_engine_loads_one_bucket_per_setting(tiny_bundle):
+    """`ortdiffusion-cuda-graphs` runs each setting with that setting's CUDA-graph bucket (on the CPU
+    provider here: the same static-shape sessions and buffers, without the capture)."""
+    from ortdiffusion.bench.worker import OrtDiffusionEngine
+
+    engine = OrtDiffusionEngine.__new__(OrtDiffusionEngine)
+    engine.bundle, engine.provider, engine.cuda_graphs = tiny_bundle, "cpu", True
+    engine.pipe = None
+    first = engine.run(1, 64, 64, 2, 3.0)
+    pipe = engine.pipe
+    assert pipe.device_loop.graphs.sizes == ((1, 64, 64),) and pipe.device_loop.graphs.built == 1
+    assert first["transfers"]["in_loop"] == 0
+    engine.run(1, 64, 64, 2, 3.0)
+    assert engine.pipe is pipe and pipe.device_loop.graphs.built == 1  # same setting: same graph
+    engine.run(2, 64, 64, 2, 3.0)
+    assert engine.pipe.device_loop.graphs.sizes == ((2, 64, 64),)

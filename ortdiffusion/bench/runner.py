@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-ENGINES = ("ortdiffusion", "ortdiffusion-cpu", "ortdiffusion-int8", "ortdiffusion-fp16", "torch", "optimum")
+ENGINES = ("ortdiffusion", "ortdiffusion-cpu", "ortdiffusion-int8", "ortdiffusion-fp16", "ortdiffusion-cuda",
+           "ortdiffusion-cuda-graphs", "torch", "optimum")
 #: The stages that are the three networks; everything else is overhead the engine itself adds.
 NETWORK_STAGES = ("text_encoder", "unet_step", "decoder")
 

@@ -51,9 +51,11 @@ def peak_device_mb(engine) -> float | None:
 
 
 #: Engine names for our export variants: "ortdiffusion" (the generic fp32 bundle), "-cpu" (ONNX
-#: Runtime's CPU fusions), "-int8" (CPU target, int8 UNet), "-fp16".
+#: Runtime's CPU fusions), "-int8" (CPU target, int8 UNet), "-fp16" (generic fp16), "-cuda" (the
+#: CUDA target in fp16: GPU fusions), "-cuda-graphs" (that bundle with its UNet as a CUDA graph).
 ORT_VARIANTS = {"ortdiffusion": ("generic", "fp32"), "ortdiffusion-cpu": ("cpu", "fp32"),
-                "ortdiffusion-int8": ("cpu", "int8"), "ortdiffusion-fp16": ("generic", "fp16")}
+                "ortdiffusion-int8": ("cpu", "int8"), "ortdiffusion-fp16": ("generic", "fp16"),
+                "ortdiffusion-cuda": ("cuda", "fp16"), "ortdiffusion-cuda-graphs": ("cuda", "fp16")}
 
 
 class OrtDiffusionEngine:
@@ -64,15 +66,32 @@ class OrtDiffusionEngine:
         from ..runtime.pipeline import Pipeline
 
         target, precision = ORT_VARIANTS[variant]
-        self.pipe = Pipeline.load(resolve_bundle(model, target=target, precision=precision), providers=provider)
+        self.bundle, self.provider = resolve_bundle(model, target=target, precision=precision), provider
+        self.cuda_graphs = variant.endswith("-graphs")
+        self.pipe = Pipeline.load(self.bundle, providers=provider)
         self.providers = self.pipe.providers
         self.precision = self.pipe.manifest.components["unet"].precision.value
+
+    def _for_setting(self, batch: int, width: int, height: int):
+        """The pipeline for a setting. With CUDA graphs, one whose graph bucket is this setting's
+        (images, height, width): loaded when the setting changes, outside the timed run; the
+        runner's warm-up run of the setting is the one that captures the graph."""
+        from ..runtime.pipeline import Pipeline
+
+        if self.cuda_graphs:
+            bucket = (batch, height, width)
+            loop = self.pipe.device_loop if self.pipe is not None else None
+            if loop is None or loop.graphs is None or loop.graphs.sizes != (bucket,):
+                self.pipe = None  # the old sessions go before the new ones come
+                self.pipe = Pipeline.load(self.bundle, providers=self.provider, io_binding=True, cuda_graphs=[bucket])
+        return self.pipe
 
     def run(self, batch: int, width: int, height: int, steps: int, guidance: float) -> dict[str, Any]:
         from ..runtime.png import encode_png
 
+        pipe = self._for_setting(batch, width, height)
         start = time.perf_counter()
-        result = self.pipe([PROMPT] * batch, seed=list(range(batch)), num_inference_steps=steps,
+        result = pipe([PROMPT] * batch, seed=list(range(batch)), num_inference_steps=steps,
                            guidance_scale=guidance, width=width, height=height)
         png_start = time.perf_counter()
         for image, meta in zip(result.images, result.metadata):
