@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency, per-stage timings, throughput and memory against baselines")
     p.add_argument("--model", action="append", help="bundle, checkpoint or preset (tiny, sd15-arch, sd21-arch); repeatable")
     p.add_argument("--engines", default="ortdiffusion,torch,optimum", help="run side by side, in alternating order: ortdiffusion (generic fp32 bundle), ortdiffusion-cpu "
-                   "(CPU fusions), ortdiffusion-int8, ortdiffusion-fp16, torch, optimum")
+                   "(CPU fusions), ortdiffusion-int8, ortdiffusion-fp16, ortdiffusion-cuda (CUDA target, fp16), "
+                   "ortdiffusion-cuda-graphs, torch, optimum")
     p.add_argument("--size", default="64x64", help="comma-separated WxH")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,2,4,8")
     p.add_argument("--steps", type=int, default=20)
