@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -44,10 +47,14 @@ def main() -> None:
     for _ in range(2):
         session.run(None, feeds)
     options.enable_profiling = True
+    scratch = tempfile.mkdtemp(prefix="profile-unet-")  # ONNX Runtime writes its trace here, not into the cwd
+    options.profile_file_prefix = str(Path(scratch) / "unet")
     session = ort.InferenceSession(str(bundle / "unet.onnx"), options, providers=["CPUExecutionProvider"])
     session.run(None, feeds)  # the first profiled run pays one-time costs
     session.run(None, feeds)
-    events = json.load(open(session.end_profiling()))
+    trace = session.end_profiling()
+    events = json.loads(Path(trace).read_text())
+    shutil.rmtree(scratch, ignore_errors=True)
     run = [e for e in events if e.get("name") == "model_run"][-1]
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
              and run["ts"] <= e["ts"] <= run["ts"] + run["dur"]]
