@@ -70,6 +70,14 @@ def test_device_loop_nan_guard_names_the_unet(device_pipeline, monkeypatch):
         device_pipeline("a cat", seed=1, num_inference_steps=1)
 
 
+def test_step_graphs_placement_is_checked(device_pipeline):
+    """The step graphs get the networks' per-node check: on the provider the UNet runs on, every node."""
+    placement = device_pipeline.device_loop.step_graph_placement
+    assert set(placement) == {True, False}
+    for p in placement.values():
+        assert set(p.nodes) == {"cpu"} and p.nodes["cpu"] > 10 and p.off_provider == ()
+
+
 def test_shipped_step_graphs_are_what_the_exporter_builds():
     from ortdiffusion.export import step_graph
     from ortdiffusion.runtime.device_loop import GRAPHS, STEP_GRAPHS

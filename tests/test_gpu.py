@@ -60,6 +60,9 @@ def test_cuda_loop_stays_on_the_device_and_replays_a_cuda_graph(tiny_bundle, tin
     cpu = tiny_pipeline("a green star", **kwargs).images[0]
     plain = Pipeline.load(tiny_bundle, providers="cuda")
     assert plain.device_loop is not None
+    # no step-graph node off CUDA but shape arithmetic: otherwise ONNX Runtime would copy inside the loop
+    assert all(p.off_provider == () for p in plain.device_loop.step_graph_placement.values())
+    print("step graph placement on CUDA:", plain.device_loop.step_graph_placement)
     r = plain("a green star", **kwargs)
     assert r.transfers.in_loop == 0 and psnr(r.images[0], cpu) > 35
     graphed = Pipeline.load(tiny_bundle, providers="cuda", cuda_graphs=[(1, 64, 64)])

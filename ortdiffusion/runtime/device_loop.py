@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import NumericalError
+from .providers import ProviderKind, ProviderPreference, check_placement, node_assignments
 
 logger = logging.getLogger(__name__)
 
@@ -219,10 +220,20 @@ class DeviceLoop:
         self.device_type, self.device_id = unet.device
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
         self.step_graphs = {
             guided: ort.InferenceSession(str(GRAPHS / name), options, providers=unet.step_graph_providers())
             for guided, name in STEP_GRAPHS.items()
         }
+        # The same per-node check as the networks': a step-graph node on the CPU would copy between
+        # host and device inside the loop, where nothing should cross
+        kind = ProviderKind.parse(unet.step_graph_providers()[0][0])
+        self.step_graph_placement = {}
+        for guided, graph in self.step_graphs.items():
+            assignments = node_assignments(graph)
+            if assignments is not None:
+                self.step_graph_placement[guided] = check_placement(
+                    ProviderPreference(kinds=(kind,)), assignments, f"step graph {STEP_GRAPHS[guided]}")
 
     def _send(self, array: np.ndarray, transfers: Transfers):
         import onnxruntime as ort

@@ -331,6 +331,17 @@ class Placement:
     shape_arithmetic: int = 0
 
 
+def node_assignments(session) -> list[tuple[str, str, str]] | None:
+    """(provider, node name, op type) for every node of an `onnxruntime.InferenceSession` created
+    with `session.record_ep_graph_assignment_info` = 1, from ONNX Runtime's record of the graph
+    partitioning; None where this onnxruntime keeps none (before 1.23) or the record is off."""
+    try:
+        subgraphs = session.get_provider_graph_assignment_info()
+    except Exception:  # AttributeError before the API, onnxruntime's Fail where the record is off
+        return None
+    return [(sub.ep_name, node.name, node.op_type) for sub in subgraphs for node in sub.get_nodes()]
+
+
 def check_placement(preference: ProviderPreference, assignments: Iterable[tuple[str, str, str]], what: str) -> Placement:
     """Per-node check after load. `assignments`: (ONNX Runtime provider name, node name, op type) of
     every node. A node on a provider outside the preference is an error unless it is shape

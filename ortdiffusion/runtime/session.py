@@ -25,6 +25,7 @@ from .providers import (
     check_placement,
     check_providers,
     gpu_name,
+    node_assignments,
     tensorrt_cache_key,
     tensorrt_version,
 )
@@ -69,7 +70,7 @@ class Session:
         self.load_s = time.perf_counter() - start
         self.providers = check_providers(preference, self._session.get_providers(), component.name)
         self.placement: Placement | None = None  # None where this onnxruntime cannot say
-        assignments = self._node_assignments()
+        assignments = node_assignments(self._session)
         if assignments is not None:
             self.placement = check_placement(preference, assignments, component.name)
         if self.tensorrt_engine_dir is not None and self.providers[0] is ProviderKind.TENSORRT:
@@ -84,17 +85,6 @@ class Session:
         if self.settings.cpu_memory_arena:
             self._release = ort.RunOptions()
             self._release.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-
-    def _node_assignments(self) -> list[tuple[str, str, str]] | None:
-        """(provider, node name, op type) for every node, from ONNX Runtime's record of the graph
-        partitioning (`session.record_ep_graph_assignment_info`); None where this onnxruntime does
-        not keep one (before 1.23)."""
-        try:
-            subgraphs = self._session.get_provider_graph_assignment_info()
-        except Exception as e:  # AttributeError before the API, onnxruntime's Fail where the record is off
-            logger.debug("%s: no node placement record (%s)", self.component.name, e)
-            return None
-        return [(sub.ep_name, node.name, node.op_type) for sub in subgraphs for node in sub.get_nodes()]
 
     def _with_tensorrt_cache(self, preference: ProviderPreference, bundle_sha256: str, root: Path) -> ProviderPreference:
         """TensorRT options for this component: its shape profile from the manifest, and an engine
