@@ -85,3 +85,22 @@ def test_cuda_graph_engine_loads_one_bucket_per_setting(tiny_bundle):
     assert engine.pipe is pipe and pipe.device_loop.graphs.built == 1  # same setting: same graph
     engine.run(2, 64, 64, 2, 3.0)
     assert engine.pipe.device_loop.graphs.sizes == ((2, 64, 64),)
+
+
+def test_gpu_records_get_a_gpu_memory_column_and_no_cpu_rate_fraction():
+    from ortdiffusion.bench.runner import add_compute_rates, markdown
+
+    def record(engine, providers, device_mb):
+        stage = {"p50": 0.05, "p90": 0.05, "p99": 0.05, "mean": 0.05, "runs": 30}
+        return {"engine": engine, "model": "sd15-arch", "providers": {"unet": providers}, "precision": "fp16",
+                "batch": 1, "width": 512, "height": 512, "steps": 30, "end_to_end_s": {"p50": 1.5, "p90": 1.6},
+                "stages_s": {"unet_step": stage}, "images_per_s": 0.66, "cold_start_s": 9.0, "peak_host_mb": 3000.0,
+                "peak_device_mb": device_mb, "outside_networks_fraction": 0.01, "unet_step_gflop": 1358.0}
+
+    records = [record("ortdiffusion-cuda", "cuda", 4100.0), record("torch", "cuda", None)]
+    add_compute_rates(records, matmul=200.0)
+    assert records[0]["unet_gflops_per_s"] == 1358.0 / 0.05 and records[0]["unet_fraction_of_matmul_rate"] is None
+    text = markdown({"records": records, "env": {"fp32_matmul_gflops": 200.0}})
+    assert text.splitlines()[0].endswith("| peak host MB | peak GPU MB |")
+    assert "| 27160 | 1.0% |" in text and text.splitlines()[2].endswith("| 3000 | 4100 |")
+    assert text.splitlines()[3].endswith("| 3000 | – |")

@@ -147,7 +147,8 @@ def record(engine: Worker, model: str, setting: Setting, samples: list[dict], co
 
 def add_compute_rates(records: list[dict], matmul: float) -> None:
     """Achieved UNet GFLOP/s per record, from the FLOPs torch counted for the same setting, and
-    its fraction of the machine's matrix-product rate."""
+    its fraction of the machine's (CPU, fp32) matrix-product rate — for CPU records only: a GPU
+    record's fraction of a CPU rate would mean nothing."""
     flops = {(r["model"], r["batch"], r["width"], r["height"]): r["unet_step_gflop"]
              for r in records if r.get("unet_step_gflop")}
     for r in records:
@@ -155,7 +156,9 @@ def add_compute_rates(records: list[dict], matmul: float) -> None:
         step = r["stages_s"].get("unet_step", {}).get("p50")
         r["unet_step_gflop"] = gflop
         r["unet_gflops_per_s"] = gflop / step if gflop and step else None
-        r["unet_fraction_of_matmul_rate"] = r["unet_gflops_per_s"] / matmul if r["unet_gflops_per_s"] else None
+        on_gpu = bool({"cuda", "tensorrt"} & set(r["providers"].values()))
+        r["unet_fraction_of_matmul_rate"] = (r["unet_gflops_per_s"] / matmul
+                                             if r["unet_gflops_per_s"] and not on_gpu else None)
 
 
 def run_bench(plan: BenchPlan, progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -220,17 +223,23 @@ def markdown(report: dict[str, Any]) -> str:
     rows = ["| model | engine | providers | precision | batch | size | steps | end to end p50 s | p90 s | "
             "UNet step p50 ms | UNet GFLOP/s (of matmul) | outside networks | images/s | cold start s | peak host MB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    gpu = any(r.get("peak_device_mb") is not None for r in report["records"])
+    if gpu:
+        rows[0] += " peak GPU MB |"
+        rows[1] += "---|"
     for r in report["records"]:
         unet = r["stages_s"].get("unet_step", {}).get("p50", float("nan")) * 1e3
         providers = ",".join(sorted(set(r["providers"].values())))
         cold = f"{r['cold_start_s']:.2f}" if r["cold_start_s"] is not None else "–"
-        rate = (f"{r['unet_gflops_per_s']:.0f} ({r['unet_fraction_of_matmul_rate']:.0%})"
-                if r.get("unet_gflops_per_s") else "–")
+        rate = f"{r['unet_gflops_per_s']:.0f}" if r.get("unet_gflops_per_s") else "–"
+        if r.get("unet_fraction_of_matmul_rate"):
+            rate += f" ({r['unet_fraction_of_matmul_rate']:.0%})"
         outside = f"{r['outside_networks_fraction']:.1%}" if r.get("outside_networks_fraction") is not None else "–"
         rows.append(f"| {r['model']} | {r['engine']} | {providers} | {r['precision']} | {r['batch']} | "
                     f"{r['width']}x{r['height']} | {r['steps']} | {r['end_to_end_s']['p50']:.3f} | "
                     f"{r['end_to_end_s']['p90']:.3f} | {unet:.1f} | {rate} | {outside} | {r['images_per_s']:.3f} | {cold} | "
-                    f"{r['peak_host_mb']:.0f} |")
+                    f"{r['peak_host_mb']:.0f} |" + (f" {r['peak_device_mb']:.0f} |" if r.get("peak_device_mb") is not None
+                                                    else (" – |" if gpu else "")))
     rows.append(f"\nfp32 matrix-product rate of this machine (numpy, 4096²): {report['env'].get('fp32_matmul_gflops', 0):.0f} GFLOP/s")
     for s in report.get("skipped", []):
         rows.append(f"\n{s['engine']} on {s['model']} skipped: {s['reason']}")
