@@ -104,3 +104,21 @@ def test_gpu_records_get_a_gpu_memory_column_and_no_cpu_rate_fraction():
     assert text.splitlines()[0].endswith("| peak host MB | peak GPU MB |")
     assert "| 27160 | 1.0% |" in text and text.splitlines()[2].endswith("| 3000 | 4100 |")
     assert text.splitlines()[3].endswith("| 3000 | – |")
+
+
+def test_an_engine_that_cannot_load_is_skipped_with_its_reason(tmp_path):
+    """Without a GPU, the CUDA-target engine cannot be exported here: the report says why, it does not crash."""
+    import pytest
+
+    from ortdiffusion.runtime.providers import ProviderKind, available_providers
+
+    if ProviderKind.CUDA in available_providers():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "bench.json"
+    run("bench", "--model", "tiny", "--engines", "ortdiffusion,ortdiffusion-cuda", "--steps", "2", "--runs", "1",
+        "--warmup", "0", "--json", out, cache=tmp_path / "cache")
+    report = json.loads(out.read_text())
+    assert [r["engine"] for r in report["records"]] == ["ortdiffusion"]
+    (skip,) = report["skipped"]
+    assert skip["engine"] == "ortdiffusion-cuda"
+    assert "could not load: ExportError: target cuda" in skip["reason"] and "CUDAExecutionProvider" in skip["reason"]

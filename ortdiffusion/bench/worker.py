@@ -256,6 +256,11 @@ def main() -> None:
         out.write(json.dumps({"error": f"{args.engine} unavailable: {e}"}) + "\n")
         out.flush()
         return
+    except Exception as e:  # noqa: BLE001 - e.g. no CUDA provider here: the runner records why it skipped
+        message = str(e).splitlines()[0][:400] if str(e) else ""
+        out.write(json.dumps({"error": f"{args.engine} could not load: {type(e).__name__}: {message}"}) + "\n")
+        out.flush()
+        return
     load_s = time.perf_counter() - start
     out.write(json.dumps({"ready": True, "load_s": load_s, "providers": engine.providers,
                           "precision": engine.precision}) + "\n")
