@@ -11,6 +11,8 @@
 #   there:  tools/gpu_kit.sh receive            # call N carries .whl/pN: parts kept in /tmp/gpu-kit
 #   there:  tools/gpu_kit.sh install            # last part's call: join, verify, install, import check
 #   there:  tools/gpu_kit.sh tests              # the gpu-marked tests
+#   there:  tools/gpu_kit.sh export             # sd15-arch's CUDA-target fp16 bundle, once (the bench's
+#                                               # two engines would otherwise export it side by side)
 #   there:  tools/gpu_kit.sh bench              # 512x512, 30 steps, batch 1 and 4, ours (CUDA target
 #                                               # fp16, with and without CUDA graphs) vs torch fp16
 #   there:  tools/gpu_kit.sh compare            # torch vs ONNX, fp16 CUDA bundle
@@ -82,6 +84,11 @@ tests)
     nvidia-smi | tee "$OUT/nvidia-smi.txt"
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs --timeout 900 2>&1 | tee "$OUT/gpu-tests.txt"
     ;;
+export)
+    env_up
+    python3 -c "from ortdiffusion.models import resolve_bundle; print(resolve_bundle('sd15-arch', target='cuda', precision='fp16'))" \
+        2>&1 | tee "$OUT/export.txt"
+    ;;
 bench)
     env_up
     python3 -m ortdiffusion.cli bench --model sd15-arch --provider cuda \
@@ -97,6 +104,6 @@ compare)
         --image "$OUT/compare-sd15-cuda-fp16.png" 2>&1 | tee "$OUT/compare.txt"
     ;;
 *)
-    sed -n 2,21p "$0"; exit 2
+    sed -n 2,23p "$0"; exit 2
     ;;
 esac
