@@ -51,7 +51,7 @@ prepare)
     ;;
 receive)
     mkdir -p "$KIT/parts"
-    for d in .whl/p*; do [ -d "$d" ] && cp -n "$d"/* "$KIT/parts/"; done
+    for d in .whl/p*; do if [ -d "$d" ]; then cp -f "$d"/* "$KIT/parts/"; fi; done
     ls -la "$KIT/parts" | tail -n +2
     ;;
 install)
