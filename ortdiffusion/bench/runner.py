@@ -149,6 +149,8 @@ def add_compute_rates(records: list[dict], matmul: float) -> None:
     """Achieved UNet GFLOP/s per record, from the FLOPs torch counted for the same setting, and
     its fraction of the machine's (CPU, fp32) matrix-product rate — for CPU records only: a GPU
     record's fraction of a CPU rate would mean nothing."""
+    from ..runtime.providers import runs_on_gpu
+
     flops = {(r["model"], r["batch"], r["width"], r["height"]): r["unet_step_gflop"]
              for r in records if r.get("unet_step_gflop")}
     for r in records:
@@ -156,9 +158,8 @@ def add_compute_rates(records: list[dict], matmul: float) -> None:
         step = r["stages_s"].get("unet_step", {}).get("p50")
         r["unet_step_gflop"] = gflop
         r["unet_gflops_per_s"] = gflop / step if gflop and step else None
-        on_gpu = bool({"cuda", "tensorrt"} & set(r["providers"].values()))
         r["unet_fraction_of_matmul_rate"] = (r["unet_gflops_per_s"] / matmul
-                                             if r["unet_gflops_per_s"] and not on_gpu else None)
+                                             if r["unet_gflops_per_s"] and not runs_on_gpu(r["providers"]) else None)
 
 
 def run_bench(plan: BenchPlan, progress: Callable[[str], None] = print) -> dict[str, Any]:

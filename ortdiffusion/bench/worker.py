@@ -35,7 +35,9 @@ def peak_device_mb(engine) -> float | None:
     torch = sys.modules.get("torch")
     if getattr(engine, "device", None) == "cuda" and torch is not None:
         return torch.cuda.max_memory_allocated() / 2**20
-    if not {"cuda", "tensorrt"} & set(engine.providers.values()):
+    from ..runtime.providers import runs_on_gpu
+
+    if not runs_on_gpu(engine.providers):
         return None
     import os
     import subprocess

@@ -221,13 +221,14 @@ class DeviceLoop:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+        providers = unet.step_graph_providers()
         self.step_graphs = {
-            guided: ort.InferenceSession(str(GRAPHS / name), options, providers=unet.step_graph_providers())
+            guided: ort.InferenceSession(str(GRAPHS / name), options, providers=providers)
             for guided, name in STEP_GRAPHS.items()
         }
         # The same per-node check as the networks': a step-graph node on the CPU would copy between
         # host and device inside the loop, where nothing should cross
-        kind = ProviderKind.parse(unet.step_graph_providers()[0][0])
+        kind = ProviderKind.parse(providers[0][0])
         self.step_graph_placement = {}
         for guided, graph in self.step_graphs.items():
             assignments = node_assignments(graph)

@@ -45,6 +45,16 @@ _FROM_ORT_NAME = {v: k for k, v in _ORT_NAMES.items()}
 
 #: Every provider, fastest first (the order `available_providers` reports in).
 ALL_KINDS = (ProviderKind.TENSORRT, ProviderKind.CUDA, ProviderKind.CPU)
+#: The providers whose sessions read and write GPU memory.
+GPU_KINDS = frozenset({ProviderKind.TENSORRT, ProviderKind.CUDA})
+
+
+def runs_on_gpu(providers: Mapping[str, str]) -> bool:
+    """Whether any component of a {component: provider} report (`Pipeline.providers`, a bench
+    record's) runs on a GPU provider."""
+    return any(ProviderKind.parse(p) in GPU_KINDS for p in providers.values())
+
+
 #: Preference when the caller names none. TensorRT is left out: onnxruntime-gpu lists it even
 #: where TensorRT's libraries are missing, and its first run builds engines for minutes; it runs
 #: when asked for by name.
@@ -352,7 +362,8 @@ def check_placement(preference: ProviderPreference, assignments: Iterable[tuple[
     shape = 0
     for provider, name, op_type in assignments:
         kind = _FROM_ORT_NAME.get(provider)
-        counts[kind.value if kind else provider] = counts.get(kind.value if kind else provider, 0) + 1
+        label = kind.value if kind else provider
+        counts[label] = counts.get(label, 0) + 1
         if provider in wanted:
             continue
         if op_type in SHAPE_ARITHMETIC_OPS:

@@ -15,6 +15,7 @@ from .device_loop import Transfers, run_bound
 from .errors import BundleError, ProviderError
 from .manifest import ComponentManifest
 from .providers import (
+    GPU_KINDS,
     ComponentSettings,
     Placement,
     ProviderKind,
@@ -104,7 +105,7 @@ class Session:
     def device(self) -> tuple[str, int]:
         """Where this session's inputs and outputs live: ("cuda", id) on the CUDA or TensorRT
         provider, ("cpu", 0) on the CPU provider."""
-        if self.providers[0] in (ProviderKind.CUDA, ProviderKind.TENSORRT):
+        if self.providers[0] in GPU_KINDS:
             options = dict(self._ort_providers[0][1])
             return "cuda", int(options.get("device_id", 0))
         return "cpu", 0
