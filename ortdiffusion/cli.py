@@ -172,6 +172,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.runner import ENGINES, BenchPlan, Setting, markdown, plot, run_bench
+    from .runtime.schedulers import SchedulerName
 
     sizes = [parse_size(s) for s in args.size.split(",")]
     settings = tuple(Setting(int(b), w, h, args.steps) for (w, h) in sizes for b in args.batch.split(","))
@@ -179,9 +180,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for engine in engines:
         if engine not in ENGINES:
             raise InvalidRequestError("engines", f"unknown engine {engine!r}; allowed: {', '.join(ENGINES)}")
+    scheduler = SchedulerName.parse(args.scheduler, field="scheduler").value if args.scheduler else None
     plan = BenchPlan(models=tuple(args.model or ["tiny"]), engines=engines, settings=settings, runs=args.runs,
                      warmup=args.warmup, provider=args.provider, guidance=args.guidance,
-                     pythons=(("optimum", args.optimum_python),) if args.optimum_python else ())
+                     pythons=(("optimum", args.optimum_python),) if args.optimum_python else (), scheduler=scheduler)
     report = run_bench(plan, progress=_err)
     table = markdown(report)
     print(table)
@@ -320,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,2,4,8")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", default=None,
+                   help="the scheduler every engine runs (torch and Optimum get diffusers' equivalent); default: the one "
+                        "ours runs for the model (the checkpoint's own where implemented, DDIM for PNDM)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per engine and setting, after warm-up")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--provider", default=None)

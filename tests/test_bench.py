@@ -15,7 +15,7 @@ def test_bench_records_ours_and_torch_with_stages_memory_and_env(tmp_path):
     proc = run("bench", "--model", "tiny", "--engines", "ortdiffusion,ortdiffusion-int8,torch,optimum", "--batch", "1,2",
                "--steps", "3", "--runs", "2", "--json", out, "--plot", tmp_path / "bench.png",
                "--markdown", tmp_path / "bench.md", cache=tmp_path / "cache")
-    assert "| tiny | ortdiffusion | cpu | fp32 | 1 | 64x64 | 3 |" in proc.stdout
+    assert "| tiny | ortdiffusion | cpu | fp32 | ddim | 1 | 64x64 | 3 |" in proc.stdout
     report = json.loads(out.read_text())
     assert {"cpu", "cores", "packages"} <= set(report["env"])
     engines = {(r["engine"], r["batch"]) for r in report["records"]}
@@ -24,6 +24,7 @@ def test_bench_records_ours_and_torch_with_stages_memory_and_env(tmp_path):
     precisions = {r["engine"]: r["precision"] for r in report["records"]}
     assert precisions == {"ortdiffusion": "fp32", "ortdiffusion-int8": "int8", "torch": "fp32"}
     for r in report["records"]:
+        assert r["scheduler"] == "ddim"  # the tiny checkpoint's own, run by every engine
         assert {"engine", "model", "providers", "precision", "batch", "width", "height", "steps", "end_to_end_s",
                 "stages_s", "cold_start_s", "images_per_s", "peak_host_mb", "peak_device_mb"} <= set(r)
         assert set(r["end_to_end_s"]) == {"p50", "p90", "p99", "mean", "runs"} and r["end_to_end_s"]["runs"] == 2
@@ -59,7 +60,7 @@ import sys
 from ortdiffusion.bench.worker import OrtDiffusionEngine, peak_device_mb
 from ortdiffusion.runtime.pipeline import Pipeline
 engine = OrtDiffusionEngine.__new__(OrtDiffusionEngine)
-engine.cuda_graphs = False
+engine.cuda_graphs, engine.scheduler = False, None
 engine.pipe = Pipeline.load({str(tiny_bundle)!r}, providers="cpu")
 engine.providers = engine.pipe.providers
 engine.run(1, 64, 64, 2, 3.0)
@@ -76,7 +77,7 @@ def test_cuda_graph_engine_loads_one_bucket_per_setting(tiny_bundle):
 
     engine = OrtDiffusionEngine.__new__(OrtDiffusionEngine)
     engine.bundle, engine.provider, engine.cuda_graphs = tiny_bundle, "cpu", True
-    engine.pipe = None
+    engine.pipe, engine.scheduler = None, None
     first = engine.run(1, 64, 64, 2, 3.0)
     pipe = engine.pipe
     assert pipe.device_loop.graphs.sizes == ((1, 64, 64),) and pipe.device_loop.graphs.built == 1
@@ -122,3 +123,31 @@ def test_an_engine_that_cannot_load_is_skipped_with_its_reason(tmp_path):
     (skip,) = report["skipped"]
     assert skip["engine"] == "ortdiffusion-cuda"
     assert "could not load: ExportError: target cuda" in skip["reason"] and "CUDAExecutionProvider" in skip["reason"]
+
+
+def test_every_engine_runs_the_scheduler_ours_runs(tiny_checkpoint, tmp_path):
+    """A PNDM checkpoint (Stable Diffusion 1.5's own) left as it is makes diffusers call the UNet
+    once more than its step count; ours runs DDIM for it. The bench gives torch the same DDIM, so
+    both do the same work: as many UNet calls as steps, and the records say which scheduler ran."""
+    import shutil
+
+    checkpoint = tmp_path / "pndm"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    index = json.loads((checkpoint / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "PNDMScheduler"]
+    (checkpoint / "model_index.json").write_text(json.dumps(index))
+    config_path = checkpoint / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    (config_path).write_text(json.dumps({**config, "_class_name": "PNDMScheduler", "skip_prk_steps": True}))
+    out = tmp_path / "bench.json"
+    proc = run("bench", "--model", checkpoint, "--engines", "ortdiffusion,torch", "--steps", "3", "--runs", "1",
+               "--warmup", "0", "--json", out, cache=tmp_path / "cache")
+    report = json.loads(out.read_text())
+    calls = {r["engine"]: (r["scheduler"], r["stages_s"]["unet_step"]["runs"]) for r in report["records"]}
+    assert calls == {"ortdiffusion": ("ddim", 3), "torch": ("ddim", 3)}
+    assert "| fp32 | ddim | 1 |" in proc.stdout
+
+
+def test_bench_refuses_an_unknown_scheduler(tmp_path):
+    proc = run("bench", "--scheduler", "pndm", check=False, cache=tmp_path / "cache")
+    assert proc.returncode == 2 and "scheduler" in proc.stderr and "euler" in proc.stderr

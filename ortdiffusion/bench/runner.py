@@ -41,13 +41,18 @@ class BenchPlan:
     guidance: float = 7.5
     #: Interpreters for engines that live in an environment of their own (Optimum pins transformers < 4.58).
     pythons: tuple[tuple[str, str], ...] = ()
+    #: The scheduler every engine runs (ours' names); None: the one ours runs for the model by default.
+    scheduler: str | None = None
 
 
 class Worker:
-    def __init__(self, engine: str, model: str, provider: str | None, python: str = sys.executable):
+    def __init__(self, engine: str, model: str, provider: str | None, python: str = sys.executable,
+                 scheduler: str | None = None):
         cmd = [python, "-m", "ortdiffusion.bench.worker", engine, model]
         if provider:
             cmd += ["--provider", provider]
+        if scheduler:
+            cmd += ["--scheduler", scheduler]
         self.engine = engine
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         hello = self._read()
@@ -55,6 +60,7 @@ class Worker:
         self.load_s = hello.get("load_s", float("nan"))
         self.providers = hello.get("providers", {})
         self.precision = hello.get("precision")
+        self.scheduler = hello.get("scheduler")
 
     def _read(self) -> dict[str, Any]:
         line = self.proc.stdout.readline()
@@ -132,7 +138,7 @@ def record(engine: Worker, model: str, setting: Setting, samples: list[dict], co
     total = sum(s["end_to_end"] for s in samples)
     return {
         "engine": engine.engine, "model": model, "providers": engine.providers, "precision": engine.precision,
-        "batch": setting.batch, "width": setting.width, "height": setting.height, "steps": setting.steps,
+        "scheduler": engine.scheduler, "batch": setting.batch, "width": setting.width, "height": setting.height, "steps": setting.steps,
         "end_to_end_s": end_to_end, "stages_s": {k: stats(v) for k, v in per_stage.items()},
         "cold_start_s": cold_start_s, "images_per_s": setting.batch / end_to_end["mean"],
         "peak_host_mb": max(s["peak_host_mb"] for s in samples),
@@ -162,13 +168,29 @@ def add_compute_rates(records: list[dict], matmul: float) -> None:
                                              if r["unet_gflops_per_s"] and not runs_on_gpu(r["providers"]) else None)
 
 
+def default_scheduler(model: str) -> str | None:
+    """The scheduler ours runs for `model` by default (the checkpoint's own where we implement it,
+    DDIM for PNDM): what every engine of a bench runs unless told otherwise. None where the
+    model's checkpoint cannot be found (each engine then runs its own; the records say which)."""
+    from ..models import resolve_checkpoint
+    from ..runtime.errors import OrtDiffusionError
+    from ..runtime.schedulers import default_scheduler_for
+
+    try:
+        config = json.loads((resolve_checkpoint(model) / "scheduler" / "scheduler_config.json").read_text())
+    except (OrtDiffusionError, ImportError, OSError, ValueError):
+        return None
+    return default_scheduler_for(config.get("_class_name")).value
+
+
 def run_bench(plan: BenchPlan, progress: Callable[[str], None] = print) -> dict[str, Any]:
     records, skipped = [], []
     for model in plan.models:
         workers = []
+        scheduler = plan.scheduler or default_scheduler(model)
         for name in plan.engines:
-            progress(f"{model}: starting {name}")
-            w = Worker(name, model, plan.provider, dict(plan.pythons).get(name, sys.executable))
+            progress(f"{model}: starting {name}" + (f" ({scheduler})" if scheduler else ""))
+            w = Worker(name, model, plan.provider, dict(plan.pythons).get(name, sys.executable), scheduler)
             if w.error:
                 progress(f"{model}: {name} skipped: {w.error}")
                 skipped.append({"engine": name, "model": model, "reason": w.error})
@@ -221,9 +243,9 @@ def run_bench(plan: BenchPlan, progress: Callable[[str], None] = print) -> dict[
 
 
 def markdown(report: dict[str, Any]) -> str:
-    rows = ["| model | engine | providers | precision | batch | size | steps | end to end p50 s | p90 s | "
+    rows = ["| model | engine | providers | precision | scheduler | batch | size | steps | end to end p50 s | p90 s | "
             "UNet step p50 ms | UNet GFLOP/s (of matmul) | outside networks | images/s | cold start s | peak host MB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     gpu = any(r.get("peak_device_mb") is not None for r in report["records"])
     if gpu:
         rows[0] += " peak GPU MB |"
@@ -236,7 +258,7 @@ def markdown(report: dict[str, Any]) -> str:
         if r.get("unet_fraction_of_matmul_rate"):
             rate += f" ({r['unet_fraction_of_matmul_rate']:.0%})"
         outside = f"{r['outside_networks_fraction']:.1%}" if r.get("outside_networks_fraction") is not None else "–"
-        rows.append(f"| {r['model']} | {r['engine']} | {providers} | {r['precision']} | {r['batch']} | "
+        rows.append(f"| {r['model']} | {r['engine']} | {providers} | {r['precision']} | {r.get('scheduler') or '–'} | {r['batch']} | "
                     f"{r['width']}x{r['height']} | {r['steps']} | {r['end_to_end_s']['p50']:.3f} | "
                     f"{r['end_to_end_s']['p90']:.3f} | {unet:.1f} | {rate} | {outside} | {r['images_per_s']:.3f} | {cold} | "
                     f"{r['peak_host_mb']:.0f} |" + (f" {r['peak_device_mb']:.0f} |" if r.get("peak_device_mb") is not None

@@ -1,6 +1,6 @@
 """One engine in its own process, timed run by run on command (JSON lines on stdin/stdout).
 
-    python -m ortdiffusion.bench.worker ENGINE MODEL [--provider P]
+    python -m ortdiffusion.bench.worker ENGINE MODEL [--provider P] [--scheduler NAME]
 
 The runner keeps one worker per engine alive and asks them for runs in alternating order, so
 machine noise falls on all engines alike, while each process's peak memory is its engine's own.
@@ -63,9 +63,10 @@ ORT_VARIANTS = {"ortdiffusion": ("generic", "fp32"), "ortdiffusion-cpu": ("cpu",
 class OrtDiffusionEngine:
     name = "ortdiffusion"
 
-    def __init__(self, model: str, provider: str | None, variant: str = "ortdiffusion"):
+    def __init__(self, model: str, provider: str | None, variant: str = "ortdiffusion", scheduler: str | None = None):
         from ..models import resolve_bundle
         from ..runtime.pipeline import Pipeline
+        from ..runtime.schedulers import SchedulerName
 
         target, precision = ORT_VARIANTS[variant]
         self.bundle, self.provider = resolve_bundle(model, target=target, precision=precision), provider
@@ -73,6 +74,7 @@ class OrtDiffusionEngine:
         self.pipe = Pipeline.load(self.bundle, providers=provider)
         self.providers = self.pipe.providers
         self.precision = self.pipe.manifest.components["unet"].precision.value
+        self.scheduler = SchedulerName.parse(scheduler or self.pipe.manifest.pipeline.default_scheduler).value
 
     def _for_setting(self, batch: int, width: int, height: int):
         """The pipeline for a setting. With CUDA graphs, one whose graph bucket is this setting's
@@ -94,7 +96,7 @@ class OrtDiffusionEngine:
         pipe = self._for_setting(batch, width, height)
         start = time.perf_counter()
         result = pipe([PROMPT] * batch, seed=list(range(batch)), num_inference_steps=steps,
-                           guidance_scale=guidance, width=width, height=height)
+                      guidance_scale=guidance, width=width, height=height, scheduler=self.scheduler)
         png_start = time.perf_counter()
         for image, meta in zip(result.images, result.metadata):
             encode_png(image, meta)
@@ -123,6 +125,19 @@ class _Timed:
 
     def __getattr__(self, name):  # a tokenizer proxied this way keeps its attributes
         return getattr(self.fn, name)
+
+
+def use_scheduler(pipe, scheduler: str | None) -> str:
+    """Give a diffusers-style pipeline the diffusers scheduler our `scheduler` mirrors (built from
+    the checkpoint's own config), so that every engine in a bench does the same work: a PNDM
+    checkpoint left as it is runs PNDM, which makes one UNet call more than its step count (21 for
+    20), against our 20. Returns the name the record carries: ours, or the class kept."""
+    if scheduler is None:
+        return type(pipe.scheduler).__name__
+    from ..export.reference import reference_scheduler
+
+    pipe.scheduler = reference_scheduler(scheduler, pipe.scheduler.config)
+    return scheduler
 
 
 def instrument(pipe) -> dict[str, list[float]]:
@@ -175,7 +190,7 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, model: str, provider: str | None, compile_unet: bool = False):
+    def __init__(self, model: str, provider: str | None, compile_unet: bool = False, scheduler: str | None = None):
         import torch
         from diffusers import StableDiffusionPipeline
 
@@ -189,6 +204,7 @@ class TorchEngine:
         pipe.set_progress_bar_config(disable=True)
         if compile_unet:
             pipe.unet = torch.compile(pipe.unet)
+        self.scheduler = use_scheduler(pipe, scheduler)
         self.sink = instrument(pipe)
         self.pipe, self.torch = pipe, torch
         self.providers = {"text_encoder": self.device, "unet": self.device, "vae_decoder": self.device}
@@ -214,7 +230,7 @@ class OptimumEngine:
 
     name = "optimum"
 
-    def __init__(self, model: str, provider: str | None):
+    def __init__(self, model: str, provider: str | None, scheduler: str | None = None):
         from optimum.onnxruntime import ORTStableDiffusionPipeline
 
         from ..models import cache_dir, resolve_checkpoint
@@ -227,6 +243,7 @@ class OptimumEngine:
         ort_provider = {"cuda": "CUDAExecutionProvider"}.get(provider or "cpu", "CPUExecutionProvider")
         self.pipe = ORTStableDiffusionPipeline.from_pretrained(str(exported), provider=ort_provider)
         self.pipe.set_progress_bar_config(disable=True)
+        self.scheduler = use_scheduler(self.pipe, scheduler)
         self.sink = instrument(self.pipe)
         self.providers = {"text_encoder": provider or "cpu", "unet": provider or "cpu", "vae_decoder": provider or "cpu"}
         self.precision = "fp32"
@@ -247,13 +264,14 @@ def main() -> None:
     p.add_argument("engine", choices=list(ENGINES))
     p.add_argument("model")
     p.add_argument("--provider", default=None)
+    p.add_argument("--scheduler", default=None, help="ours' name (ddim, euler, ...); default: each engine's own")
     args = p.parse_args()
     out = sys.stdout
     sys.stdout = sys.stderr  # libraries' prints must not corrupt the protocol
     start = time.perf_counter()
     try:
         extra = {"variant": args.engine} if args.engine in ORT_VARIANTS else {}
-        engine = ENGINES[args.engine](args.model, args.provider, **extra)
+        engine = ENGINES[args.engine](args.model, args.provider, scheduler=args.scheduler, **extra)
     except ImportError as e:
         out.write(json.dumps({"error": f"{args.engine} unavailable: {e}"}) + "\n")
         out.flush()
@@ -265,7 +283,7 @@ def main() -> None:
         return
     load_s = time.perf_counter() - start
     out.write(json.dumps({"ready": True, "load_s": load_s, "providers": engine.providers,
-                          "precision": engine.precision}) + "\n")
+                          "precision": engine.precision, "scheduler": engine.scheduler}) + "\n")
     out.flush()
     for line in sys.stdin:
         cmd = json.loads(line)
