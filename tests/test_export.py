@@ -476,3 +476,25 @@ def test_int8_quantizes_the_unet_statically_for_the_cpu(tiny_checkpoint, tiny_pi
     quantized = Pipeline.load(out, providers="cpu")("a red circle", num_inference_steps=10, seed=3).images[0]
     full = tiny_pipeline("a red circle", num_inference_steps=10, seed=3).images[0]
     assert psnr(quantized, full) >= 20.0
+
+
+def test_weights_past_the_threshold_live_beside_the_graph_and_compute_the_same(tiny_checkpoint, tiny_pipeline, tmp_path):
+    """Every component's weights in `<component>.onnx.data` (the threshold lowered so the tiny model
+    takes that path; SD-sized text encoders and decoders do by default): ONNX Runtime maps them
+    instead of copying them, and the images are the very same."""
+    import onnx
+
+    from ortdiffusion import Pipeline
+
+    manifest = export_checkpoint(tiny_checkpoint, tmp_path / "ext", ExportOptions(external_weights_min_bytes=0))
+    for name, component in manifest.components.items():
+        assert [f.path for f in component.files] == [f"{name}.onnx", f"{name}.onnx.data"]
+        graph = onnx.load(str(tmp_path / "ext" / f"{name}.onnx"), load_external_data=False)
+        big = [i for i in graph.graph.initializer if int(np.prod(i.dims)) * 4 >= 4096]
+        assert big and all(i.data_location == onnx.TensorProto.EXTERNAL for i in big)
+    assert not [p for p in (tmp_path / "ext").iterdir() if p.name.startswith(".")]
+    ours = Pipeline.load(tmp_path / "ext", providers="cpu")("a red circle", num_inference_steps=3, seed=5).images[0]
+    reference = tiny_pipeline("a red circle", num_inference_steps=3, seed=5).images[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(reference))
+    # below the threshold (the default, for a model this small) a graph stays one file
+    assert [f.path for f in tiny_pipeline.manifest.components["unet"].files] == ["unet.onnx"]

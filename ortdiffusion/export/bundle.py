@@ -47,7 +47,7 @@ from .specs import (
     unet_component,
     vae_decoder_component,
 )
-from .weights import store_exact_fp32_weights_as_fp16
+from .weights import EXTERNAL_WEIGHTS_MIN_BYTES, store_exact_fp32_weights_as_fp16, store_weights_externally
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ class ExportOptions:
     target: Target = Target.GENERIC
     #: With precision int8: the prompts and steps the UNet is calibrated on.
     calibration: Calibration = Calibration()
+    #: A component whose weights pass this many bytes keeps them in `<component>.onnx.data`, which
+    #: ONNX Runtime memory-maps instead of copying (export/weights.py).
+    external_weights_min_bytes: int = EXTERNAL_WEIGHTS_MIN_BYTES
 
 
 def export_component(
@@ -101,6 +104,7 @@ def export_component(
                 store_exact_fp32_weights_as_fp16(files[0])
             parity = measure_parity(spec, module, files[0], target.parity_provider)
             check_parity(spec.name, parity, options.parity_tolerance)
+    files = store_weights_externally(files, options.external_weights_min_bytes)
     return ComponentManifest(
         name=spec.name,
         files=tuple(file_record(bundle_dir, f) for f in files),
