@@ -493,6 +493,8 @@ def test_weights_past_the_threshold_live_beside_the_graph_and_compute_the_same(t
         big = [i for i in graph.graph.initializer if int(np.prod(i.dims)) * 4 >= 4096]
         assert big and all(i.data_location == onnx.TensorProto.EXTERNAL for i in big)
     assert not [p for p in (tmp_path / "ext").iterdir() if p.name.startswith(".")]
+    modes = {p.stat().st_mode & 0o777 for p in (tmp_path / "ext").glob("*.onnx*")}
+    assert len(modes) == 1  # the data files as readable as their graphs (onnx writes them owner-only)
     ours = Pipeline.load(tmp_path / "ext", providers="cpu")("a red circle", num_inference_steps=3, seed=5).images[0]
     reference = tiny_pipeline("a red circle", num_inference_steps=3, seed=5).images[0]
     assert np.array_equal(np.asarray(ours), np.asarray(reference))

@@ -78,5 +78,6 @@ def store_weights_externally(files: list[Path], min_bytes: int = EXTERNAL_WEIGHT
     data = path.with_name(path.name + ".data")
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
+    data.chmod(path.stat().st_mode & 0o777)  # onnx writes it owner-only; a bundle is read by services
     logger.info("%s: weights moved to %s (%d MB)", path.name, data.name, data.stat().st_size // 2**20)
     return [path, data]
