@@ -67,10 +67,10 @@ VARIANTS = {("generic", "fp32"): "", ("cpu", "fp32"): "-cpu", ("cpu", "int8"): "
 
 
 def resolve_bundle(model: str | Path | None, progress: Callable[[str], None] | None = None,
-                   target: str = "generic", precision: str = "fp32") -> Path:
+                   target: str = "generic", precision: str = "fp32", allow_export: bool = True) -> Path:
     """A bundle directory for `model`, exporting (and caching) a checkpoint when needed. A bundle
     or the built-in model is used as it is; a checkpoint or preset is exported once per variant
-    (`target`, `precision`; see VARIANTS)."""
+    (`target`, `precision`; see VARIANTS). `allow_export=False`: a cached bundle or a BundleError."""
     model = str(model) if model is not None else DEFAULT_MODEL
     if (target, precision) not in VARIANTS:
         allowed = ", ".join(f"{t}/{p}" for t, p in VARIANTS)
@@ -94,16 +94,20 @@ def resolve_bundle(model: str | Path | None, progress: Callable[[str], None] | N
             str(path), f"not a bundle (no {MANIFEST_NAME}), a diffusers checkpoint (no model_index.json) "
             f"or a preset ({', '.join(PRESET_NAMES)})"
         )
-    try:
-        from .export.bundle import export_checkpoint
-        from .export.checkpoint import read_model_index, weights_sha256
-    except ImportError:
-        raise _needs_export_extra(f"exporting the checkpoint {path}") from None
+    from .export.checkpoint import read_model_index, weights_sha256  # the standard library only
+
     read_model_index(path)
     bundle = cache_dir() / "bundles" / (weights_sha256(path)[:16] + VARIANTS[target, precision])
-    if (bundle / MANIFEST_NAME).is_file():
+    if (bundle / MANIFEST_NAME).is_file():  # found without importing torch: it stays out of the process
         logger.info("using cached bundle %s for %s", bundle, path)
         return bundle
+    if not allow_export:
+        raise BundleError(str(path), f"no cached {target}/{precision} bundle for it in {cache_dir() / 'bundles'}; "
+                          "export it first")
+    try:
+        from .export.bundle import export_checkpoint
+    except ImportError:
+        raise _needs_export_extra(f"exporting the checkpoint {path}") from None
     (progress or logger.info)(f"exporting {path} ({target}, {precision}) once into {bundle}")
     try:
         export_checkpoint(path, bundle, _variant_options(model, target, precision, defaults), progress=progress)

@@ -70,6 +70,37 @@ print(peak_device_mb(engine), "torch" in sys.modules)
     assert out.stdout.split() == ["None", "False"], out.stdout
 
 
+def test_our_worker_measures_a_checkpoint_without_exporting_it_or_importing_torch(tiny_checkpoint, tmp_path):
+    """A checkpoint is exported by `prepare` in a process of its own before its worker starts: the
+    worker only looks the cached bundle up (torch-free), so neither the export's peak nor torch's
+    ~190 MB lands in our engine's memory record or cold start."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ORTDIFFUSION_CACHE": str(tmp_path / "cache")}
+    code = f"""
+import sys
+from ortdiffusion.bench.worker import OrtDiffusionEngine
+from ortdiffusion.runtime.errors import BundleError
+try:
+    OrtDiffusionEngine({str(tiny_checkpoint)!r}, "cpu", variant="ortdiffusion-cpu")
+except BundleError as e:
+    print("refused:", "export it first" in str(e))
+else:
+    engine = OrtDiffusionEngine({str(tiny_checkpoint)!r}, "cpu", variant="ortdiffusion-cpu")
+    engine.run(1, 64, 64, 2, 3.0)
+    print("torch imported:", "torch" in sys.modules)
+"""
+    before = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert before.stdout.split() == ["refused:", "True"], before.stdout + before.stderr
+    prepared = subprocess.run([sys.executable, "-m", "ortdiffusion.bench.worker", "ortdiffusion-cpu",
+                               str(tiny_checkpoint), "--prepare"], capture_output=True, text=True, check=True, env=env)
+    assert json.loads(prepared.stdout)["prepared"].startswith(str(tmp_path / "cache"))
+    after = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert after.stdout.split() == ["torch", "imported:", "False"], after.stdout + after.stderr
+
+
 def test_cuda_graph_engine_loads_one_bucket_per_setting(tiny_bundle):
     """`ortdiffusion-cuda-graphs` runs each setting with that setting's CUDA-graph bucket (on the CPU
     provider here: the same static-shape sessions and buffers, without the capture)."""
@@ -122,7 +153,7 @@ def test_an_engine_that_cannot_load_is_skipped_with_its_reason(tmp_path):
     assert [r["engine"] for r in report["records"]] == ["ortdiffusion"]
     (skip,) = report["skipped"]
     assert skip["engine"] == "ortdiffusion-cuda"
-    assert "could not load: ExportError: target cuda" in skip["reason"] and "CUDAExecutionProvider" in skip["reason"]
+    assert "could not export: ExportError: target cuda" in skip["reason"] and "CUDAExecutionProvider" in skip["reason"]
 
 
 def test_every_engine_runs_the_scheduler_ours_runs(tiny_checkpoint, tmp_path):

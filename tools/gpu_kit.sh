@@ -11,8 +11,8 @@
 #   there:  tools/gpu_kit.sh receive            # call N carries .whl/pN: parts kept in /tmp/gpu-kit
 #   there:  tools/gpu_kit.sh install            # last part's call: join, verify, install, import check
 #   there:  tools/gpu_kit.sh tests              # the gpu-marked tests
-#   there:  tools/gpu_kit.sh export             # sd15-arch's CUDA-target fp16 bundle, once (the bench's
-#                                               # two engines would otherwise export it side by side)
+#   there:  tools/gpu_kit.sh export             # sd15-arch's CUDA-target fp16 bundle, its log kept apart
+#                                               # (the bench would export it too, before its workers)
 #   there:  tools/gpu_kit.sh bench              # 512x512, 30 steps, batch 1 and 4, ours (CUDA target
 #                                               # fp16, with and without CUDA graphs) vs torch fp16
 #   there:  tools/gpu_kit.sh compare            # torch vs ONNX, fp16 CUDA bundle

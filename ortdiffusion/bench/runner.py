@@ -45,6 +45,16 @@ class BenchPlan:
     scheduler: str | None = None
 
 
+def prepare(engine: str, model: str, python: str = sys.executable) -> str | None:
+    """Export the bundle `engine` needs, in a process of its own (None, or why it cannot): the
+    worker that then loads it measures its engine only, not the export's torch and peak memory."""
+    proc = subprocess.run([python, "-m", "ortdiffusion.bench.worker", engine, model, "--prepare"],
+                          stdout=subprocess.PIPE, text=True)
+    lines = proc.stdout.strip().splitlines()
+    answer = json.loads(lines[-1]) if lines else {"error": f"{engine} export exited with {proc.returncode}"}
+    return answer.get("error")
+
+
 class Worker:
     def __init__(self, engine: str, model: str, provider: str | None, python: str = sys.executable,
                  scheduler: str | None = None):
@@ -189,14 +199,18 @@ def run_bench(plan: BenchPlan, progress: Callable[[str], None] = print) -> dict[
         workers = []
         scheduler = plan.scheduler or default_scheduler(model)
         for name in plan.engines:
-            progress(f"{model}: starting {name}" + (f" ({scheduler})" if scheduler else ""))
-            w = Worker(name, model, plan.provider, dict(plan.pythons).get(name, sys.executable), scheduler)
-            if w.error:
-                progress(f"{model}: {name} skipped: {w.error}")
-                skipped.append({"engine": name, "model": model, "reason": w.error})
+            python = dict(plan.pythons).get(name, sys.executable)
+            error = prepare(name, model, python)
+            if error is None:
+                progress(f"{model}: starting {name}" + (f" ({scheduler})" if scheduler else ""))
+                w = Worker(name, model, plan.provider, python, scheduler)
+                if w.error is None:
+                    workers.append(w)
+                    continue
+                error = w.error
                 w.close()
-            else:
-                workers.append(w)
+            progress(f"{model}: {name} skipped: {error}")
+            skipped.append({"engine": name, "model": model, "reason": error})
         cold: dict[str, float] = {}
         measured_cold: set[str] = set()
 

@@ -69,7 +69,10 @@ class OrtDiffusionEngine:
         from ..runtime.schedulers import SchedulerName
 
         target, precision = ORT_VARIANTS[variant]
-        self.bundle, self.provider = resolve_bundle(model, target=target, precision=precision), provider
+        # The runner exported it beforehand (`prepare`): an export here would put torch and the
+        # export's own peak into this engine's memory record and its cold start.
+        self.bundle = resolve_bundle(model, target=target, precision=precision, allow_export=False)
+        self.provider = provider
         self.cuda_graphs = variant.endswith("-graphs")
         self.pipe = Pipeline.load(self.bundle, providers=provider)
         self.providers = self.pipe.providers
@@ -259,15 +262,36 @@ class OptimumEngine:
 ENGINES = {**{name: OrtDiffusionEngine for name in ORT_VARIANTS}, "torch": TorchEngine, "optimum": OptimumEngine}
 
 
+def prepare(engine: str, model: str) -> dict[str, Any]:
+    """Export the bundle an engine of ours needs (a no-op when it is cached), in a process of its
+    own before the engine's worker starts; other engines need nothing."""
+    if engine not in ORT_VARIANTS:
+        return {"prepared": None}
+    from ..models import resolve_bundle
+
+    target, precision = ORT_VARIANTS[engine]
+    start = time.perf_counter()
+    try:
+        bundle = resolve_bundle(model, target=target, precision=precision)
+    except Exception as e:  # noqa: BLE001 - e.g. a CUDA export without CUDA: the runner records why it skipped
+        return {"error": f"{engine} could not export: {type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}"}
+    return {"prepared": str(bundle), "s": time.perf_counter() - start}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("engine", choices=list(ENGINES))
     p.add_argument("model")
     p.add_argument("--provider", default=None)
     p.add_argument("--scheduler", default=None, help="ours' name (ddim, euler, ...); default: each engine's own")
+    p.add_argument("--prepare", action="store_true", help="export what the engine needs, answer one line, exit")
     args = p.parse_args()
     out = sys.stdout
     sys.stdout = sys.stderr  # libraries' prints must not corrupt the protocol
+    if args.prepare:
+        out.write(json.dumps(prepare(args.engine, args.model)) + "\n")
+        out.flush()
+        return
     start = time.perf_counter()
     try:
         extra = {"variant": args.engine} if args.engine in ORT_VARIANTS else {}

@@ -1,4 +1,8 @@
-"""Reading a diffusers-format Stable Diffusion checkpoint directory."""
+"""Reading a diffusers-format Stable Diffusion checkpoint directory.
+
+Its index and identity (`read_model_index`, `weights_sha256`) need only the standard library: the
+runtime looks a checkpoint's cached bundle up with them, and must not import torch to do it (that
+alone is ~190 MB resident in a serving or benchmarked process). Loading the models needs torch."""
 
 from __future__ import annotations
 
@@ -7,11 +11,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..runtime.errors import BundleError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,7 @@ def weights_sha256(path: Path) -> str:
 
 def load_checkpoint(path: Path | str) -> Checkpoint:
     import diffusers
+    import torch
     import transformers
 
     path = Path(path)
