@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .specs import ComponentSpec, Distribution
+from .weights import save_with_external_data
 
 logger = logging.getLogger(__name__)
 
@@ -258,9 +259,6 @@ def convert_to_fp16(files: list[Path], spec: ComponentSpec,
     for extra in files[1:]:
         extra.unlink()
     if large and converted.ByteSize() > EXTERNAL_DATA_BYTES:
-        data = path.with_name(path.name + ".data")
-        onnx.save_model(converted, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-        return keep, [path, data]
+        return keep, [path, save_with_external_data(converted, path)]
     onnx.save(converted, str(path))
     return keep, [path]

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .specs import ComponentSpec
+from .weights import save_with_external_data
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +71,7 @@ def export_onnx(
         if external:
             import onnx
 
-            model = onnx.load(str(raw), load_external_data=True)
-            data = path.with_name(path.name + ".data")
-            onnx.save_model(
-                model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                location=data.name, size_threshold=1024,
-            )
-            files.append(data)
+            files.append(save_with_external_data(onnx.load(str(raw), load_external_data=True), path))
         else:
             shutil.move(str(raw), path)
     logger.info("exported %s (%s, opset %d) to %s", spec.name, exporter.value, opset, path)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
+from .weights import save_with_external_data
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +118,7 @@ def fuse_attention_in_place(files: list[Path]) -> int:
             model.graph.value_info.extend(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None)
                                           for o in node.output if o and o not in typed)
     if len(files) > 1:
-        onnx.save_model(model, str(files[0]), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=files[1].name, size_threshold=1024)
+        save_with_external_data(model, files[0])
     else:
         onnx.save(model, str(files[0]))
     logger.info("unet: %d attention cores fused before quantization", fused)

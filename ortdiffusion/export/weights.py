@@ -52,6 +52,21 @@ def store_exact_fp32_weights_as_fp16(path: Path) -> int:
     return converted
 
 
+def save_with_external_data(model, path: Path) -> Path:
+    """Write `model` as `path` with its weights (every tensor past 1 KiB) in one `<path>.data`
+    beside it; return that file. A data file already there is replaced, not appended to (onnx
+    appends to an existing one, leaving the old bytes behind), and it gets the graph's permissions
+    (onnx creates it owner-only; a bundle is read by services running as other users)."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # `model` holds its weights in memory: they are rewritten below
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    data.chmod(path.stat().st_mode & 0o777)
+    return data
+
+
 #: A graph whose weights pass this many bytes keeps them in an external data file beside it.
 EXTERNAL_WEIGHTS_MIN_BYTES = 16 * 2**20
 
@@ -75,9 +90,6 @@ def store_weights_externally(files: list[Path], min_bytes: int = EXTERNAL_WEIGHT
     model = onnx.load(str(path))
     if sum(t.ByteSize() for t in model.graph.initializer) <= min_bytes:
         return files
-    data = path.with_name(path.name + ".data")
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
-    data.chmod(path.stat().st_mode & 0o777)  # onnx writes it owner-only; a bundle is read by services
+    data = save_with_external_data(model, path)
     logger.info("%s: weights moved to %s (%d MB)", path.name, data.name, data.stat().st_size // 2**20)
     return [path, data]
