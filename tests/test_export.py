@@ -444,6 +444,27 @@ def test_fp16_bundle_generates_like_fp32(tiny_checkpoint, tiny_pipeline, tmp_pat
     assert psnr(half, full) >= 28.0
 
 
+def test_fp16_converts_graphs_whose_weights_live_outside_them(tiny_checkpoint, tiny_pipeline, tmp_path, monkeypatch):
+    """A graph past protobuf's 2 GB (an SD-sized UNet) is converted with the converter's own shape
+    inference off; the types it casts by are then inferred on the weight-less graph. Without them
+    it left Resize's scales and the kept nodes' constants in fp16 and the graph did not load. The
+    tiny model takes that path with the exporter's threshold lowered."""
+    from ortdiffusion import Pipeline
+    from ortdiffusion.export import onnx_export
+    from ortdiffusion.runtime.manifest import Precision
+
+    from conftest import psnr
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "fp16-external"
+    manifest = export_checkpoint(tiny_checkpoint, out, ExportOptions(precision=Precision.FP16))
+    assert [f.path for f in manifest.components["unet"].files] == ["unet.onnx", "unet.onnx.data"]
+    assert manifest.components["unet"].precision is Precision.FP16
+    half = Pipeline.load(out, providers="cpu")("a red circle", num_inference_steps=10, seed=3).images[0]
+    full = tiny_pipeline("a red circle", num_inference_steps=10, seed=3).images[0]
+    assert psnr(half, full) >= 28.0
+
+
 # -- int8 ---------------------------------------------------------------------------------------
 
 

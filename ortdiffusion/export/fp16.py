@@ -205,15 +205,29 @@ def measure_ranges(files: list[Path], spec: ComponentSpec) -> dict[str, float]:
     return tensor_ranges(structure, files[0], calibration_feeds(spec))
 
 
-def add_contrib_value_types(model) -> None:
-    """Record the element type of every tensor, contrib operators' outputs included, as ONNX
-    Runtime's own fp16 conversion of fused graphs does (`OnnxModel.convert_float_to_float16`):
-    ONNX's shape inference does not know com.microsoft operators, and the converter decides what
-    to cast by these types. Only the types are kept, not the shapes."""
-    from onnx import TensorProto, ValueInfoProto
+def add_value_types(model, structure) -> None:
+    """Record the element type of every tensor of `model`, contrib operators' outputs included, as
+    ONNX Runtime's own fp16 conversion of fused graphs does (`OnnxModel.convert_float_to_float16`):
+    the converter decides what to cast by these types, and its own shape inference is off where it
+    cannot run — ONNX's does not know com.microsoft operators, and cannot take a graph past
+    protobuf's 2 GB. Without them it leaves fp32-only inputs (Resize's scales, a kept node's
+    constants) in fp16 and the graph does not load. The types are inferred on `structure`, the same
+    graph without its external weights (ONNX Runtime's symbolic shape inference, which knows the
+    contrib operators), and only the types are kept, not the shapes."""
+    from onnx import ModelProto, TensorProto, ValueInfoProto, helper
     from onnxruntime.transformers.shape_infer_helper import SymbolicShapeInferenceHelper
 
-    inferred = SymbolicShapeInferenceHelper(model).infer_shapes(model, auto_merge=True, guess_output_rank=False)
+    # The external weights become typed inputs: inference needs their types and shapes, not their
+    # values (it would read them from the working directory otherwise).
+    typed_from = ModelProto()
+    typed_from.CopyFrom(structure)
+    weights = typed_from.graph.initializer
+    external = [t for t in weights if t.data_location == TensorProto.EXTERNAL]
+    typed_from.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in external)
+    kept = [t for t in weights if t.data_location != TensorProto.EXTERNAL]
+    del weights[:]
+    weights.extend(kept)
+    inferred = SymbolicShapeInferenceHelper(typed_from).infer_shapes(typed_from, auto_merge=True, guess_output_rank=False)
     known = {vi.name for vi in model.graph.value_info}
     for vi in inferred.graph.value_info if inferred is not None else ():
         if vi.name and vi.name not in known and vi.type.tensor_type.elem_type != TensorProto.UNDEFINED:
@@ -249,8 +263,8 @@ def convert_to_fp16(files: list[Path], spec: ComponentSpec,
     name_nodes(model)
     large = len(files) > 1
     fused = any(n.domain == "com.microsoft" for n in model.graph.node)
-    if fused:
-        add_contrib_value_types(model)
+    if large or fused:  # the converter cannot infer types itself: it reads the ones recorded here
+        add_value_types(model, structure)
     converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
                                          disable_shape_infer=large or fused)
     removed = remove_fp16_round_trips(converted)
