@@ -4,20 +4,24 @@
 # The device machine (tool library's device/README.md) has Python 3.12, torch (CUDA 13), onnx and
 # a CPU-only onnxruntime, but neither onnxruntime-gpu nor diffusers. onnxruntime-gpu 1.31.1 (built
 # for CUDA 13) is a 256 MB wheel, while one call carries 64 MiB including this repository (~32 MB
-# tracked), so the wheel travels in 30 MiB parts, one per call, calls back to back (a warm machine
+# tracked), so the wheel travels in 33 MiB parts, one per call, calls back to back (a warm machine
 # keeps what earlier calls left; it goes back after 30 s idle).
 #
 #   here:   tools/gpu_kit.sh prepare            # wheels into .whl/ (git-ignored), split into .whl/pN
 #   there:  tools/gpu_kit.sh receive            # call N carries .whl/pN: parts kept in /tmp/gpu-kit
 #   there:  tools/gpu_kit.sh install            # last part's call: join, verify, install, import check
 #   there:  tools/gpu_kit.sh tests              # the gpu-marked tests
-#   there:  tools/gpu_kit.sh export             # sd15-arch's CUDA-target fp16 bundle, its log kept apart
-#                                               # (the bench would export it too, before its workers)
-#   there:  tools/gpu_kit.sh bench              # 512x512, 30 steps, batch 1 and 4, ours (CUDA target
-#                                               # fp16, with and without CUDA graphs) vs torch fp16
-#   there:  tools/gpu_kit.sh compare            # torch vs ONNX, fp16 CUDA bundle
+#   there:  tools/gpu_kit.sh start export|bench|compare
+#                                               # a long step, detached (setsid): it outlives the call
+#                                               # that started it while the machine stays warm
+#   there:  tools/gpu_kit.sh wait STEP SECONDS  # wait for it at most SECONDS, bring its files back in
+#                                               # $OUT; exit 75 while it still runs, else its status
+# The long steps: export (sd15-arch's CUDA-target fp16 bundle; the bench would export it too),
+# bench (512x512, 30 steps, batch 1 and 4, ours on the CUDA target in fp16 with and without CUDA
+# graphs against diffusers' torch fp16), compare (torch vs ONNX, that fp16 CUDA bundle).
 #
-# Each "there" step writes its log and results under $OUT, and sources /tmp/gpu-kit/env first (the
+# Each "there" step writes its log and results under $OUT (a long step under $KIT/out/STEP, copied
+# to $OUT by `wait`: one call brings back 8 files at most), and sources /tmp/gpu-kit/env first (the
 # install's PYTHONPATH and the onnxruntime.preload_dlls() hook that finds CUDA and cuDNN in torch's
 # nvidia packages).
 set -euo pipefail
@@ -40,7 +44,7 @@ prepare)
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl/dl onnxruntime-gpu==1.31.1 diffusers==0.42.1
-    (cd .whl/dl && sha256sum "$ORT_WHEEL" > SHA256 && split -b 30M -d -a 2 "$ORT_WHEEL" ort.part-)
+    (cd .whl/dl && sha256sum "$ORT_WHEEL" > SHA256 && split -b 33M -d -a 2 "$ORT_WHEEL" ort.part-)
     n=0
     for part in .whl/dl/ort.part-*; do
         n=$((n + 1)); mkdir -p ".whl/p$n"; mv "$part" ".whl/p$n/"
@@ -84,7 +88,7 @@ tests)
     nvidia-smi | tee "$OUT/nvidia-smi.txt"
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs --timeout 900 2>&1 | tee "$OUT/gpu-tests.txt"
     ;;
-export)
+export)  # the steps below, run in the foreground with their results in $OUT
     env_up
     python3 -c "from ortdiffusion.models import resolve_bundle; print(resolve_bundle('sd15-arch', target='cuda', precision='fp16'))" \
         2>&1 | tee "$OUT/export.txt"
@@ -103,7 +107,27 @@ compare)
     python3 -m ortdiffusion.cli compare "$checkpoint" "$bundle" --steps 30 --json "$OUT/compare-sd15-cuda-fp16.json" \
         --image "$OUT/compare-sd15-cuda-fp16.png" 2>&1 | tee "$OUT/compare.txt"
     ;;
+start)
+    step=${2:?export, bench or compare}
+    mkdir -p "$KIT/out/$step"
+    rm -f "$KIT/out/$step.rc"
+    OUT="$KIT/out/$step" setsid nohup bash -c "'$REPO/tools/gpu_kit.sh' $step > '$KIT/out/$step.log' 2>&1; echo \$? > '$KIT/out/$step.rc'" \
+        < /dev/null > /dev/null 2>&1 &
+    echo "started $step"
+    ;;
+wait)
+    step=${2:?a step started with start}
+    for _ in $(seq 1 "${3:-540}"); do
+        [ -f "$KIT/out/$step.rc" ] && break
+        sleep 1
+    done
+    cp -f "$KIT/out/$step.log" "$OUT/$step.log" 2>/dev/null || true
+    cp -f "$KIT/out/$step"/* "$OUT/" 2>/dev/null || true
+    tail -n 40 "$OUT/$step.log" 2>/dev/null || true
+    if [ ! -f "$KIT/out/$step.rc" ]; then echo "$step: still running"; exit 75; fi
+    exit "$(cat "$KIT/out/$step.rc")"
+    ;;
 *)
-    sed -n 2,23p "$0"; exit 2
+    sed -n 2,30p "$0"; exit 2
     ;;
 esac
