@@ -60,9 +60,11 @@ def test_nodes_off_the_gpu_provider_are_refused_except_shape_arithmetic():
     cuda = ProviderPreference(kinds=(ProviderKind.CUDA,))
     nodes = [("CUDAExecutionProvider", "/conv_in/Conv", "Conv"), ("CUDAExecutionProvider", "/mid/MatMul", "MatMul"),
              ("CPUExecutionProvider", "/attn/Shape", "Shape"), ("CPUExecutionProvider", "/attn/Gather", "Gather"),
-             ("CPUExecutionProvider", "/attn/Sqrt", "Sqrt")]
+             ("CPUExecutionProvider", "/attn/Sqrt", "Sqrt"),
+             # CLIP's end-of-text position over the host's token ids: no int64 ArgMax on CUDA (H100 run)
+             ("CPUExecutionProvider", "/model/ArgMax", "ArgMax")]
     ok = check_placement(cuda, nodes, "unet")
-    assert ok.nodes == {"cuda": 2, "cpu": 3} and ok.shape_arithmetic == 3 and ok.off_provider == ()
+    assert ok.nodes == {"cuda": 2, "cpu": 4} and ok.shape_arithmetic == 4 and ok.off_provider == ()
     fell_back = nodes + [("CPUExecutionProvider", "/up/Resize", "Resize")]
     with pytest.raises(ProviderError, match=r"unet: 1 node\(s\) did not land on cuda \(Resize /up/Resize\); "
                                             r"this is a silent fallback, refused \(allow_fallback=True"):
@@ -70,7 +72,7 @@ def test_nodes_off_the_gpu_provider_are_refused_except_shape_arithmetic():
     allowed = check_placement(ProviderPreference(kinds=(ProviderKind.CUDA,), allow_fallback=True), fell_back, "unet")
     assert allowed.off_provider == ("Resize /up/Resize",)
     listed = check_placement(ProviderPreference.parse("cuda,cpu"), fell_back, "unet")  # the CPU asked for
-    assert listed.off_provider == () and listed.nodes == {"cuda": 2, "cpu": 4}
+    assert listed.off_provider == () and listed.nodes == {"cuda": 2, "cpu": 5}
 
 
 def test_placement_is_read_from_the_real_session(tiny_bundle):

@@ -325,6 +325,10 @@ SHAPE_ARITHMETIC_OPS = frozenset({
     "ConstantOfShape", "Reshape", "Expand", "Identity", "Equal", "Greater", "Less", "Not", "And",
     "Or", "Where", "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Floor", "Ceil", "Sqrt",
     "Reciprocal", "Min", "Max", "ReduceProd",
+    # The text encoder's end-of-text position (CLIP's pooled output): ArgMax over the int64 token
+    # ids the host feeds. The CUDA provider has ArgMax for float types only, so ONNX Runtime runs
+    # it on the host, where the ids already are (seen on an H100, onnxruntime-gpu 1.31.1).
+    "ArgMax",
 })
 
 
