@@ -151,7 +151,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .export.compare import compare
 
     report = compare(args.checkpoint, args.bundle, args.prompt, args.steps, args.guidance, args.scheduler, args.seed,
-                     args.image)
+                     args.image, args.provider)
     print(f"torch ({args.checkpoint}) against ONNX Runtime ({args.bundle}), {report.precision}\n")
     print("| what | figures | limit | result |\n|---|---|---|---|")
     for line in report.lines:
@@ -311,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the report as JSON")
     p.add_argument("--image", type=Path, default=None, help="write torch | ONNX | difference as one PNG")
+    p.add_argument("--provider", default=None, help="where the bundle runs (default: the CPU, or the provider a "
+                   "CUDA export was made for)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="latency, per-stage timings, throughput and memory against baselines")

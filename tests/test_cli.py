@@ -92,6 +92,24 @@ def test_compare_passes_on_its_own_export_and_writes_report_and_image(tiny_check
     assert Image.open(tmp_path / "side.png").size == (64 * 3, 64)
 
 
+def test_compare_runs_a_bundle_where_it_was_exported_to_run(tiny_checkpoint, tiny_bundle):
+    """A generic bundle is compared on the CPU; a CUDA export on CUDA (it refuses the CPU: on the
+    H100 run, compare had asked for the CPU and stopped there). Asked for CUDA where there is none,
+    it says so rather than falling back."""
+    import dataclasses
+
+    from ortdiffusion.export.compare import default_provider
+    from ortdiffusion.runtime.manifest import load_manifest
+
+    manifest = load_manifest(tiny_bundle)
+    assert default_provider(manifest) == "cpu"
+    cuda = dataclasses.replace(manifest, components={k: dataclasses.replace(c, providers=("cuda",))
+                                                     for k, c in manifest.components.items()})
+    assert default_provider(cuda) == "cuda"
+    proc = run("compare", tiny_checkpoint, tiny_bundle, "--provider", "cuda", check=False)
+    assert proc.returncode == 1 and "cuda" in proc.stderr.lower()
+
+
 def test_compare_refuses_a_bundle_of_another_checkpoint(tiny_checkpoint, tiny_bundle, tmp_path):
     import shutil
 

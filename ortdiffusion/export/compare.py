@@ -98,12 +98,22 @@ def _counts(a: np.ndarray) -> dict[str, float]:
     return {"nan": float(np.isnan(a).sum()), "inf": float(np.isinf(a).sum())}
 
 
-def compare_components(ckpt, bundle_dir: Path, manifest, tol: Tolerances, seed: int) -> list[Line]:
-    from ..runtime.providers import ProviderKind, ProviderPreference
+def default_provider(manifest) -> str:
+    """The provider a bundle is compared on: the CPU where every component runs there (a generic or
+    CPU export), else the one its components were exported for (a CUDA export runs on CUDA only)."""
+    components = manifest.components.values()
+    if all("cpu" in c.providers for c in components):
+        return "cpu"
+    return next(iter(components)).providers[0]
+
+
+def compare_components(ckpt, bundle_dir: Path, manifest, tol: Tolerances, seed: int, provider: str = "cpu") -> list[Line]:
+    from ..runtime.providers import ProviderPreference
 
     lines = []
+    preference = ProviderPreference.parse(provider)
     for spec, module in pipeline_components(ckpt):
-        session = Session(bundle_dir, manifest.components[spec.name], ProviderPreference(kinds=(ProviderKind.CPU,)))
+        session = Session(bundle_dir, manifest.components[spec.name], preference)
         for k, dims in enumerate(spec.parity_points()):
             inputs = spec.sample_inputs(dims, seed=seed + k)
             with torch.no_grad():
@@ -120,13 +130,14 @@ def compare_components(ckpt, bundle_dir: Path, manifest, tol: Tolerances, seed: 
 
 
 def compare_end_to_end(ckpt_dir: Path, bundle_dir: Path, prompt: str, steps: int, guidance: float,
-                       scheduler: str, seed: int, tol: Tolerances) -> tuple[list[Line], list[dict], np.ndarray, np.ndarray]:
+                       scheduler: str, seed: int, tol: Tolerances,
+                       provider: str = "cpu") -> tuple[list[Line], list[dict], np.ndarray, np.ndarray]:
     from diffusers import StableDiffusionPipeline
 
     from ..runtime.pipeline import Pipeline
     from .reference import ancestral_noise_from_seeds, reference_scheduler
 
-    ours = Pipeline.load(bundle_dir, providers="cpu")
+    ours = Pipeline.load(bundle_dir, providers=provider)
     c = ours.manifest.pipeline
     shape = (1, c.latent_channels, c.default_height // c.vae_scale_factor, c.default_width // c.vae_scale_factor)
     latents = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
@@ -168,7 +179,9 @@ def side_by_side(a: np.ndarray, b: np.ndarray, path: Path, amplify: float = 10.0
 
 
 def compare(checkpoint: Path | str, bundle: Path | str, prompt: str = "a red circle on the left", steps: int = 20,
-            guidance: float = 7.5, scheduler: str | None = None, seed: int = 0, image_path: Path | None = None) -> CompareReport:
+            guidance: float = 7.5, scheduler: str | None = None, seed: int = 0, image_path: Path | None = None,
+            provider: str | None = None) -> CompareReport:
+    """torch (fp32, CPU) against the bundle run on `provider` (default: `default_provider`)."""
     checkpoint, bundle = Path(checkpoint), Path(bundle)
     manifest = load_manifest(bundle)
     verify_files(bundle, manifest)
@@ -182,9 +195,11 @@ def compare(checkpoint: Path | str, bundle: Path | str, prompt: str = "a red cir
     tol = TOLERANCES[precision]
     ckpt = load_checkpoint(checkpoint)
     report = CompareReport(str(checkpoint), str(bundle), precision.value)
-    report.lines += compare_components(ckpt, bundle, manifest, tol, seed=7000 + seed)
+    provider = provider or default_provider(manifest)
+    report.lines += compare_components(ckpt, bundle, manifest, tol, seed=7000 + seed, provider=provider)
     lines, divergence, a, b = compare_end_to_end(
-        checkpoint, bundle, prompt, steps, guidance, scheduler or manifest.pipeline.default_scheduler, seed, tol)
+        checkpoint, bundle, prompt, steps, guidance, scheduler or manifest.pipeline.default_scheduler, seed, tol,
+        provider)
     report.lines += lines
     report.latent_divergence = divergence
     if image_path is not None:
