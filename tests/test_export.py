@@ -361,6 +361,37 @@ def test_cuda_target_fuses_as_onnxruntimes_stable_diffusion_script(tiny_checkpoi
                         and source.attribute[0].i == onnx.TensorProto.FLOAT16)  # it reads fp32
 
 
+
+def test_cuda_fusions_are_left_out_where_the_kernels_refuse_the_shapes(tiny_checkpoint, tmp_path):
+    """ONNX Runtime's CUDA GroupNorm, BiasSplitGelu and BiasAdd kernels take SD's sizes only and
+    refuse others at run time (seen on an H100 with the tiny model: one channel per group, GEGLU
+    hidden size 256). Export asks the module's shapes first: SD-sized blocks fuse, the tiny UNet's
+    stay standard ONNX, and attention is fused either way."""
+    import onnx
+    from diffusers.models.activations import GEGLU
+
+    from ortdiffusion.export.bundle import pipeline_components
+    from ortdiffusion.export.checkpoint import load_checkpoint
+    from ortdiffusion.export.onnx_export import DEFAULT_OPSET, Exporter, export_onnx
+    from ortdiffusion.export.optimize import Target, cuda_fusions_fit, optimize_graph
+
+    sd_block = torch.nn.Sequential(torch.nn.GroupNorm(32, 320), GEGLU(320, 1280))
+    assert all(cuda_fusions_fit(sd_block).values())
+    assert cuda_fusions_fit(torch.nn.GroupNorm(32, 32)) == {
+        "enable_group_norm": False, "enable_skip_group_norm": False, "enable_bias_splitgelu": True, "enable_bias_add": True}
+    assert not cuda_fusions_fit(GEGLU(32, 128))["enable_bias_splitgelu"]
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    spec, module = next((s, m) for s, m in pipeline_components(ckpt) if s.name == "unet")
+    fits = cuda_fusions_fit(module)
+    assert not any(fits.values()), fits
+    files = export_onnx(spec, module, tmp_path / "unet.onnx", DEFAULT_OPSET, Exporter.TORCHSCRIPT)
+    optimize_graph(files, "unet", Target.CUDA, fp16=True, fits=fits)
+    ops = {n.op_type for n in onnx.load(str(files[0])).graph.node}
+    assert {"MultiHeadAttention", "NhwcConv"} <= ops
+    assert not ops & {"GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd"}, ops
+
+
 # -- fp16 ---------------------------------------------------------------------------------------
 
 

@@ -27,7 +27,11 @@ def test_cuda_target_exports_fused_fp16_with_parity_on_cuda(cuda_fp16_bundle):
     assert all(c.providers == ("cuda",) for c in manifest.components.values())
     assert manifest.components["unet"].precision.value == "fp16"
     ops = {n.op_type for n in onnx.load(str(out / "unet.onnx")).graph.node}
-    assert {"MultiHeadAttention", "GroupNorm"} <= ops
+    # the tiny UNet's sizes are not ones ONNX Runtime's GroupNorm/BiasSplitGelu kernels take: those
+    # stay unfused (optimize.cuda_fusions_fit); attention and NHWC convolution are fused
+    assert {"MultiHeadAttention", "NhwcConv"} <= ops and "GroupNorm" not in ops
+    vae_ops = {n.op_type for n in onnx.load(str(out / "vae_decoder.onnx")).graph.node}
+    assert "GroupNorm" in vae_ops  # the tiny decoder's groups fit
     assert all(r.rel_l2_error <= 2e-2 for c in manifest.components.values() for r in c.parity)
 
 

@@ -39,7 +39,7 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .fp16 import FP16_TOLERANCE, convert_to_fp16, measure_ranges
 from .quantize import INT8_TOLERANCE, Calibration, quantize_unet, unet_calibration_feeds
 from .onnx_export import DEFAULT_OPSET, Exporter, export_onnx
-from .optimize import Target, optimize_graph
+from .optimize import Target, cuda_fusions_fit, optimize_graph
 from .parity import FP32_TOLERANCE, check_parity, measure_parity
 from .specs import (
     ComponentSpec,
@@ -93,7 +93,7 @@ def export_component(
         # A graph fused for CUDA does not run on the CPU, so its fp16 block list is measured first,
         # on the plain graph (fp16.convert_to_fp16 says how the nodes are matched).
         ranges = measure_ranges(files, spec) if fp16 and target is Target.CUDA else None
-        optimize_graph(files, spec.name, target, fp16=fp16)
+        optimize_graph(files, spec.name, target, fp16=fp16, fits=cuda_fusions_fit(module) if target is Target.CUDA else None)
         if fp16:
             precision, fp32_nodes, files, parity = _to_fp16(spec, module, files, options, ranges)
         else:

@@ -66,11 +66,42 @@ class Target(str, Enum):
 MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae"}
 
 
-def fusion_options(model_type: str, target: Target, fp16: bool = False):
+#: Sizes onnxruntime-gpu 1.31.1's diffusion kernels take, or they refuse the input at run time
+#: (messages seen on an H100; ONNX Runtime's contrib_ops/cuda/diffusion sources): BiasSplitGelu's
+#: hidden size (GEGLU's projection, both halves), BiasAdd's channels (a transformer block's output
+#: plus its residual), GroupNorm's channels per group (two per thread; a block of at most 512).
+BIAS_SPLIT_GELU_SIZES = frozenset({2560, 5120, 6144, 10240, 12288})
+BIAS_ADD_CHANNELS = frozenset({320, 640, 1280})
+GROUP_NORM_MAX_CHANNELS_PER_GROUP = 512
+
+
+def cuda_fusions_fit(module) -> dict[str, bool]:
+    """Which of the transformer optimizer's CUDA-only fusions ONNX Runtime's kernels can run for the
+    shapes of `module`, by FusionOptions name. The optimizer fuses by pattern, not by shape, and a
+    kernel that refuses its input fails only at run time. Real checkpoints fit (SD 1.5: 320/640/1280
+    channels, 10 per group, GEGLU 2560/5120/10240); tiny test configs do not, and keep those nodes
+    unfused (standard ONNX operators, which run on CUDA as well)."""
+    import torch
+
+    groups = [m for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
+    group_norm = all(m.num_channels % m.num_groups == 0 and (m.num_channels // m.num_groups) % 2 == 0
+                     and m.num_channels // m.num_groups <= GROUP_NORM_MAX_CHANNELS_PER_GROUP for m in groups)
+    geglu = [m.proj.out_features for m in module.modules()
+             if type(m).__name__ == "GEGLU" and isinstance(getattr(m, "proj", None), torch.nn.Linear)]
+    blocks = [m for m in module.modules() if type(m).__name__.endswith("Transformer2DModel")]
+    channels = [getattr(b.proj_out, "out_features", getattr(b.proj_out, "out_channels", None)) for b in blocks]
+    return {"enable_group_norm": group_norm, "enable_skip_group_norm": group_norm,
+            "enable_bias_splitgelu": all(n in BIAS_SPLIT_GELU_SIZES for n in geglu),
+            "enable_bias_add": all(c in BIAS_ADD_CHANNELS for c in channels)}
+
+
+def fusion_options(model_type: str, target: Target, fp16: bool = False, fits: dict[str, bool] | None = None):
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     options = FusionOptions(model_type)
     if target is Target.CUDA:
+        for name, fit in (fits or {}).items():  # a fusion whose kernel would refuse these shapes is left out
+            setattr(options, name, getattr(options, name, False) and fit)
         # As ONNX Runtime's stable-diffusion script: packed QKV / KV attention inputs only for fp16
         # (the kernels that take them packed are fp16 ones).
         options.enable_packed_qkv = fp16 and options.enable_packed_qkv
@@ -135,11 +166,12 @@ def numpy2_num_heads_fix() -> Iterator[None]:
             cls.get_num_heads = original
 
 
-def optimize_graph(files: list[Path], component: str, target: Target, fp16: bool = False) -> dict[str, int]:
+def optimize_graph(files: list[Path], component: str, target: Target, fp16: bool = False,
+                   fits: dict[str, bool] | None = None) -> dict[str, int]:
     """Optimize the graph (`files`: the graph, then its external data if any) in place for
     `target`; return the fused operator counts. A graph past 2 GB keeps its weights in the one
     external data file beside it. `fp16`: the graph will be converted to fp16 next (CUDA's packed
-    attention inputs are fused only then)."""
+    attention inputs are fused only then). `fits`: the CUDA fusions the module's shapes allow (`cuda_fusions_fit`)."""
     if target in (Target.GENERIC, Target.TENSORRT):
         return {}
     import tempfile
@@ -159,7 +191,7 @@ def optimize_graph(files: list[Path], component: str, target: Target, fp16: bool
             # The NumPy-2 workaround is needed only where the UNet attention fusion runs (CUDA).
             with numpy2_num_heads_fix() if gpu else nullcontext():
                 model = optimize_model(str(path), model_type=model_type, opt_level=0, use_gpu=gpu,
-                                       optimization_options=fusion_options(model_type, target, fp16))
+                                       optimization_options=fusion_options(model_type, target, fp16, fits))
             fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
             if target is Target.CPU and model_type in ("unet", "vae"):
                 fused["MultiHeadAttention"] = fuse_attention(model.model)
