@@ -11,14 +11,17 @@
 #   there:  tools/gpu_kit.sh receive            # call N carries .whl/pN: parts kept in /tmp/gpu-kit
 #   there:  tools/gpu_kit.sh install            # last part's call: join, verify, install, import check
 #   there:  tools/gpu_kit.sh tests              # the gpu-marked tests
-#   there:  tools/gpu_kit.sh start export|bench|compare
+#   there:  tools/gpu_kit.sh start export|bench|compare|measure   (measure: bench, then compare)
 #                                               # a long step, detached (setsid): it outlives the call
 #                                               # that started it while the machine stays warm
 #   there:  tools/gpu_kit.sh wait STEP SECONDS  # wait for it at most SECONDS, bring its files back in
 #                                               # $OUT; exit 75 while it still runs, else its status
 # The long steps: export (sd15-arch's CUDA-target fp16 bundle; the bench would export it too),
 # bench (512x512, 30 steps, batch 1 and 4, ours on the CUDA target in fp16 with and without CUDA
-# graphs against diffusers' torch fp16), compare (torch vs ONNX, that fp16 CUDA bundle).
+# graphs against diffusers' torch fp16), compare (torch vs ONNX, that fp16 CUDA bundle, on CUDA).
+# Calls, each right after the last (a machine idle 30 s goes back, and all is lost with it; the
+# export alone takes ~8 min): receive ×7; install && start export && tests; wait export;
+# start measure && wait measure.
 #
 # Each "there" step writes its log and results under $OUT (a long step under $KIT/out/STEP, copied
 # to $OUT by `wait`: one call brings back 8 files at most), and sources /tmp/gpu-kit/env first (the
@@ -107,8 +110,12 @@ compare)
     python3 -m ortdiffusion.cli compare "$checkpoint" "$bundle" --steps 30 --json "$OUT/compare-sd15-cuda-fp16.json" \
         --image "$OUT/compare-sd15-cuda-fp16.png" 2>&1 | tee "$OUT/compare.txt"
     ;;
+measure)
+    "$REPO/tools/gpu_kit.sh" bench
+    "$REPO/tools/gpu_kit.sh" compare
+    ;;
 start)
-    step=${2:?export, bench or compare}
+    step=${2:?export, bench, compare or measure}
     mkdir -p "$KIT/out/$step"
     rm -f "$KIT/out/$step.rc"
     OUT="$KIT/out/$step" setsid nohup bash -c "'$REPO/tools/gpu_kit.sh' $step > '$KIT/out/$step.log' 2>&1; echo \$? > '$KIT/out/$step.rc'" \
@@ -128,6 +135,6 @@ wait)
     exit "$(cat "$KIT/out/$step.rc")"
     ;;
 *)
-    sed -n 2,30p "$0"; exit 2
+    sed -n 2,29p "$0"; exit 2
     ;;
 esac
