@@ -530,6 +530,20 @@ def test_int8_quantizes_the_unet_statically_for_the_cpu(tiny_checkpoint, tiny_pi
     assert psnr(quantized, full) >= 20.0
 
 
+def test_a_graph_external_already_gets_its_data_file_as_readable_as_itself(tmp_path):
+    """A graph past 2 GB comes to the last step external already, its data file written by onnx or
+    ONNX Runtime's optimizer (the CUDA target's fp32 UNet), owner-only: it is published readable."""
+    from ortdiffusion.export.weights import store_weights_externally
+
+    graph, data = tmp_path / "unet.onnx", tmp_path / "unet.onnx.data"
+    graph.write_bytes(b"graph")
+    data.write_bytes(b"weights")
+    graph.chmod(0o644)
+    data.chmod(0o600)
+    assert store_weights_externally([graph, data]) == [graph, data]
+    assert data.stat().st_mode & 0o777 == 0o644
+
+
 def test_weights_past_the_threshold_live_beside_the_graph_and_compute_the_same(tiny_checkpoint, tiny_pipeline, tmp_path):
     """Every component's weights in `<component>.onnx.data` (the threshold lowered so the tiny model
     takes that path; SD-sized text encoders and decoders do by default): ONNX Runtime maps them

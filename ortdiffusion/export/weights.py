@@ -63,8 +63,14 @@ def save_with_external_data(model, path: Path) -> Path:
     data.unlink(missing_ok=True)  # `model` holds its weights in memory: they are rewritten below
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
-    data.chmod(path.stat().st_mode & 0o777)
+    _readable_like(path, data)
     return data
+
+
+def _readable_like(graph: Path, data: Path) -> None:
+    """Give `data` its graph's permissions: onnx (and ONNX Runtime's optimizer, which saves through
+    it) creates external data owner-only, and a bundle is read by services running as other users."""
+    data.chmod(graph.stat().st_mode & 0o777)
 
 
 #: A graph whose weights pass this many bytes keeps them in an external data file beside it.
@@ -85,7 +91,9 @@ def store_weights_externally(files: list[Path], min_bytes: int = EXTERNAL_WEIGHT
     import onnx
 
     path = files[0]
-    if len(files) > 1:
+    if len(files) > 1:  # external already (past 2 GB), written by whichever step came last
+        for data in files[1:]:
+            _readable_like(path, data)
         return files
     model = onnx.load(str(path))
     if sum(t.ByteSize() for t in model.graph.initializer) <= min_bytes:
