@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ortdiffusion.runtime.png import encode_png
+from ortdiffusion.runtime.png import encode_png, encode_pngs
 from ortdiffusion.runtime.schedulers import SchedulerName, make_scheduler
 
 
@@ -49,6 +49,25 @@ def test_scheduler_20_steps(benchmark, pipe, name):
 def test_png_encode(benchmark, pipe):
     result = pipe("a red circle", num_inference_steps=1, seed=0)
     benchmark(encode_png, result.images[0], result.metadata[0])
+
+
+@pytest.mark.parametrize("how", ["one_by_one", "encode_pngs"])
+def test_png_encode_four_512(benchmark, how):
+    """A batch of four 512×512 pictures (SD's size; smooth colour fields with a little grain, which
+    compress like photographs, unlike pure noise): one after another vs `encode_pngs` on threads."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:512, 0:512] / 512.0
+    images, meta = [], []
+    for k in range(4):
+        field = np.stack([np.sin(6 * x + k), np.cos(5 * y - k), np.sin(4 * (x + y))], axis=-1) * 100 + 128
+        images.append(Image.fromarray(np.clip(field + rng.normal(0, 4, field.shape), 0, 255).astype(np.uint8)))
+        meta.append({"prompt": "a lighthouse at dusk", "seed": str(k)})
+    if how == "one_by_one":
+        benchmark(lambda: [encode_png(im, m) for im, m in zip(images, meta)])
+    else:
+        benchmark(encode_pngs, images, meta)
 
 
 @pytest.mark.parametrize("batch", [1, 4])

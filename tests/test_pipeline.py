@@ -87,6 +87,50 @@ def test_png_carries_parameters(tiny_pipeline, tmp_path):
     assert not list(tmp_path.glob(".*")), "no temporary files left behind"
 
 
+def test_a_batch_is_encoded_in_parallel_to_the_same_pngs_in_order():
+    """encode_pngs runs encode_png on threads: byte for byte what one at a time gives, in order,
+    also in a child forked after the pool started (its threads are not inherited)."""
+    import multiprocessing
+    import threading
+
+    from PIL import Image
+
+    from ortdiffusion.runtime.png import encode_png, encode_pngs
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)) for _ in range(6)]
+    meta = [{"seed": str(i), "prompt": f"picture {i}"} for i in range(6)]
+    one_by_one = [encode_png(im, m) for im, m in zip(images, meta)]
+    seen = set()
+    original = Image.Image.save
+
+    def recording_save(self, *args, **kwargs):
+        seen.add(threading.current_thread().name)
+        return original(self, *args, **kwargs)
+
+    Image.Image.save = recording_save
+    try:
+        assert encode_pngs(images, meta) == one_by_one
+    finally:
+        Image.Image.save = original
+    assert all(name.startswith("ortdiffusion-png") for name in seen), seen
+    with pytest.raises(ValueError, match="6 images but 5 metadata"):
+        encode_pngs(images, meta[:5])
+
+    def child(queue):
+        queue.put(encode_pngs(images[:3], meta[:3]) == one_by_one[:3])
+
+    fork = multiprocessing.get_context("fork")
+    queue = fork.Queue()
+    proc = fork.Process(target=child, args=(queue,))
+    proc.start()
+    try:
+        assert queue.get(timeout=60) is True
+    finally:
+        proc.kill()  # a child whose pool would hang must not outlive the test
+        proc.join()
+
+
 def test_long_prompt_is_truncated_with_a_warning(tiny_pipeline, caplog):
     with caplog.at_level(logging.WARNING, logger="ortdiffusion.runtime.tokenizer"):
         tiny_pipeline("red " * 100, seed=1, num_inference_steps=1)

@@ -122,7 +122,7 @@ def fusion_options(model_type: str, target: Target, fp16: bool = False, fits: di
 
 @contextmanager
 def numpy2_num_heads_fix() -> Iterator[None]:
-    """Work around onnxruntime's UNet attention fusion under NumPy >= 2.4 (onnxruntime 1.31.1).
+    """Work around onnxruntime's UNet attention fusion under NumPy >= 2.4 (onnxruntime 1.31.1, still in 1.32.0).
 
     `FusionAttentionUnet.get_num_heads` calls `int()` on a one-element array, which NumPy 2.4 turns
     from a deprecation into `TypeError: only 0-dimensional arrays can be converted to Python

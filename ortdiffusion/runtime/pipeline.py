@@ -33,7 +33,7 @@ from .manifest import (
     load_manifest,
     verify_files,
 )
-from .png import save_png
+from .png import encode_pngs, write_atomically
 from .providers import ComponentSettings, CudaOptions, ProviderKind, ProviderPreference, default_preference
 from .request import GenerationRequest, make_request
 from .schedulers import SchedulerName, make_scheduler
@@ -79,12 +79,13 @@ class PipelineResult:
     def save(self, path: Path | str) -> list[Path]:
         """Save as PNG with parameters; several images get `-0`, `-1`, … before the suffix."""
         path = Path(path)
-        if len(self.images) == 1:
-            return [save_png(self.images[0], self.metadata[0], path)]
-        return [
-            save_png(img, meta, path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}"))
-            for i, (img, meta) in enumerate(zip(self.images, self.metadata))
-        ]
+        paths = [path] if len(self.images) == 1 else [
+            path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(len(self.images))]
+        return [write_atomically(png, p) for png, p in zip(self.pngs(), paths)]
+
+    def pngs(self) -> list[bytes]:
+        """Each image as PNG bytes with its parameters in text chunks, encoded in parallel."""
+        return encode_pngs(self.images, self.metadata)
 
 
 class Pipeline:

@@ -24,7 +24,6 @@ from ..runtime.errors import (
     OrtDiffusionError,
 )
 from ..runtime.pipeline import Pipeline, PipelineResult
-from ..runtime.png import encode_png
 from ..runtime.request import make_request
 from .batcher import Batcher, Cancelled
 from .images import ImageStore
@@ -283,8 +282,9 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
         except Cancelled:
             return Response(status_code=499)
         data = []
-        for image, meta, seed in zip(result.images, result.metadata, result.seeds):
-            png = encode_png(image, meta)
+        # CPU work of tens of ms per image: on threads, off the event loop that serves every request
+        pngs = await asyncio.to_thread(result.pngs)
+        for png, seed in zip(pngs, result.seeds):
             if body.response_format == "b64_json":
                 data.append(ImageData(b64_json=base64.b64encode(png).decode(), seed=seed))
             else:
@@ -298,7 +298,7 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
             result, headers = await run(body, 1, request)
         except Cancelled:
             return Response(status_code=499)
-        png = encode_png(result.images[0], result.metadata[0])
+        (png,) = await asyncio.to_thread(result.pngs)
         payload = GenerateImageResponse(image_url=await image_url(request, png), seed=result.seeds[0])
         return JSONResponse(payload.model_dump(), headers=headers)
 
