@@ -43,10 +43,16 @@ def start_server(model: str, batching: bool, max_queue: int, extra: tuple[str, .
         cmd.append("--no-batching")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
+    wait_ready(proc, url)
+    return proc, url
+
+
+def wait_ready(proc: subprocess.Popen, url: str) -> None:
+    """Until the server at `url` says ready; its stderr as the error if it exits first."""
     for _ in range(3000):
         try:
             if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return proc, url
+                return
         except httpx.TransportError:
             pass
         if proc.poll() is not None:

@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import free_port  # noqa: E402
+from serve_load import free_port, wait_ready  # noqa: E402
 
 
 def start(tree: Path, model: str) -> tuple[subprocess.Popen, str]:
@@ -43,16 +43,8 @@ def start(tree: Path, model: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "ortdiffusion.cli", "serve", "--model", model, "--port", str(port)],
                             env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(3000):
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read().decode())
-        time.sleep(0.1)
-    raise RuntimeError("server did not become ready")
+    wait_ready(proc, url)
+    return proc, url
 
 
 def generate(client: httpx.Client, url: str, size: str, n: int, steps: int, seed: int) -> tuple[float, float]:
