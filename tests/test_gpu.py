@@ -73,3 +73,17 @@ def test_cuda_loop_stays_on_the_device_and_replays_a_cuda_graph(tiny_bundle, tin
     first, second = graphed("a green star", **kwargs), graphed("a green star", **kwargs)
     assert graphed.device_loop.graphs.built == 1
     assert psnr(first.images[0], cpu) > 35 and psnr(second.images[0], first.images[0]) > 60
+
+
+def test_torch_engine_times_its_cuda_stages_with_events(tiny_checkpoint):
+    """diffusers on CUDA runs ahead of the GPU: its stages are timed with CUDA events, read after the
+    run's synchronize, so each UNet step has a duration on the GPU and the stages fit in the run."""
+    from ortdiffusion.bench.worker import CudaEventClock, TorchEngine
+
+    engine = TorchEngine(str(tiny_checkpoint), "cuda", scheduler="ddim")
+    assert engine.device == "cuda"
+    assert isinstance(engine.pipe.unet.forward.clock, CudaEventClock)
+    record = engine.run(batch=2, width=64, height=64, steps=4, guidance=7.5)
+    stages = record["stages"]
+    assert len(stages["unet_step"]) == 4 and all(s > 0 for s in stages["unet_step"])
+    assert sum(sum(v) for v in stages.values()) <= record["end_to_end"]
