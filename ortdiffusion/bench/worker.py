@@ -126,8 +126,8 @@ class CudaEventClock:
     """Stage times of torch's asynchronous CUDA work: an event recorded on the current stream at
     each end of a stage, read after the run's final synchronize. The host's clock would measure
     kernel launches, and charge a stage with the queued work of the one before it whenever the
-    launch queue is full (at batch 4 on the H100, torch's "scheduler" stage took 108 ms of UNet
-    work). Events do not stall the stream, so the run itself is timed as before."""
+    launch queue is full (at batch 4 on the H100, torch's "scheduler" stage, a few small kernels a
+    step, took 108 ms). Events do not stall the stream, so the run itself is timed as before."""
 
     def __init__(self, torch):
         self.torch = torch
