@@ -35,24 +35,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, batching: bool, max_queue: int, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, batching: bool, max_queue: int, extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`ortdiffusion serve` in a process of its own (`env`, `cwd`: whose ortdiffusion it imports),
+    once it says ready; its stderr as the error if it exits first."""
     port = free_port()
     cmd = [sys.executable, "-m", "ortdiffusion.cli", "serve", "--model", model, "--port", str(port),
            "--max-queue", str(max_queue), "--max-batch", "8", *extra]
     if not batching:
         cmd.append("--no-batching")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    wait_ready(proc, url)
-    return proc, url
-
-
-def wait_ready(proc: subprocess.Popen, url: str) -> None:
-    """Until the server at `url` says ready; its stderr as the error if it exits first."""
     for _ in range(3000):
         try:
             if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return
+                return proc, url
         except httpx.TransportError:
             pass
         if proc.poll() is not None:

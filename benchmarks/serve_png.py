@@ -29,22 +29,25 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import free_port, wait_ready  # noqa: E402
+from serve_load import start_server  # noqa: E402
 
 
 def start(tree: Path, model: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+    """The server of the checkout at `tree`, with the service's default queue and batch limits."""
     # run from the tree too: `python -m` puts the working directory before PYTHONPATH
     env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     check = subprocess.run([sys.executable, "-c", "import ortdiffusion; print(ortdiffusion.__file__)"],
                            env=env, cwd=tree, capture_output=True, text=True, check=True).stdout.strip()
     if not Path(check).resolve().is_relative_to(tree.resolve()):
-        raise SystemExit(f"{tree}: python imports ortdiffusion from {check} instead")
-    proc = subprocess.Popen([sys.executable, "-m", "ortdiffusion.cli", "serve", "--model", model, "--port", str(port)],
-                            env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(proc, url)
-    return proc, url
+        raise SystemExit(f"--tree {tree}: python imports ortdiffusion from {check} instead")
+    return start_server(model, batching=True, max_queue=16, env=env, cwd=tree)
+
+
+def tree_arg(text: str) -> tuple[str, str]:
+    label, sep, path = text.partition("=")
+    if not sep or not label or not (Path(path) / "ortdiffusion" / "__init__.py").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=PATH, PATH a checkout of ortdiffusion")
+    return label, path
 
 
 def generate(client: httpx.Client, url: str, size: str, n: int, steps: int, seed: int) -> tuple[float, float]:
@@ -91,10 +94,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--requests", type=int, default=4, help="per tree and round")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--tree", action="append", default=[], help="label=path of a checkout (default: current=this one)")
+    p.add_argument("--tree", action="append", default=[], type=tree_arg,
+                   help="LABEL=PATH of a checkout (default: current=this one)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    trees = dict(t.split("=", 1) for t in args.tree) or {"current": str(Path(__file__).resolve().parents[1])}
+    trees = dict(args.tree) or {"current": str(Path(__file__).resolve().parents[1])}
     servers = {label: start(Path(path), args.model) for label, path in trees.items()}
     runs: dict[str, list[dict]] = {label: [] for label in trees}
     try:

@@ -182,3 +182,16 @@ def test_every_engine_runs_the_scheduler_ours_runs(tiny_checkpoint, tmp_path):
 def test_bench_refuses_an_unknown_scheduler(tmp_path):
     proc = run("bench", "--scheduler", "pndm", check=False, cache=tmp_path / "cache")
     assert proc.returncode == 2 and "scheduler" in proc.stderr and "euler" in proc.stderr
+
+
+def test_serve_png_benchmark_refuses_a_tree_that_is_not_label_and_checkout(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_png.py"
+    for bad in ("before", f"before={tmp_path}"):
+        proc = subprocess.run([sys.executable, script, "--tree", bad, "--out", tmp_path / "x.json"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "--tree" in proc.stderr and "LABEL=PATH" in proc.stderr, proc.stderr
+    assert not (tmp_path / "x.json").exists()
