@@ -460,6 +460,96 @@ def test_fp16_keeps_measured_overflow_nodes_in_fp32(tmp_path):
     np.testing.assert_allclose(measured, ref, atol=2e-2, rtol=2e-2)
 
 
+def _chain_graph(length: int):
+    """x → `length` Adds in a chain → y: every link a tensor the size of x."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Add", [f"t{i}", "x"], [f"t{i + 1}"]) for i in range(length)]
+    nodes.insert(0, helper.make_node("Identity", ["x"], ["t0"]))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+                              [helper.make_tensor_value_info(f"t{length}", TensorProto.FLOAT, ["n"])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_fp16_measurement_finds_each_tensors_largest_value_nan_and_inf_included(tiny_checkpoint, tmp_path):
+    """Every float tensor's largest |value|, as the tensors themselves say; a NaN or an inf (which
+    ONNX Runtime's ReduceMax may skip) counts as out of range, and blocks its nodes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ortdiffusion.export.fp16 import overflow_nodes, tensor_ranges
+
+    nodes = [helper.make_node("Mul", ["x", "big"], ["scaled"], name="scale"),
+             helper.make_node("Sub", ["x", "x"], ["zero"], name="zero"),
+             helper.make_node("Div", ["zero", "zero"], ["nan"], name="nan"),  # 0/0 everywhere
+             helper.make_node("Add", ["scaled", "nan"], ["y"], name="sum"),
+             helper.make_node("Slice", ["x", "zero_i", "zero_i"], ["empty"], name="empty")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3]), helper.make_tensor_value_info("empty", TensorProto.FLOAT, [0])],
+        [helper.make_tensor("big", TensorProto.FLOAT, [], [3e5]), helper.make_tensor("zero_i", TensorProto.INT64, [1], [0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path))
+    x = np.array([1.0, -2.0, 0.5], np.float32)
+    ranges = tensor_ranges(model, path, [{"x": x}, {"x": x / 4}])
+    assert ranges["scaled"] == pytest.approx(6e5) and ranges["zero"] == 0.0 and ranges["x"] == 2.0
+    assert ranges["nan"] == np.inf and ranges["y"] == np.inf and ranges["empty"] == 0.0
+    assert set(overflow_nodes(model, ranges)) == {"scale", "nan", "sum"}
+    assert [p.name for p in tmp_path.iterdir()] == ["g.onnx"], "the probe graph is removed"
+
+    # The same figures as every intermediate tensor read back whole, on a real UNet graph.
+    from ortdiffusion.export.bundle import pipeline_components
+    from ortdiffusion.export.checkpoint import load_checkpoint
+    from ortdiffusion.export.onnx_export import export_onnx
+
+    spec, module = next((s, m) for s, m in pipeline_components(load_checkpoint(tiny_checkpoint)) if s.name == "unet")
+    files = export_onnx(spec, module, tmp_path / "unet.onnx")
+    structure = onnx.load(str(files[0]))
+    inputs = spec.sample_inputs(spec.parity_points()[0], seed=3)
+    feeds = [{i.info.name: t.numpy() for i, t in zip(spec.inputs, inputs)}]
+    ranges = tensor_ranges(structure, files[0], feeds)
+    inferred = onnx.shape_inference.infer_shapes(structure)
+    floats = [vi.name for vi in inferred.graph.value_info if vi.type.tensor_type.elem_type == TensorProto.FLOAT]
+    everything = onnx.ModelProto()
+    everything.CopyFrom(structure)
+    everything.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in floats)
+    as_written = ort.SessionOptions()
+    as_written.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no fusion changes a value
+    values = ort.InferenceSession(everything.SerializeToString(), as_written, providers=["CPUExecutionProvider"]).run(
+        floats, feeds[0])
+    assert len(floats) > 100
+    for name, value in zip(floats, values):
+        assert ranges[name] == pytest.approx(float(np.abs(value).max()) if value.size else 0.0, rel=1e-6), name
+
+
+def test_fp16_measurement_holds_no_more_than_a_plain_run(tmp_path):
+    """Measuring a graph's tensors must not keep them all alive (SD-1.5's UNet took over 24 GB that
+    way). A chain of 40 tensors of 64 MB each: read back whole they would take 2.5 GB."""
+    import subprocess
+    import sys
+
+    import onnx
+
+    path = tmp_path / "chain.onnx"
+    onnx.save(_chain_graph(40), str(path))
+    script = """
+import resource, sys, numpy as np, onnx, onnxruntime as ort
+from pathlib import Path
+from ortdiffusion.export.fp16 import tensor_ranges
+path, mode = Path(sys.argv[1]), sys.argv[2]
+x = {"x": np.ones(16 * 2**20, np.float32)}
+if mode == "plain":
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)
+else:
+    assert tensor_ranges(onnx.load(str(path)), path, [x])["t40"] == 41.0
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+    peak = {mode: int(subprocess.run([sys.executable, "-c", script, str(path), mode], check=True, capture_output=True,
+                                     text=True).stdout.split()[-1]) for mode in ("plain", "measure")}
+    assert peak["measure"] < peak["plain"] + 512, peak
+
+
 def test_fp16_bundle_generates_like_fp32(tiny_checkpoint, tiny_pipeline, tmp_path):
     from ortdiffusion import Pipeline
     from ortdiffusion.runtime.manifest import Precision
