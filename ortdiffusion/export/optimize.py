@@ -23,6 +23,7 @@ demo and ONNX Runtime's TensorRT engine builder feed it.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -198,6 +199,10 @@ def optimize_graph(files: list[Path], component: str, target: Target, fp16: bool
             # For CUDA the fused graph is the result; the CPU's goes through ONNX Runtime below.
             source = staged if gpu else Path(tmp) / f"fused-{path.name}"
             model.save_model_to_file(str(source), use_external_data_format=external, all_tensors_to_one_file=True)
+            # The optimizer's model and fusion objects refer to each other: without a collection
+            # here, their cycles kept 9.3 GB (SD-1.5's UNet, 3.4 GB of weights) into the next step.
+            del model
+            gc.collect()
         if target is Target.CPU:
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
