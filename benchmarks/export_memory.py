@@ -1,0 +1,105 @@
+"""Time and host memory of each step of a UNet's fp16 export that runs on the CPU, in one process,
+to find where an SD-sized export's memory goes.
+
+    python benchmarks/export_memory.py --model sd15-arch --out benchmarks/results/export-memory-sd15-cpu2.json
+
+Steps, in the order `export_component` runs them for `--target cuda --precision fp16` (the CUDA
+parity check, which needs a GPU, is left out): the TorchScript export, the fp16 range measurement
+on the plain graph (`fp16.measure_ranges`), ONNX Runtime's transformer optimizer with the CUDA
+fusions (`optimize.optimize_graph`), the fp16 conversion (`fp16.convert_to_fp16`). For each: wall
+time, the process's peak resident memory during it (sampled every 50 ms), and what stays resident
+after it once the C allocator has handed free memory back (`malloc_trim`). The generic fp16 export
+runs the same steps but the optimizer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE / 2**20
+
+
+class PeakSampler:
+    """The largest resident size seen since the last `reset`, sampled on a thread."""
+
+    def __init__(self, every_s: float = 0.05):
+        self.peak = rss_mb()
+        self._every = every_s
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_mb())
+            time.sleep(self._every)
+
+    def reset(self) -> None:
+        self.peak = rss_mb()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="sd15-arch", help="a checkpoint directory or preset")
+    p.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
+    args = p.parse_args()
+
+    import onnxruntime
+    import torch
+
+    from ortdiffusion.export.bundle import pipeline_components
+    from ortdiffusion.export.checkpoint import load_checkpoint
+    from ortdiffusion.export.fp16 import convert_to_fp16, measure_ranges
+    from ortdiffusion.export.onnx_export import export_onnx
+    from ortdiffusion.export.optimize import Target, cuda_fusions_fit, optimize_graph
+    from ortdiffusion.models import resolve_checkpoint
+
+    libc = ctypes.CDLL("libc.so.6")
+    sampler = PeakSampler()
+    steps: list[dict] = []
+
+    def step(name: str, run):
+        sampler.reset()
+        start = time.perf_counter()
+        result = run()
+        seconds = time.perf_counter() - start
+        libc.malloc_trim(0)
+        steps.append({"step": name, "seconds": round(seconds, 1), "peak_mb": round(sampler.peak),
+                      "resident_after_mb": round(rss_mb())})
+        print(f"{name}: {seconds:.1f} s, peak {sampler.peak:.0f} MB, resident after {rss_mb():.0f} MB", flush=True)
+        return result
+
+    ckpt = load_checkpoint(resolve_checkpoint(args.model))
+    spec, module = next((s, m) for s, m in pipeline_components(ckpt) if s.name == "unet")
+    del ckpt
+    work = Path(tempfile.mkdtemp(prefix="export-memory-"))
+    try:
+        files = step("torchscript export", lambda: export_onnx(spec, module, work / "unet.onnx"))
+        ranges = step("fp16 range measurement", lambda: measure_ranges(files, spec))
+        step("optimizer, CUDA fusions", lambda: optimize_graph(files, "unet", Target.CUDA, fp16=True,
+                                                              fits=cuda_fusions_fit(module)))
+        step("fp16 conversion", lambda: convert_to_fp16(files, spec, ranges))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    record = {"model": args.model, "component": "unet", "steps": steps,
+              "parity_shapes": [dict(d) for d in spec.parity_points()],
+              "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+              "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__}}
+    if args.out:
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
