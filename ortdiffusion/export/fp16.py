@@ -78,7 +78,7 @@ def tensor_ranges(structure, path: Path, feeds: list[dict[str, np.ndarray]]) -> 
     inferred = onnx.shape_inference.infer_shapes(model)
     floats = {vi.name for vi in inferred.graph.value_info if vi.type.tensor_type.elem_type == TensorProto.FLOAT}
     floats |= {o.name for o in model.graph.output if o.type.tensor_type.elem_type == TensorProto.FLOAT}
-    reduced: dict[str, str] = {}  # tensor → the output holding its largest |value|
+    reduced: dict[str, str] = {}  # tensor → the prefix of its reductions' output names
     nodes = []
     for node in model.graph.node:
         nodes.append(node)
