@@ -31,13 +31,19 @@ class Tolerances:
     rel_l2: float  # per component output
     min_psnr_db: float  # final image
     min_ssim: float
+    # the latents after the last step, against diffusers' (rel L2). Two unrelated latents of equal
+    # norm are √2 apart, so a limit must stay well below that to say anything. fp16 and int8 are set
+    # where they agree with the image limits: a tiny UNet whose output is scaled by 2 (3) leaves its
+    # latents 0.28 (0.47) apart and its image at 26.6 (22.2) dB. fp32's is 10× its component limit:
+    # a UNet 2% off (latents 6.6e-3 apart) still makes a 55 dB image, which only this line catches.
+    max_latent_rel_l2: float
 
 
 TOLERANCES = {
-    Precision.FP32: Tolerances(rel_l2=1e-4, min_psnr_db=40.0, min_ssim=0.99),
-    Precision.FP16: Tolerances(rel_l2=2e-2, min_psnr_db=28.0, min_ssim=0.95),
+    Precision.FP32: Tolerances(rel_l2=1e-4, min_psnr_db=40.0, min_ssim=0.99, max_latent_rel_l2=1e-3),
+    Precision.FP16: Tolerances(rel_l2=2e-2, min_psnr_db=28.0, min_ssim=0.95, max_latent_rel_l2=0.2),
     # int8 changes the image visibly but keeps its content; the evaluator judges adherence.
-    Precision.INT8: Tolerances(rel_l2=0.25, min_psnr_db=20.0, min_ssim=0.80),
+    Precision.INT8: Tolerances(rel_l2=0.25, min_psnr_db=20.0, min_ssim=0.80, max_latent_rel_l2=0.6),
 }
 
 
@@ -169,7 +175,7 @@ def compare_end_to_end(ckpt_dir: Path, bundle_dir: Path, prompt: str, steps: int
     if divergence:
         last = divergence[-1]
         lines.append(Line("latents after the last step", {k: v for k, v in last.items() if k != "step"},
-                          last["rel_l2_error"] <= tol.rel_l2 * 100, f"rel L2 ≤ {tol.rel_l2 * 100:g}"))
+                          last["rel_l2_error"] <= tol.max_latent_rel_l2, f"rel L2 ≤ {tol.max_latent_rel_l2:g}"))
     return lines, divergence, a, b
 
 

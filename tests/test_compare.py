@@ -1,0 +1,48 @@
+"""`ortdiffusion compare` judges: a bundle that does not compute what the checkpoint does must fail.
+
+The CLI tests (test_cli.py) show a faithful export passing; here diffusers runs a checkpoint whose
+UNet output is scaled, while ONNX Runtime runs the bundle of the unscaled one."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from ortdiffusion.export.compare import TOLERANCES, compare_end_to_end
+from ortdiffusion.runtime.manifest import Precision
+
+
+def scaled_unet(checkpoint, dest, scale):
+    shutil.copytree(checkpoint, dest)
+    (weights,) = (dest / "unet").glob("*.safetensors")
+    state = load_file(weights)
+    state["conv_out.weight"] = state["conv_out.weight"] * scale
+    save_file(state, weights)
+    return dest
+
+
+def judge(checkpoint, bundle, precision):
+    lines, divergence, _, _ = compare_end_to_end(checkpoint, bundle, "a red circle on the left", steps=6,
+                                                 guidance=7.5, scheduler="ddim", seed=0, tol=TOLERANCES[precision])
+    image, latents = lines
+    assert image.what.startswith("image") and latents.what == "latents after the last step"
+    return image, latents, divergence
+
+
+def test_a_unet_2_percent_off_fails_on_its_latents_though_its_image_passes(tiny_checkpoint, tiny_bundle, tmp_path):
+    image, latents, divergence = judge(scaled_unet(tiny_checkpoint, tmp_path / "off", 1.02), tiny_bundle, Precision.FP32)
+    assert image.passed and image.figures["psnr_db"] >= 40
+    assert not latents.passed, latents.figures
+    assert 1e-3 < latents.figures["rel_l2_error"] < 1e-2  # the limit before was 1e-2: it passed
+    # divergence grows step by step, as a wrong UNet's error accumulates
+    assert divergence[-1]["rel_l2_error"] > divergence[0]["rel_l2_error"]
+
+
+@pytest.mark.parametrize("precision, scale", [(Precision.FP16, 2.0), (Precision.INT8, 6.0)])
+def test_fp16_and_int8_latent_limits_can_fail(tiny_checkpoint, tiny_bundle, tmp_path, precision, scale):
+    """Their limits were 100× the component's (2 and 25): above the √2 between unrelated latents."""
+    _, latents, _ = judge(scaled_unet(tiny_checkpoint, tmp_path / "off", scale), tiny_bundle, precision)
+    assert not latents.passed, latents.figures
+    assert latents.figures["rel_l2_error"] < 1.0
