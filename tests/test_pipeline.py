@@ -176,3 +176,33 @@ def test_bad_input_names_field_and_what_is_allowed(tiny_pipeline, kwargs, field,
     with pytest.raises(InvalidRequestError, match=rf"^{field}: .*{allowed}") as info:
         tiny_pipeline(**kwargs)
     assert info.value.field.startswith(field.replace("\\", ""))
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_images_are_written_in_each_output_format_with_their_parameters(tmp_path, fmt):
+    from PIL import Image
+
+    from ortdiffusion.runtime.png import ImageFormat, encode_image, read_png_metadata
+
+    image = Image.fromarray(np.full((16, 16, 3), 200, np.uint8))
+    meta = {"prompt": "un cercle rouge — ✓", "seed": "3"}
+    for compression in (None, 0, 100):
+        data = encode_image(image, meta, ImageFormat.parse(fmt), compression)
+        path = tmp_path / f"x{ImageFormat(fmt).suffix}"
+        path.write_bytes(data)
+        with Image.open(path) as back:
+            assert back.format == fmt.upper()
+        assert read_png_metadata(path) == meta
+
+
+def test_output_format_and_compression_are_checked():
+    from ortdiffusion.runtime.png import ImageFormat, check_compression
+
+    assert ImageFormat.from_suffix("a/b.JPG") is ImageFormat.JPEG and ImageFormat.from_suffix("b") is ImageFormat.PNG
+    with pytest.raises(InvalidRequestError, match=r"^output: 'x.gif': the suffix .gif"):
+        ImageFormat.from_suffix("x.gif")
+    with pytest.raises(InvalidRequestError, match="^output_format: unknown image format 'bmp'"):
+        ImageFormat.parse("bmp")
+    for bad in (-1, 101, 5.5, True):
+        with pytest.raises(InvalidRequestError, match="^output_compression: must be an integer from 0 to 100"):
+            check_compression(bad)
