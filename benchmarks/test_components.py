@@ -7,6 +7,7 @@ import pytest
 
 from ortdiffusion.runtime.png import encode_png, encode_pngs
 from ortdiffusion.runtime.schedulers import SchedulerName, make_scheduler
+from ortdiffusion.runtime.trace import Transfers
 
 
 def test_tokenize(benchmark, pipe):
@@ -15,20 +16,22 @@ def test_tokenize(benchmark, pipe):
 
 def test_text_encoder(benchmark, pipe):
     ids = pipe.tokenizer(["a red circle on the left", ""])
-    benchmark(pipe.text_encoder, ids)
+    benchmark(pipe.sessions["text_encoder"].run, {"input_ids": ids}, release_memory=True)
 
 
 @pytest.mark.parametrize("batch", [1, 2, 8])
 def test_unet_step(benchmark, pipe, batch):
     c = pipe.manifest.pipeline
     sample = np.random.default_rng(0).standard_normal((2 * batch, c.latent_channels, 16, 16)).astype(np.float32)
-    emb = pipe.text_encoder(pipe.tokenizer(["a red circle"] * 2 * batch))
-    benchmark(pipe.denoiser, sample, 500.0, emb)
+    ids = pipe.tokenizer(["a red circle"] * 2 * batch)
+    emb = pipe.sessions["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
+    t = np.full((2 * batch,), 500.0, np.float32)
+    benchmark(pipe.sessions["unet"].run, {"sample": sample, "timestep": t, "encoder_hidden_states": emb})
 
 
 def test_image_decoder(benchmark, pipe):
     latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
-    benchmark(pipe.image_decoder, latents)
+    benchmark(pipe.image_decoder, latents, Transfers())
 
 
 @pytest.mark.parametrize("name", [s.value for s in SchedulerName])

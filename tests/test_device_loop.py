@@ -54,18 +54,18 @@ def test_device_loop_hands_each_step_to_a_callback(device_pipeline, tiny_pipelin
 def test_device_loop_nan_guard_names_the_unet(device_pipeline, monkeypatch):
     import onnxruntime as ort
 
-    unet = device_pipeline.device_loop.unet
+    unet = device_pipeline.sessions["unet"]
 
     class Broken:  # the UNet's output gets one NaN, as an fp16 overflow would give
         def __getattr__(self, name):
             return getattr(unet, name)
 
         def run_bound(self, *args, **kwargs):
-            out = unet.run_bound(*args, **kwargs)[0].numpy()
+            out = unet.run_bound(*args, **kwargs)["out_sample"].numpy()
             out[0, 0, 0, 0] = np.nan
-            return [ort.OrtValue.ortvalue_from_numpy(out)]
+            return {"out_sample": ort.OrtValue.ortvalue_from_numpy(out)}
 
-    monkeypatch.setattr(device_pipeline.device_loop, "unet", Broken())
+    monkeypatch.setitem(device_pipeline.sessions, "unet", Broken())
     with pytest.raises(NumericalError, match="unet: 1 latent values became non-finite"):
         device_pipeline("a cat", seed=1, num_inference_steps=1)
 

@@ -46,17 +46,29 @@ def test_list_of_seeds_and_prompts(tiny_pipeline):
     assert [m["prompt"] for m in r.metadata] == ["a red circle", "a blue star"]
 
 
+class SessionSpy:
+    """A session that calls `hook(feeds, release_memory, outputs)` on each run (which may change outputs)."""
+
+    def __init__(self, session, hook):
+        self._session, self._hook = session, hook
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def run(self, feeds, release_memory=False):
+        outputs = self._session.run(feeds, release_memory=release_memory)
+        self._hook(feeds, release_memory, outputs)
+        return outputs
+
+
 def test_guidance_at_most_one_runs_only_the_conditional_half(tiny_pipeline, monkeypatch):
     batches, lasts = [], []
-    original = tiny_pipeline.denoiser.__call__
 
-    class Spy:
-        def __call__(self, sample, t, emb, last=False, transfers=None):
-            batches.append(sample.shape[0])
-            lasts.append(last)
-            return original(sample, t, emb, last=last)
+    def hook(feeds, release, outputs):
+        batches.append(feeds["sample"].shape[0])
+        lasts.append(release)
 
-    monkeypatch.setattr(tiny_pipeline, "denoiser", Spy())
+    monkeypatch.setitem(tiny_pipeline.sessions, "unet", SessionSpy(tiny_pipeline.sessions["unet"], hook))
     tiny_pipeline("a red circle", seed=1, num_inference_steps=2, guidance_scale=1.0, num_images_per_prompt=2)
     tiny_pipeline("a red circle", seed=1, num_inference_steps=2, guidance_scale=7.0, num_images_per_prompt=2)
     assert batches == [2, 2, 4, 4]
@@ -138,15 +150,10 @@ def test_long_prompt_is_truncated_with_a_warning(tiny_pipeline, caplog):
 
 
 def test_non_finite_latents_raise_numerical_error(tiny_pipeline, monkeypatch):
-    original = tiny_pipeline.denoiser.__call__
+    def hook(feeds, release, outputs):
+        outputs["out_sample"][0, 0, 0, 0] = np.nan
 
-    class Broken:
-        def __call__(self, sample, t, emb, last=False, transfers=None):
-            out = original(sample, t, emb)
-            out[0, 0, 0, 0] = np.nan
-            return out
-
-    monkeypatch.setattr(tiny_pipeline, "denoiser", Broken())
+    monkeypatch.setitem(tiny_pipeline.sessions, "unet", SessionSpy(tiny_pipeline.sessions["unet"], hook))
     with pytest.raises(NumericalError, match="non-finite"):
         tiny_pipeline("a red circle", seed=1, num_inference_steps=2)
 

@@ -120,9 +120,7 @@ def test_bad_component_settings_name_the_field(tiny_bundle, value, field, messag
 
 def test_component_settings_reach_their_session_only(tiny_bundle):
     pipe = Pipeline.load(tiny_bundle, providers="cpu", component_settings={"text_encoder": {"cpu_memory_arena": False}})
-    arena = {name: s.session._session.get_session_options().enable_cpu_mem_arena
-             for name, s in (("text_encoder", pipe.text_encoder), ("unet", pipe.denoiser),
-                             ("vae_decoder", pipe.image_decoder))}
+    arena = {name: s._session.get_session_options().enable_cpu_mem_arena for name, s in pipe.sessions.items()}
     assert arena == {"text_encoder": False, "unet": True, "vae_decoder": True}
     assert pipe("a red circle", num_inference_steps=1, seed=0).images[0].size == (64, 64)
 

@@ -10,7 +10,8 @@ from .errors import (
     OverloadedError,
     ProviderError,
 )
-from .pipeline import Pipeline, PipelineResult, Timings
+from .pipeline import Pipeline, PipelineResult
+from .trace import Timings
 from .providers import ComponentSettings, CudaOptions, ProviderKind, ProviderPreference, TensorRTOptions, available_providers
 from .schedulers import SchedulerName
 

@@ -25,6 +25,12 @@ TOKENIZER_NAME = "tokenizer.json"
 
 TEXT_ENCODER, UNET, VAE_DECODER = "text_encoder", "unet", "vae_decoder"
 PIPELINE_COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)
+#: The fp32 image decoder an export keeps beside an fp16 one: the NaN guard's retry (DESIGN.md, "Precision").
+VAE_DECODER_FP32 = "vae_decoder_fp32"
+
+# Where a UNet input comes from (`PipelineConstants.unet_feeds`): the loop's latents, its timestep,
+# an array the caller gives per image; anything else is "<component>/<output>", a text encoder's output.
+FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST = "latents", "timestep", "request"
 
 
 class Precision(str, Enum):
@@ -118,6 +124,11 @@ class PipelineConstants:
     #: What a call that names no step count or guidance scale gets (the model's own best setting).
     default_steps: int = 20
     default_guidance: float = 7.5
+    #: Where each UNet input comes from, by input name (DESIGN.md: a family is data): "latents",
+    #: "timestep", "request" (an array the caller gives, one row per image, e.g. class labels) or
+    #: "<component>/<output>" (a text encoder's output). Empty in bundles made before it existed:
+    #: `Manifest.unet_feeds` then gives SD 1/2's.
+    unet_feeds: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -145,6 +156,13 @@ class Manifest:
                 h.update(f"{f.path}:{f.sha256}\n".encode())
         h.update(f"{self.tokenizer.path}:{self.tokenizer.sha256}\n".encode())
         return h.hexdigest()
+
+    def unet_feeds(self) -> dict[str, str]:
+        """UNet input name → where it comes from (see `PipelineConstants.unet_feeds`)."""
+        if self.pipeline.unet_feeds:
+            return dict(self.pipeline.unet_feeds)
+        hidden = self.components[TEXT_ENCODER].outputs[0].name
+        return {"sample": FEED_LATENTS, "timestep": FEED_TIMESTEP, "encoder_hidden_states": f"{TEXT_ENCODER}/{hidden}"}
 
     def to_json(self) -> str:
         return json.dumps(_to_plain(self), indent=2, sort_keys=False, allow_nan=False)
@@ -186,7 +204,27 @@ def load_manifest(bundle_dir: Path | str) -> Manifest:
     missing = [c for c in PIPELINE_COMPONENTS if c not in manifest.components]
     if missing:
         raise BundleError(str(path), f"no entry for component(s) {', '.join(missing)}")
+    _check_unet_feeds(str(path), manifest)
     return manifest
+
+
+def _check_unet_feeds(path: str, manifest: Manifest) -> None:
+    """Every UNet input has exactly one source, and every source exists: the loop reads no other."""
+    feeds = manifest.unet_feeds()
+    inputs = [i.name for i in manifest.components[UNET].inputs]
+    if sorted(feeds) != sorted(inputs):
+        raise BundleError(path, f"pipeline.unet_feeds names {sorted(feeds)}; the UNet's inputs are {sorted(inputs)}")
+    for role in (FEED_LATENTS, FEED_TIMESTEP):
+        if list(feeds.values()).count(role) != 1:
+            raise BundleError(path, f"pipeline.unet_feeds: exactly one UNet input must be fed {role!r}")
+    for name, source in feeds.items():
+        if source in (FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST):
+            continue
+        component, _, output = source.partition("/")
+        outputs = [o.name for o in manifest.components[component].outputs] if component in manifest.components else []
+        if component == UNET or output not in outputs:
+            raise BundleError(path, f"pipeline.unet_feeds[{name!r}] = {source!r}: no such text encoder output "
+                                    f"(sources: latents, timestep, request, or <component>/<output>)")
 
 
 def verify_files(bundle_dir: Path | str, manifest: Manifest) -> None:

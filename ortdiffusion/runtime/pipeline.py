@@ -2,19 +2,21 @@
 
     prompt ─► tokenizer ─► text encoder ─► embeddings ─┐
                                                        ▼
-    seeded noise ─► [ UNet step ─► guidance ─► scheduler step ] × N ─► latents ─► image decoder ─► PNG
+    plan: timesteps, step coefficients, seeded noise ─► [ UNet step ─► guidance ─► scheduler step ] × N
+                                                       ─► latents ─► image decoder ─► PNG
 
-Between the sessions the arrays pass through numpy on the host (`_networks_on_host`), or, where the
-UNet runs on a GPU, stay on the device: guidance and the scheduler step then run as a small ONNX
-graph and nothing crosses inside the loop (`device_loop.py`). Only onnxruntime, numpy, tokenizers and pillow are used here. One `Pipeline` may be called from
-several threads at once: every call keeps its own scheduler, noise generators and buffers.
+`Pipeline.generate` tokenizes, builds the request's plan (`plan.py`) and hands it to one of two
+executors of the same plan: the host loop (`host_loop.py`, numpy between the sessions) or, where the
+UNet runs on a GPU, the device loop (`device_loop.py`: guidance and the scheduler step as a small ONNX
+graph, nothing crosses inside the loop). Only onnxruntime, numpy, tokenizers and pillow are used
+here. One `Pipeline` may be called from several threads at once: every call has its own plan,
+trace and buffers.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,46 +24,22 @@ import numpy as np
 from PIL import Image
 
 from .. import __version__
-from .components import Denoiser, ImageDecoder, TextEncoder
-from .device_loop import DeviceLoop, GraphCache, Transfers
-from .errors import BundleError, InvalidRequestError, NumericalError, ProviderError
-from .manifest import (
-    TEXT_ENCODER,
-    UNET,
-    VAE_DECODER,
-    Manifest,
-    load_manifest,
-    verify_files,
-)
+from .decoder import ImageDecoder
+from .device_loop import DeviceLoop
+from .errors import BundleError, InvalidRequestError, ProviderError
+from .graph_cache import GraphCache
+from .host_loop import HostLoop
+from .manifest import TEXT_ENCODER, UNET, VAE_DECODER, VAE_DECODER_FP32, Manifest, load_manifest, verify_files
+from .plan import Executor, StepCallback, build_plan
 from .png import encode_pngs, write_atomically
 from .providers import ComponentSettings, CudaOptions, ProviderKind, ProviderPreference, default_preference
 from .request import GenerationRequest, make_request
-from .schedulers import SchedulerName, make_scheduler
+from .schedulers import SchedulerName
 from .session import Session
 from .tokenizer import PromptTokenizer
+from .trace import Stage, Timings, Trace, Transfers
 
 logger = logging.getLogger(__name__)
-
-#: Called after each denoising step with (step index, number of steps, the latents after it);
-#: may raise to cancel. The latents are the pipeline's own array: copy them to keep them.
-StepCallback = Callable[[int, int, np.ndarray], None]
-
-
-@dataclass
-class Timings:
-    """Seconds spent in each stage of one call."""
-
-    tokenize: float = 0.0
-    text_encoder: float = 0.0
-    unet_steps: list[float] = field(default_factory=list)
-    scheduler: float = 0.0  # scheduler steps, guidance and input scaling together
-    decoder: float = 0.0
-    postprocess: float = 0.0
-    total: float = 0.0
-
-    @property
-    def unet(self) -> float:
-        return float(sum(self.unet_steps))
 
 
 @dataclass
@@ -73,7 +51,7 @@ class PipelineResult:
     providers: dict[str, str]
     #: Per image: the parameters written into its PNG text chunks.
     metadata: list[dict[str, str]]
-    #: Arrays that crossed between host and device (device_loop.Transfers).
+    #: Arrays that crossed between host and device (trace.Transfers).
     transfers: Transfers = field(default_factory=Transfers)
 
     def save(self, path: Path | str) -> list[Path]:
@@ -100,14 +78,19 @@ class Pipeline:
         self.tokenizer = PromptTokenizer(bundle_dir / manifest.tokenizer.path, c.tokenizer_max_length, c.pad_token_id)
         self.model_hash = manifest.bundle_sha256
         self.component_settings = dict(component_settings or {})
-        sessions = {
-            name: Session(bundle_dir, manifest.components[name], preference, intra_op_threads, self.model_hash,
+        #: one session per component (the fp32 decoder is loaded only if the NaN guard needs it)
+        self.sessions: dict[str, Session] = {
+            name: Session(bundle_dir, component, preference, intra_op_threads, self.model_hash,
                           settings=self.component_settings.get(name))
-            for name in (TEXT_ENCODER, UNET, VAE_DECODER)
+            for name, component in manifest.components.items() if name != VAE_DECODER_FP32
         }
-        self.text_encoder = TextEncoder(sessions[TEXT_ENCODER])
-        self.denoiser = Denoiser(sessions[UNET])
-        self.image_decoder = ImageDecoder(sessions[VAE_DECODER])
+        sessions = self.sessions
+        load_fp32 = None
+        if VAE_DECODER_FP32 in manifest.components:
+            def load_fp32() -> Session:
+                return Session(bundle_dir, manifest.components[VAE_DECODER_FP32], preference, intra_op_threads,
+                               self.model_hash, settings=self.component_settings.get(VAE_DECODER))
+        self.image_decoder = ImageDecoder(sessions[VAE_DECODER], load_fp32)
         self.providers = {name: s.providers[0].value for name, s in sessions.items()}
         #: where each component's nodes run, provider -> count (checked at load: see providers.check_placement)
         self.placement = {name: dict(s.placement.nodes) for name, s in sessions.items() if s.placement is not None}
@@ -123,8 +106,14 @@ class Pipeline:
             if not io_binding:
                 raise ProviderError("cuda_graphs: needs io_binding (a CUDA graph replays into fixed device buffers)")
             graphs = self._graph_cache(sessions[UNET], preference, intra_op_threads, cuda_graphs, max_cuda_graphs)
-        self.device_loop = (DeviceLoop(sessions[TEXT_ENCODER], sessions[UNET], sessions[VAE_DECODER], graphs)
-                            if io_binding else None)
+        #: what runs the plans: the device loop (IO binding) or the host loop
+        self.executor: Executor = (DeviceLoop(sessions, self.image_decoder, graphs) if io_binding
+                                   else HostLoop(sessions, self.image_decoder))
+
+    @property
+    def device_loop(self) -> DeviceLoop | None:
+        """The executor where it is the device loop (IO binding), else None."""
+        return self.executor if isinstance(self.executor, DeviceLoop) else None
 
     def _graph_cache(self, unet: Session, preference: ProviderPreference, threads: int,
                      sizes: Sequence[tuple[int, int, int]], max_graphs: int) -> GraphCache:
@@ -180,10 +169,11 @@ class Pipeline:
         if preference is None:
             preference = default_preference(manifest.components[UNET].providers)
         settings = {}
+        names = [n for n in manifest.components if n != VAE_DECODER_FP32]
         for name, value in (component_settings or {}).items():
-            if name not in (TEXT_ENCODER, UNET, VAE_DECODER):
+            if name not in names:
                 raise InvalidRequestError("component_settings", f"unknown component {name!r}; allowed: "
-                                          f"{TEXT_ENCODER}, {UNET}, {VAE_DECODER}")
+                                          f"{', '.join(names)}")
             settings[name] = ComponentSettings.parse(value, f"component_settings.{name}")
         pipe = cls(path, manifest, preference, intra_op_threads, io_binding, cuda_graphs, max_cuda_graphs, settings)
         logger.info("loaded %s on %s", path, pipe.providers)
@@ -202,106 +192,39 @@ class Pipeline:
         width: int | None = None,
         height: int | None = None,
         callback: StepCallback | None = None,
+        conditioning: Mapping[str, np.ndarray] | None = None,
     ) -> PipelineResult:
+        """diffusers' argument names. `conditioning`: the UNet inputs a bundle's family takes from
+        the caller (manifest `unet_feeds` "request", e.g. class labels), one row per image."""
         request = make_request(
             self.manifest, prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
-            guidance_scale, scheduler, seed, latents, width, height,
+            guidance_scale, scheduler, seed, latents, width, height, conditioning,
         )
         return self.generate(request, callback)
 
     def generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> PipelineResult:
-        c = self.manifest.pipeline
-        timings = Timings()
-        start = clock = time.perf_counter()
-
-        def lap() -> float:
-            nonlocal clock
-            now = time.perf_counter()
-            elapsed, clock = now - clock, now
-            return elapsed
-
+        trace = Trace()
         # 1. tokenize: the negative prompts first, as diffusers stacks [uncond; cond]
         pairs = request.image_prompts()
-        prompts = [p for p, _ in pairs]
-        negatives = [n for _, n in pairs]
+        prompts, negatives = [p for p, _ in pairs], [n for _, n in pairs]
         ids = self.tokenizer(negatives + prompts if request.do_guidance else prompts)
-        timings.tokenize = lap()
+        trace.lap(Stage.TOKENIZE)
 
-        # 2. scheduler and seeded noise: one generator per image, so an image depends only on its own seed
-        scheduler = make_scheduler(request.scheduler, c.scheduler_config)
-        scheduler.set_timesteps(request.steps)
-        generators = [np.random.Generator(np.random.PCG64(s)) for s in request.seeds]
-        latent_shape = (c.latent_channels, request.height // c.vae_scale_factor, request.width // c.vae_scale_factor)
-        noise = request.latents if request.latents is not None else _draw(generators, latent_shape)
-        latents = (noise * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
-        timings.scheduler += lap()
+        # 2. the plan: timesteps, step coefficients, seeded noise, starting latents, conditioning
+        text_input = self.manifest.components[TEXT_ENCODER].inputs[0].name
+        plan = build_plan(self.manifest, request, {TEXT_ENCODER: {text_input: ids}})
+        trace.lap(Stage.SCHEDULER)
 
-        def mark(stage: str) -> None:
-            if stage == "unet":
-                timings.unet_steps.append(lap())
-            else:
-                setattr(timings, stage, getattr(timings, stage) + lap())
-
-        # 3–5. text encoder → denoising loop → image decoder: between the sessions the arrays pass
-        # through the host, or, on a GPU, stay on the device (IO binding; device_loop.py)
-        transfers = Transfers()
-        if self.device_loop is None:
-            pixels = self._networks_on_host(request, ids, scheduler, generators, latents, transfers, mark, callback)
-        else:
-            step_noise = None
-            if scheduler.needs_noise:  # drawn up front, in the order the host loop draws it
-                draws = [_draw(generators, latent_shape) for _ in range(request.steps)]
-                step_noise = np.stack([*draws, np.zeros_like(latents)])
-            pixels = self.device_loop(
-                ids, latents, scheduler, request.guidance_scale if request.do_guidance else None, step_noise,
-                c.vae_scaling_factor, c.vae_shift_factor, transfers, mark, callback)
-            pixels = self.image_decoder.checked(pixels)
-            mark("decoder")
+        # 3–5. text encoder → denoising loop → image decoder, on the host or on the device
+        pixels = self.executor(plan, trace, callback)
 
         # 6. pixels → 8-bit images (diffusers' VaeImageProcessor.postprocess, to the rounding)
         array = np.clip(pixels / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
         images = [Image.fromarray(a) for a in (array * 255).round().astype(np.uint8)]
         metadata = [self._metadata(request, p, n, s) for (p, n), s in zip(pairs, request.seeds)]
-        timings.postprocess = lap()
-        timings.total = time.perf_counter() - start
-        return PipelineResult(images, list(request.seeds), timings, dict(self.providers), metadata, transfers)
-
-    def _networks_on_host(self, request: GenerationRequest, ids: np.ndarray, scheduler, generators, latents: np.ndarray,
-                          transfers: Transfers, mark: Callable[[str], None], callback: StepCallback | None) -> np.ndarray:
-        """Text encoder → denoising loop → image decoder with numpy arrays between the sessions."""
-        c = self.manifest.pipeline
-        # 3. text encoder → embeddings (one batch for both halves)
-        embeddings = self.text_encoder(ids, transfers)
-        mark("text_encoder")
-
-        # 4. denoising loop: UNet step → guidance → scheduler step
-        for i, t in enumerate(scheduler.timesteps):
-            model_input = scheduler.scale_model_input(latents, i)
-            if request.do_guidance:
-                model_input = np.concatenate([model_input, model_input])
-            mark("scheduler")
-            with transfers.looping():
-                prediction = self.denoiser(model_input, float(t), embeddings, last=i == len(scheduler.timesteps) - 1,
-                                           transfers=transfers)
-            mark("unet")
-            if request.do_guidance:
-                uncond, cond = np.split(prediction, 2)
-                prediction = uncond + np.float32(request.guidance_scale) * (cond - uncond)
-            step_noise = _draw(generators, latents.shape[1:]) if scheduler.needs_noise else None
-            latents = scheduler.step(prediction, i, latents, noise=step_noise)
-            if not np.isfinite(latents).all():
-                raise NumericalError(f"unet: latents became non-finite (NaN/Inf) at denoising step {i + 1} of {request.steps}")
-            mark("scheduler")
-            if callback is not None:
-                callback(i, request.steps, latents)
-
-        # 5. image decoder: undo the VAE's latent scaling, decode to pixels in [-1, 1]
-        latents = latents / np.float32(c.vae_scaling_factor)
-        if c.vae_shift_factor is not None:
-            latents = latents + np.float32(c.vae_shift_factor)
-        pixels = self.image_decoder(latents.astype(np.float32), transfers)
-        mark("decoder")
-        return pixels
+        trace.lap(Stage.POSTPROCESS)
+        return PipelineResult(images, list(request.seeds), trace.finish(), dict(self.providers), metadata,
+                              trace.transfers)
 
     def _metadata(self, request: GenerationRequest, prompt: str, negative: str, seed: int) -> dict[str, str]:
         return {
@@ -311,7 +234,3 @@ class Pipeline:
             "software": f"ortdiffusion {__version__}",
         }
 
-
-def _draw(generators: list[np.random.Generator], shape: tuple[int, ...]) -> np.ndarray:
-    """One standard-normal array per image, stacked: (images, *shape) float32."""
-    return np.stack([g.standard_normal(shape, dtype=np.float32) for g in generators])

@@ -206,16 +206,49 @@ def tensorrt_cache_key(bundle_sha256: str, component: str, gpu: str, tensorrt_ve
     return f"{component}-{digest}"
 
 
-def gpu_name(device_id: int = 0) -> str:
-    """The GPU's model name (nvidia-smi), or "unknown"."""
+def nvidia_smi(*args: str) -> str | None:
+    """What `nvidia-smi ARGS` prints, stripped; None where there is no nvidia-smi or it fails."""
     import subprocess
 
     try:
-        out = subprocess.run(["nvidia-smi", f"--id={device_id}", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        return out or "unknown"
+        out = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+    return out or None
+
+
+def gpu_name(device_id: int = 0) -> str:
+    """The GPU's model name, or "unknown"."""
+    return nvidia_smi(f"--id={device_id}", "--query-gpu=name", "--format=csv,noheader") or "unknown"
+
+
+def session_options(intra_op_threads: int = 0, cpu_memory_arena: bool = True,
+                    fixed_dims: Mapping[str, int] | None = None, optimization: str = "all",
+                    config: Mapping[str, str] | None = None, optimized_model_path: str | None = None,
+                    priority_order: bool = False):
+    """ONNX Runtime session options, built here for every session the engine and its export make.
+    `optimization`: ONNX Runtime's graph optimization level ("disable", "basic", "extended", "all");
+    `fixed_dims`: symbolic dims fixed at load (free dimension overrides); `config`: session config
+    entries over the defaults (quiet logging, the per-node placement record `check_placement` reads);
+    `priority_order`: run each node as soon as its inputs are ready (the fp16 range probe)."""
+    import onnxruntime as ort
+
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[optimization]
+    options.intra_op_num_threads = intra_op_threads  # 0: one per physical core
+    options.enable_cpu_mem_arena = cpu_memory_arena
+    options.log_severity_level = 3
+    if priority_order:
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = optimized_model_path
+    for key, value in {"session.record_ep_graph_assignment_info": "1", **(config or {})}.items():
+        options.add_session_config_entry(key, value)
+    for dim, value in (fixed_dims or {}).items():
+        options.add_free_dimension_override_by_name(dim, int(value))
+    return options
 
 
 def tensorrt_version() -> str:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import InvalidRequestError
-from .manifest import UNET, Manifest
+from .manifest import FEED_REQUEST, UNET, Manifest
 from .schedulers import SchedulerName
 
 MAX_STEPS = 1000
@@ -35,6 +35,8 @@ class GenerationRequest:
     width: int
     height: int
     latents: np.ndarray | None = field(default=None, compare=False)
+    #: UNet inputs the family takes from the caller (manifest: fed "request"), one row per image.
+    conditioning: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
 
     @property
     def num_images(self) -> int:
@@ -113,6 +115,7 @@ def make_request(
     latents: np.ndarray | None = None,
     width: int | None = None,
     height: int | None = None,
+    conditioning: Mapping[str, object] | None = None,
 ) -> GenerationRequest:
     if num_inference_steps is None:
         num_inference_steps = manifest.pipeline.default_steps
@@ -156,5 +159,34 @@ def make_request(
     return GenerationRequest(
         prompts=prompts, negative_prompts=negatives, num_images_per_prompt=per_prompt, steps=steps,
         guidance_scale=float(guidance_scale), scheduler=scheduler_name, seeds=_seeds(seed, count),
-        width=w, height=h, latents=latents,
+        width=w, height=h, latents=latents, conditioning=_conditioning(manifest, conditioning or {}, count),
     )
+
+
+def _conditioning(manifest: Manifest, given: Mapping[str, object], count: int) -> dict[str, np.ndarray]:
+    """The UNet inputs the bundle takes from the caller, each (images, …) of the dtype and fixed
+    dims the manifest records; a missing or unknown one is refused by name."""
+    wanted = {i.name: i for i in manifest.components[UNET].inputs if manifest.unet_feeds()[i.name] == FEED_REQUEST}
+    unknown = sorted(set(given) - set(wanted))
+    if unknown:
+        allowed = ", ".join(sorted(wanted)) or "none for this bundle"
+        raise InvalidRequestError(f"conditioning.{unknown[0]}", f"not an input this bundle's UNet takes from the caller "
+                                                                 f"(it takes: {allowed})")
+    out = {}
+    for name, info in wanted.items():
+        if name not in given:
+            raise InvalidRequestError(f"conditioning.{name}", f"required by this bundle's UNet: one value per image ({count})")
+        value = np.asarray(given[name])
+        fixed = tuple(d if isinstance(d, int) else None for d in info.shape[1:])
+        shape_ok = value.ndim == len(info.shape) and value.shape[0] == count and all(
+            f is None or f == v for f, v in zip(fixed, value.shape[1:]))
+        integral = np.issubdtype(info.dtype, np.integer)
+        kind_ok = np.issubdtype(value.dtype, np.integer if integral else np.number) and not np.issubdtype(value.dtype, np.bool_)
+        if not shape_ok or not kind_ok:
+            rest = "".join(f", {d}" for d in info.shape[1:])
+            raise InvalidRequestError(f"conditioning.{name}", f"must be a {info.dtype} array of shape ({count}{rest}), "
+                                                              f"got {value.dtype} {value.shape}")
+        if not integral and not np.isfinite(value).all():
+            raise InvalidRequestError(f"conditioning.{name}", "contains NaN or Inf")
+        out[name] = value.astype(info.dtype)
+    return out

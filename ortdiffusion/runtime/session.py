@@ -1,17 +1,18 @@
-"""One ONNX Runtime session for one bundle component: providers checked, inputs checked, run."""
+"""One ONNX Runtime session for one bundle component: providers checked, inputs checked, run —
+with numpy arrays (`Session.run`) or with IO binding on OrtValues that stay where they are
+(`Session.run_bound`, `run_bound` for any ONNX Runtime session)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from .cache import cache_dir
-from .device_loop import Transfers, run_bound
 from .errors import BundleError, ProviderError
 from .manifest import ComponentManifest
 from .providers import (
@@ -27,6 +28,7 @@ from .providers import (
     check_providers,
     gpu_name,
     node_assignments,
+    session_options,
     tensorrt_cache_key,
     tensorrt_version,
 )
@@ -52,14 +54,7 @@ class Session:
             preference = self._with_tensorrt_cache(preference, bundle_sha256, tensorrt_cache or cache_dir() / "tensorrt")
         cached = self.tensorrt_engine_dir is not None and any(self.tensorrt_engine_dir.glob("*.engine"))
         start = time.perf_counter()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = intra_op_threads  # 0: one per physical core
-        options.enable_cpu_mem_arena = self.settings.cpu_memory_arena
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-        for dim, value in (fixed_dims or {}).items():
-            options.add_free_dimension_override_by_name(dim, int(value))
+        options = session_options(intra_op_threads, self.settings.cpu_memory_arena, fixed_dims)
         self.fixed_dims = dict(fixed_dims or {})
         self._ort_providers = preference.ort_providers(available_providers())
         try:
@@ -119,30 +114,40 @@ class Session:
             return [(ProviderKind.CUDA.ort_name, {"device_id": str(self.device[1])})]
         return [p for p in self._ort_providers if p[0] == kind.ort_name]
 
-    def run(self, feeds: Mapping[str, np.ndarray], release_memory: bool = False,
-            transfers: Transfers | None = None) -> list[np.ndarray]:
-        """Run; with `release_memory`, hand the memory this run's intermediates took in the CPU
-        arena back afterwards (ONNX Runtime's run option `memory.enable_memory_arena_shrinkage`).
-        The pipeline asks for it after the last denoising step and after the one-shot components,
-        so that one component's arena does not sit beside the next one's peak. Numpy feeds and
-        outputs cross between host and device; `transfers` counts them."""
+    def run(self, feeds: Mapping[str, np.ndarray], release_memory: bool = False) -> dict[str, np.ndarray]:
+        """Run on numpy arrays: every output by name. With `release_memory`, hand the memory this
+        run's intermediates took in the CPU arena back afterwards (ONNX Runtime's run option
+        `memory.enable_memory_arena_shrinkage`). The executors ask for it after the last denoising
+        step and after the one-shot components, so that one component's arena does not sit beside
+        the next one's peak."""
         outputs = self._session.run(self.output_names, dict(feeds), self._release if release_memory else None)
-        if transfers is not None:
-            for array in feeds.values():
-                transfers.sent(array)
-            for array in outputs:
-                transfers.received(array)
-        return outputs
+        return dict(zip(self.output_names, outputs))
 
-    def run_bound(self, inputs: Mapping, device_type: str, device_id: int, release_memory: bool = False,
-                  into=None) -> list:
-        """Run with IO binding: `inputs` are OrtValues (already where they should be); the first
-        output (the one the pipeline uses; the text encoder's pooled output is left unbound) is
-        written into the OrtValue `into`, or allocated on (`device_type`, `device_id`), and returned
-        as an OrtValue; nothing is copied."""
-        name = self.output_names[0]
-        return run_bound(self._session, inputs, [name], device_type, device_id, {name: into} if into is not None else None,
-                         self._release if release_memory else None)
+    def run_bound(self, inputs: Mapping, outputs: Mapping[str, object | None], device: tuple[str, int],
+                  release_memory: bool = False) -> dict:
+        """Run with IO binding: `inputs` are OrtValues (already where they should be); each output
+        named in `outputs` is written into its OrtValue there, or allocated on `device` where it
+        maps to None; the outputs by name, as OrtValues. Nothing is copied; outputs not named are
+        left unbound."""
+        return run_bound(self._session, inputs, outputs, device, self._release if release_memory else None)
+
+
+def run_bound(session, inputs: Mapping, outputs: Mapping[str, object | None] | Sequence[str], device: tuple[str, int],
+              run_options=None) -> dict:
+    """Run an ONNX Runtime session with IO binding: OrtValue `inputs`; each output written into its
+    OrtValue in `outputs` (a mapping), or allocated on `device` (where it maps to None, or for a
+    list of names); the outputs by name, as OrtValues."""
+    targets = outputs if isinstance(outputs, Mapping) else dict.fromkeys(outputs)
+    io = session.io_binding()
+    for name, value in inputs.items():
+        io.bind_ortvalue_input(name, value)
+    for name, into in targets.items():
+        if into is not None:
+            io.bind_ortvalue_output(name, into)
+        else:
+            io.bind_output(name, *device)
+    session.run_with_iobinding(io, run_options)
+    return dict(zip(targets, io.get_outputs()))
 
 
 def _restrict_to_component(preference: ProviderPreference, component: ComponentManifest) -> ProviderPreference:
@@ -159,4 +164,4 @@ def _restrict_to_component(preference: ProviderPreference, component: ComponentM
     return replace(preference, kinds=tuple(supported))
 
 
-__all__ = ["Session"]
+__all__ = ["Session", "run_bound"]
