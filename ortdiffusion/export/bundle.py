@@ -42,6 +42,7 @@ from .onnx_export import DEFAULT_OPSET, Exporter, export_onnx
 from .optimize import Target, cuda_fusions_fit, optimize_graph
 from .parity import FP32_TOLERANCE, check_parity, measure_parity
 from .specs import (
+    UNET_FEEDS,
     ComponentSpec,
     text_encoder_component,
     unet_component,
@@ -172,7 +173,7 @@ def pipeline_components(ckpt: Checkpoint) -> list[tuple[ComponentSpec, torch.nn.
     ]
 
 
-def pipeline_constants(ckpt: Checkpoint, options: ExportOptions) -> PipelineConstants:
+def pipeline_constants(ckpt: Checkpoint, options: ExportOptions, unet: ComponentManifest) -> PipelineConstants:
     vae_scale = 2 ** (len(ckpt.vae.config.block_out_channels) - 1)
     size = int(ckpt.unet.config.sample_size) * vae_scale
     return PipelineConstants(
@@ -191,6 +192,7 @@ def pipeline_constants(ckpt: Checkpoint, options: ExportOptions) -> PipelineCons
         default_scheduler=default_scheduler_for(ckpt.scheduler_class).value,
         default_steps=options.default_steps,
         default_guidance=options.default_guidance,
+        unet_feeds={i.name: UNET_FEEDS[i.name] for i in unet.inputs},
     )
 
 
@@ -278,7 +280,7 @@ def export_checkpoint(
             format_version=FORMAT_VERSION,
             created_by=_versions(),
             source=SourceInfo(checkpoint=str(Path(checkpoint_dir).resolve()), weights_sha256=ckpt.weights_sha256),
-            pipeline=pipeline_constants(ckpt, options),
+            pipeline=pipeline_constants(ckpt, options, components[UNET]),
             components={k: components[k] for k in (TEXT_ENCODER, UNET, VAE_DECODER)},
             tokenizer=file_record(tmp, tmp / TOKENIZER_NAME),
         )

@@ -133,12 +133,30 @@ def text_encoder_component(
 
 
 class UNetWrapper(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module):
+    """(sample, timestep, encoder_hidden_states, *extra) → the prediction; `extra` are the UNet's
+    further inputs, passed by name (diffusers' keyword arguments, e.g. `class_labels`)."""
+
+    def __init__(self, unet: torch.nn.Module, extra: tuple[str, ...] = ()):
         super().__init__()
         self.unet = unet
+        self.extra = extra
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *extra: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(zip(self.extra, extra))
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
+
+
+def unet_class_labels(unet: torch.nn.Module) -> InputSpec | None:
+    """The `class_labels` input of a class-conditioned UNet (diffusers' `num_class_embeds`: integer
+    labels into an embedding; `class_embed_type` "timestep"/"identity": a float per image, as SD's
+    upscaler feeds its noise level), or None."""
+    c = unet.config
+    if c.class_embed_type is None and c.num_class_embeds is not None:
+        return InputSpec(_tensor("class_labels", "int64", "batch"), Distribution.INTEGER, 0, c.num_class_embeds)
+    if c.class_embed_type in ("timestep", "identity"):
+        return InputSpec(_tensor("class_labels", "float32", "batch"), Distribution.UNIFORM, 0, 1000)
+    return None
 
 
 def unet_size_multiple(unet: torch.nn.Module) -> int:
@@ -153,17 +171,25 @@ def unet_component(
     multiple = unet_size_multiple(unet)
     opt = int(c.sample_size)
     side = DimRange(min=multiple, opt=opt, max=max(opt * 4, multiple), multiple_of=multiple)
+    extra = tuple(i for i in (unet_class_labels(unet),) if i is not None)
     spec = ComponentSpec(
         name="unet",
         inputs=(
             InputSpec(_tensor("sample", "float32", "batch", c.in_channels, "height", "width")),
             InputSpec(_tensor("timestep", "float32", "batch"), Distribution.UNIFORM, 0, 1000),
             InputSpec(_tensor("encoder_hidden_states", "float32", "batch", text_length, c.cross_attention_dim)),
+            *extra,
         ),
         outputs=(_tensor("out_sample", "float32", "batch", c.out_channels, "height", "width"),),
         dims={"batch": batch, "height": side, "width": side},
     )
-    return spec, UNetWrapper(unet).eval()
+    return spec, UNetWrapper(unet, tuple(i.info.name for i in extra)).eval()
+
+
+#: Where the UNet inputs the specs above declare come from at run time (the manifest's `unet_feeds`):
+#: the loop's latents and timestep, the text encoder's hidden states, and what the caller gives.
+UNET_FEEDS = {"sample": "latents", "timestep": "timestep", "encoder_hidden_states": "text_encoder/last_hidden_state",
+              "class_labels": "request"}
 
 
 # -- the image decoder (VAE decoder) ------------------------------------------------------------
