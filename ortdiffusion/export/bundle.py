@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from ..runtime.manifest import (
     TOKENIZER_NAME,
     UNET,
     VAE_DECODER,
+    VAE_DECODER_FP32,
     ComponentManifest,
     Manifest,
     PipelineConstants,
@@ -275,13 +276,20 @@ def export_checkpoint(
             components[spec.name] = export_component(spec, module, tmp, options, feeds if spec.name == UNET else None)
             worst = max(r.rel_l2_error for r in components[spec.name].parity)
             say(f"[{n}/{len(specs)}] {spec.name}: done, worst relative L2 error {worst:.2e}")
+            if spec.name == VAE_DECODER and components[spec.name].precision is Precision.FP16:
+                # DESIGN.md's precision rule: pixels an fp16 decoder overflowed are decoded again in
+                # fp32 at run time, by this copy (loaded only when that happens)
+                say(f"[{n}/{len(specs)}] {spec.name}: keeping an fp32 copy for the NaN guard's retry")
+                components[VAE_DECODER_FP32] = export_component(replace(spec, name=VAE_DECODER_FP32), module, tmp,
+                                                                replace(options, precision=Precision.FP32))
         write_tokenizer(ckpt, tmp)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             created_by=_versions(),
             source=SourceInfo(checkpoint=str(Path(checkpoint_dir).resolve()), weights_sha256=ckpt.weights_sha256),
             pipeline=pipeline_constants(ckpt, options, components[UNET]),
-            components={k: components[k] for k in (TEXT_ENCODER, UNET, VAE_DECODER)},
+            components={k: components[k] for k in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_DECODER_FP32)
+                        if k in components},
             tokenizer=file_record(tmp, tmp / TOKENIZER_NAME),
         )
         write_manifest(tmp, manifest)

@@ -1,0 +1,195 @@
+"""fp16: measured block lists keep what overflows in fp32; fp16 bundles generate like fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from ortdiffusion.export.bundle import (
+    ExportOptions,
+    export_checkpoint,
+    export_component,
+)
+from ortdiffusion.export.specs import (
+    ComponentSpec,
+    InputSpec,
+)
+from ortdiffusion.runtime.manifest import DimRange, TensorInfo
+
+
+class LargeInside(torch.nn.Module):
+    """Values beyond fp16's range in the middle of an otherwise small computation, as in a
+    norm computed from unscaled squares: small in, small out, ~1e6 in between."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, latents):
+        big = self.conv(latents) * 1000.0
+        squares = big * big  # up to ~1e6: inf in fp16
+        rms = torch.sqrt(squares.mean(dim=1, keepdim=True)) / 1000.0
+        return latents * rms
+
+
+def _large_inside_spec() -> ComponentSpec:
+    return ComponentSpec(
+        name="large_inside",
+        inputs=(InputSpec(TensorInfo("latents", "float32", ("batch", 4, "height", "width"))),),
+        outputs=(TensorInfo("out", "float32", ("batch", 4, "height", "width")),),
+        dims={"batch": DimRange(1, 1, 4), "height": DimRange(1, 8, 32), "width": DimRange(1, 8, 32)},
+    )
+
+
+def test_fp16_keeps_measured_overflow_nodes_in_fp32(tmp_path):
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from ortdiffusion.runtime.manifest import Precision
+
+    torch.manual_seed(0)
+    module = LargeInside().eval()
+    entry = export_component(_large_inside_spec(), module, tmp_path, ExportOptions(precision=Precision.FP16))
+    assert entry.precision is Precision.FP16
+    assert entry.fp32_nodes, "the ×3e5 region must have been measured and kept fp32"
+    assert max(r.rel_l2_error for r in entry.parity) <= 2e-2
+    import onnx
+
+    model = onnx.load(str(tmp_path / "large_inside.onnx"))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer), "the rest is fp16"
+
+    # The same conversion without the measured block list overflows: the list is what saves it.
+    plain_dir = tmp_path / "plain"
+    plain_dir.mkdir()
+    plain = export_component(_large_inside_spec(), module, plain_dir)
+    naive = convert_float_to_float16(onnx.load(str(plain_dir / plain.files[0].path)), keep_io_types=True)
+    x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    # ONNX's reference evaluator computes each node in the dtype it is given, as a GPU provider
+    # would; ONNX Runtime's CPU provider runs fp16 chains without fp16 kernels in fp32 and would
+    # hide the overflow.
+    from onnx.reference import ReferenceEvaluator
+
+    from ortdiffusion.export.fp16 import topological_sort
+
+    def run_as_written(model) -> np.ndarray:
+        topological_sort(model.graph)  # the converter appends its Casts; the evaluator needs order
+        return ReferenceEvaluator(model).run(None, {"latents": x})[0]
+
+    got = run_as_written(naive)
+    measured = run_as_written(onnx.load(str(tmp_path / "large_inside.onnx")))
+    with torch.no_grad():
+        ref = module(torch.from_numpy(x)).numpy()
+    assert not np.isfinite(got).all() or not np.allclose(got, ref, atol=1e-2), "naive fp16 should overflow"
+    np.testing.assert_allclose(measured, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_fp16_measurement_finds_each_tensors_largest_value_nan_and_inf_included(tiny_checkpoint, tmp_path):
+    """Every float tensor's largest |value|, as the tensors themselves say; a NaN or an inf (which
+    ONNX Runtime's ReduceMax may skip) counts as out of range, and blocks its nodes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ortdiffusion.export.fp16 import overflow_nodes, tensor_ranges
+
+    nodes = [helper.make_node("Mul", ["x", "big"], ["scaled"], name="scale"),
+             helper.make_node("Sub", ["x", "x"], ["zero"], name="zero"),
+             helper.make_node("Div", ["zero", "zero"], ["nan"], name="nan"),  # 0/0 everywhere
+             helper.make_node("Add", ["scaled", "nan"], ["y"], name="sum"),
+             helper.make_node("Slice", ["x", "zero_i", "zero_i"], ["empty"], name="empty")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3]), helper.make_tensor_value_info("empty", TensorProto.FLOAT, [0])],
+        [helper.make_tensor("big", TensorProto.FLOAT, [], [3e5]), helper.make_tensor("zero_i", TensorProto.INT64, [1], [0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path))
+    x = np.array([1.0, -2.0, 0.5], np.float32)
+    ranges = tensor_ranges(model, path, [{"x": x}, {"x": x / 4}])
+    assert ranges["scaled"] == pytest.approx(6e5) and ranges["zero"] == 0.0 and ranges["x"] == 2.0
+    assert ranges["nan"] == np.inf and ranges["y"] == np.inf and ranges["empty"] == 0.0
+    assert set(overflow_nodes(model, ranges)) == {"scale", "nan", "sum"}
+    assert [p.name for p in tmp_path.iterdir()] == ["g.onnx"], "the probe graph is removed"
+
+    # The same figures as every intermediate tensor read back whole, on a real UNet graph.
+    from ortdiffusion.export.bundle import pipeline_components
+    from ortdiffusion.export.checkpoint import load_checkpoint
+    from ortdiffusion.export.onnx_export import export_onnx
+
+    spec, module = next((s, m) for s, m in pipeline_components(load_checkpoint(tiny_checkpoint)) if s.name == "unet")
+    files = export_onnx(spec, module, tmp_path / "unet.onnx")
+    structure = onnx.load(str(files[0]))
+    inputs = spec.sample_inputs(spec.parity_points()[0], seed=3)
+    feeds = [{i.info.name: t.numpy() for i, t in zip(spec.inputs, inputs)}]
+    ranges = tensor_ranges(structure, files[0], feeds)
+    inferred = onnx.shape_inference.infer_shapes(structure)
+    floats = [vi.name for vi in inferred.graph.value_info if vi.type.tensor_type.elem_type == TensorProto.FLOAT]
+    everything = onnx.ModelProto()
+    everything.CopyFrom(structure)
+    everything.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in floats)
+    as_written = ort.SessionOptions()
+    as_written.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no fusion changes a value
+    values = ort.InferenceSession(everything.SerializeToString(), as_written, providers=["CPUExecutionProvider"]).run(
+        floats, feeds[0])
+    assert len(floats) > 100
+    for name, value in zip(floats, values):
+        assert ranges[name] == pytest.approx(float(np.abs(value).max()) if value.size else 0.0, rel=1e-6), name
+
+
+def test_fp16_bundle_generates_like_fp32(tiny_checkpoint, tiny_pipeline, tmp_path):
+    from ortdiffusion import Pipeline
+    from ortdiffusion.runtime.manifest import Precision
+
+    from conftest import psnr
+
+    out = tmp_path / "fp16"
+    manifest = export_checkpoint(tiny_checkpoint, out, ExportOptions(precision=Precision.FP16))
+    assert manifest.components["unet"].precision is Precision.FP16
+    assert manifest.components["vae_decoder"].precision in (Precision.FP16, Precision.FP32)
+    pipe = Pipeline.load(out, providers="cpu")
+    half = pipe("a red circle", num_inference_steps=10, seed=3).images[0]
+    full = tiny_pipeline("a red circle", num_inference_steps=10, seed=3).images[0]
+    assert psnr(half, full) >= 28.0
+    check_fp32_decoder_retry(manifest, pipe)
+
+
+def check_fp32_decoder_retry(manifest, pipe):
+    """DESIGN.md's precision rule: an fp16 decoder's export keeps an fp32 copy, and pixels the fp16
+    one overflowed (latents far past fp16's range: inf from the first Cast) are decoded again by
+    it; without the copy the same latents raise NumericalError, never a black image."""
+    from ortdiffusion.runtime.decoder import ImageDecoder
+    from ortdiffusion.runtime.errors import NumericalError
+    from ortdiffusion.runtime.manifest import Precision
+    from ortdiffusion.runtime.trace import Transfers
+
+    assert manifest.components["vae_decoder"].precision is Precision.FP16, "the tiny decoder passes fp16 parity"
+    assert manifest.components["vae_decoder_fp32"].precision is Precision.FP32
+    latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32) * 1e5
+    raw = pipe.sessions["vae_decoder"].run({"latent_sample": latents})["sample"]
+    assert not np.isfinite(raw).all(), "the fp16 decoder must overflow for this check to mean anything"
+    before = pipe.image_decoder.retries
+    pixels = pipe.image_decoder(latents, Transfers())
+    assert np.isfinite(pixels).all() and pipe.image_decoder.retries == before + 1
+    with pytest.raises(NumericalError, match="vae_decoder: 12288 non-finite pixel values"):
+        ImageDecoder(pipe.sessions["vae_decoder"])(latents, Transfers())
+
+
+def test_fp16_converts_graphs_whose_weights_live_outside_them(tiny_checkpoint, tiny_pipeline, tmp_path, monkeypatch):
+    """A graph past protobuf's 2 GB (an SD-sized UNet) is converted with the converter's own shape
+    inference off; the types it casts by are then inferred on the weight-less graph. Without them
+    it left Resize's scales and the kept nodes' constants in fp16 and the graph did not load. The
+    tiny model takes that path with the exporter's threshold lowered."""
+    from ortdiffusion import Pipeline
+    from ortdiffusion.export import onnx_export
+    from ortdiffusion.runtime.manifest import Precision
+
+    from conftest import psnr
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "fp16-external"
+    manifest = export_checkpoint(tiny_checkpoint, out, ExportOptions(precision=Precision.FP16))
+    assert [f.path for f in manifest.components["unet"].files] == ["unet.onnx", "unet.onnx.data"]
+    assert manifest.components["unet"].precision is Precision.FP16
+    half = Pipeline.load(out, providers="cpu")("a red circle", num_inference_steps=10, seed=3).images[0]
+    full = tiny_pipeline("a red circle", num_inference_steps=10, seed=3).images[0]
+    assert psnr(half, full) >= 28.0
