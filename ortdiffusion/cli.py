@@ -18,20 +18,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-
-try:
-    from .runtime.errors import InvalidRequestError, OrtDiffusionError
-except ImportError as _e:  # `ortdiffusion.runtime` imports onnxruntime: main() names the extra that brings it
-    if importlib.util.find_spec("onnxruntime") is not None:
-        raise
-
-    class OrtDiffusionError(Exception):  # type: ignore[no-redef]  # stand-ins: main() stops before any is raised
-        pass
-
-    class InvalidRequestError(OrtDiffusionError, ValueError):  # type: ignore[no-redef]
-        def __init__(self, field: str, message: str):
-            super().__init__(f"{field}: {message}")
-            self.field = field
+from .runtime.errors import InvalidRequestError, OrtDiffusionError  # onnxruntime is imported lazily
 
 logger = logging.getLogger("ortdiffusion.cli")
 
@@ -519,11 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if importlib.util.find_spec("onnxruntime") is None:  # every command runs ONNX Runtime
+    args = build_parser().parse_args(argv)
+    if importlib.util.find_spec("onnxruntime") is None:  # every command runs ONNX Runtime: said before any work
         _err("error: ortdiffusion needs ONNX Runtime, which is not installed: pip install 'ortdiffusion[cpu]' "
              "(or 'ortdiffusion[gpu]' on an NVIDIA GPU)")
         return 1
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         code = args.func(args)

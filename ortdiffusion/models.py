@@ -79,9 +79,11 @@ def _describe_names() -> str:
 
 
 def find_bundle(model: str | Path | None) -> Path:
-    """The bundle `model` names, without exporting and without importing torch: `builtin` (or
-    None), a bundle directory, or a checkpoint or preset already exported into the cache (generic
-    fp32). Anything else is a `BundleError` that says how to make the bundle."""
+    """The bundle `model` names, to be run (`Pipeline.load`), without exporting and without
+    importing torch: `builtin` (or None), a bundle directory, or a checkpoint or preset already
+    exported into the cache (generic fp32). Anything else is a `BundleError` that says how to make
+    the bundle; no ONNX Runtime to run it, an ImportError naming the extra that brings it."""
+    require_extra("cpu", "loading a model")
     model = str(model) if model is not None else DEFAULT_MODEL
     if model == BUILTIN:
         return builtin_bundle()
