@@ -211,7 +211,7 @@ def test_a_comparison_whose_spread_exceeds_the_difference_is_marked_within_noise
     noisy = [rec("ortdiffusion", [1.00, 1.01, 1.02]), rec("torch", [0.9, 1.2, 6.0])]
     (q,) = comparisons(quiet)
     (n,) = comparisons(noisy)
-    assert not q["within_noise"] and abs(q["ratio"] - 2.0 / 1.01) < 1e-9
+    assert not q["within_noise"] and q["ratio"] == pytest.approx(2.01 / 1.01)
     assert n["within_noise"] and n["spread_s"] == pytest.approx(5.1)
     env = {"fp32_matmul_gflops": 1, "cores": 2, "machine_load": {"start": {"load_1min": 3.0, "per_core": 1.5},
                                                                  "end": {"load_1min": 2.5, "per_core": 1.25}}}
