@@ -95,14 +95,14 @@ def test_info_json_into_a_closed_pipe_ends_quietly():
     assert proc.returncode in (0, 141)
 
 
-def test_export_takes_builtin_and_stops_before_work_on_an_existing_directory(tmp_path):
-    """`export builtin OUT` resolves the name to the shipped checkpoint (before: 'not a directory')."""
+def test_export_takes_builtin(tmp_path):
+    """`export builtin OUT` exports the shipped checkpoint (before: 'builtin: not a directory')."""
     pytest.importorskip("torch")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep").write_text("x")
     proc = cli("export", "builtin", tmp_path / "out")
-    one_clear_line(proc, 1, str(tmp_path / "out"))
-    assert "not a directory" not in proc.stderr and "model_index" not in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    exported = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    shipped = json.loads((builtin_bundle() / "manifest.json").read_text())
+    assert exported["source"]["weights_sha256"] == shipped["source"]["weights_sha256"]
 
 
 def test_an_unknown_model_lists_what_a_model_can_be(tmp_path):
@@ -280,6 +280,7 @@ def test_bench_with_every_engine_skipped_says_so_without_a_traceback(tmp_path):
                block="torch", cache=tmp_path)
     one_clear_line(proc, 1, "no engine could run here")
     assert "ZeroDivisionError" not in proc.stderr and "torch on builtin skipped" in proc.stdout
+    assert "pip install 'ortdiffusion[export]'" in proc.stdout
 
 
 def test_bench_plot_without_matplotlib_is_refused_before_the_run(tmp_path):

@@ -344,7 +344,10 @@ def main() -> None:
         extra = {"variant": args.engine} if args.engine in ORT_VARIANTS else {}
         engine = ENGINES[args.engine](args.model, args.provider, scheduler=args.scheduler, **extra)
     except ImportError as e:
-        out.write(json.dumps({"error": f"{args.engine} unavailable: {e}"}) + "\n")
+        fix = {"torch": "pip install 'ortdiffusion[export]'",
+               "optimum": "an environment with optimum[onnxruntime], given as --optimum-python (docs/benchmarks.md)"}
+        hint = f" ({fix[args.engine]})" if args.engine in fix and "pip install" not in str(e) else ""
+        out.write(json.dumps({"error": f"{args.engine} unavailable: {e}{hint}"}) + "\n")
         out.flush()
         return
     except Exception as e:  # noqa: BLE001 - e.g. no CUDA provider here: the runner records why it skipped
