@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .runtime.errors import InvalidRequestError, OrtDiffusionError  # onnxruntime is imported lazily
+from .runtime.errors import InvalidRequestError, OrtDiffusionError, ProviderError  # onnxruntime is imported lazily
 
 logger = logging.getLogger("ortdiffusion.cli")
 
@@ -520,7 +520,10 @@ def main(argv: list[str] | None = None) -> int:
         _err(f"error: {cli_message(e)}")
         return 2
     except (OrtDiffusionError, ImportError) as e:
-        _err(f"error: {e}")
+        hint = ""
+        if isinstance(e, ProviderError) and getattr(args, "provider", None) and not getattr(args, "allow_fallback", True):
+            hint = f" (--provider {args.provider}; add --allow-fallback to run on what this machine has)"
+        _err(f"error: {e}{hint}")
         return 1
     except BrokenPipeError:
         # The reader went away (`ortdiffusion info --json | head`): stop quietly, as Unix tools do;

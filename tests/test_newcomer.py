@@ -191,7 +191,7 @@ def test_allow_fallback_falls_back_from_cuda_to_the_cpu(tmp_path):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has CUDA: nothing to fall back from")
     refused = cli("generate", "a red circle", "--provider", "cuda", "--steps", "1", "-o", tmp_path / "a.png")
-    one_clear_line(refused, 1, "cuda")
+    one_clear_line(refused, 1, "cuda", "--allow-fallback")
     proc = cli("generate", "a red circle", "--provider", "cuda", "--allow-fallback", "--steps", "1", "-q",
                "-o", tmp_path / "b.png")
     assert proc.returncode == 0, proc.stderr
