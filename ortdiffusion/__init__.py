@@ -17,14 +17,7 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     # Lazy, so that `import ortdiffusion` (e.g. for the CLI's --help) stays instant.
     if name in ("Pipeline", "PipelineResult"):
-        try:
-            from .runtime import pipeline
-        except ModuleNotFoundError as e:
-            if e.name != "onnxruntime":
-                raise
-            raise ModuleNotFoundError("ortdiffusion needs ONNX Runtime, which is not installed: "
-                                      "pip install 'ortdiffusion[cpu]' (or 'ortdiffusion[gpu]' on an NVIDIA GPU)",
-                                      name="onnxruntime") from None
+        from .runtime import pipeline
 
         return getattr(pipeline, name)
     raise AttributeError(f"module 'ortdiffusion' has no attribute {name!r}")
