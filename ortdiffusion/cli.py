@@ -1,39 +1,103 @@
-"""`ortdiffusion export | generate | compare | bench | serve | info` — the command line over export and runtime."""
+"""`ortdiffusion export | generate | compare | bench | serve | info` — the command line over export and runtime.
+
+Every command takes a model the same way (`ortdiffusion.models`: `builtin`, a preset, a bundle or a
+checkpoint directory), checks what it can — its extras, its arguments, where it will write — before
+any work, and answers a mistake with one line that names the flag the user typed (exit 2), or the
+file or extra at fault (exit 1), never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from . import __version__
-from .runtime.errors import InvalidRequestError, OrtDiffusionError
+from .runtime.errors import InvalidRequestError, OrtDiffusionError, ProviderError  # onnxruntime is imported lazily
 
 logger = logging.getLogger("ortdiffusion.cli")
+
+#: The runtime's field names (the Python API's, diffusers' own) → the flag a CLI user typed.
+FLAGS = {
+    "num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_images_per_prompt": "--num-images",
+    "negative_prompt": "--negative-prompt", "seed": "--seed", "scheduler": "--scheduler", "providers": "--provider",
+    "size": "--size", "width": "--size", "height": "--size", "output": "-o", "engines": "--engines",
+}
 
 
 def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def cli_message(error: InvalidRequestError) -> str:
+    """The error with the runtime's field name replaced by the flag (`--steps`, not `num_inference_steps`)."""
+    field = getattr(error, "field", "")
+    text = str(error)
+    flag = FLAGS.get(field)
+    if flag is None or not text.startswith(f"{field}: "):
+        return text
+    rest = text[len(field) + 2:]
+    return f"{flag}: {field} {rest}" if field in ("width", "height") else f"{flag}: {rest}"
+
+
+def _require_export(what: str) -> None:
+    from .models import require_extra
+
+    require_extra("export", what)
+
+
+def _resolve_bundle(model: str | None, flag: str) -> Path:
+    """The bundle `model` names, exporting it once into the cache if it is a checkpoint or preset
+    (after checking the export extra is there, so a missing torch is said before any work)."""
+    from .models import needs_export, resolve_bundle
+
+    if needs_export(model):
+        _require_export(f"{flag} {model} (exported once, then cached)")
+    return resolve_bundle(model, progress=_err)
+
+
+def _preference(args: argparse.Namespace):
+    """The provider preference; with --allow-fallback the CPU is added after what was asked for,
+    so `--provider cuda --allow-fallback` runs on the CPU where there is no CUDA (a warning says so)."""
+    from .runtime.providers import ProviderKind, ProviderPreference, available_providers
+
+    preference = ProviderPreference.parse(args.provider, args.allow_fallback)
+    if preference is None or not args.allow_fallback:
+        return preference
+    have = available_providers()
+    missing = [k.value for k in preference.kinds if k not in have]
+    if ProviderKind.CPU not in preference.kinds:
+        preference = ProviderPreference(kinds=(*preference.kinds, ProviderKind.CPU), options=preference.options,
+                                        allow_fallback=True)
+    if missing:
+        _err(f"warning: {', '.join(missing)} not available in this onnxruntime; falling back to "
+             f"{next(k.value for k in preference.kinds if k in have)} (--allow-fallback)")
+    return preference
+
+
 # -- export -------------------------------------------------------------------------------------
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    _require_export("export")
     from .export.bundle import ExportOptions, export_checkpoint
     from .export.onnx_export import Exporter
     from .export.optimize import Target
+    from .models import resolve_checkpoint
     from .runtime.manifest import Precision
 
     options = ExportOptions(
         opset=args.opset, precision=Precision(args.precision), exporter=Exporter(args.exporter), overwrite=args.overwrite,
         default_steps=args.default_steps, default_guidance=args.default_guidance, target=Target(args.target),
     )
+    checkpoint = resolve_checkpoint(str(args.checkpoint))
     start = time.perf_counter()
-    manifest = export_checkpoint(args.checkpoint, args.out, options, progress=_err)
+    manifest = export_checkpoint(checkpoint, args.out, options, progress=_err)
     print(f"exported {args.checkpoint} → {args.out} in {time.perf_counter() - start:.1f} s\n")
     print(parity_table(manifest))
     return 0
@@ -62,6 +126,39 @@ def parse_size(text: str | None) -> tuple[int | None, int | None]:
     return int(parts[0]), int(parts[1])
 
 
+def output_paths(path: Path, count: int) -> list[Path]:
+    """Where `count` images go: `path` itself for one, `-0`, `-1`, … before the suffix for several."""
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
+
+
+def check_output(path: Path, count: int):
+    """The format `-o`'s suffix names, once it is known the files can be written: refused before any
+    compute (a missing directory, a directory given as the file, a read-only file system)."""
+    import tempfile
+
+    from .runtime.png import ImageFormat
+
+    fmt = ImageFormat.from_suffix(path, field="output")
+    parent = path.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise InvalidRequestError("output", f"{str(path)!r}: the directory {str(parent)!r} {what} (make it first: "
+                                  f"mkdir -p {parent})")
+    for p in output_paths(path, count):
+        if p.is_dir():
+            raise InvalidRequestError("output", f"{str(p)!r} is a directory; give a file name, such as {p / 'out.png'}")
+    try:  # the only sure test of "can write here": a read-only mount, permissions, quotas, ACLs
+        fd, probe = tempfile.mkstemp(prefix=".ortdiffusion-write-check-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InvalidRequestError("output", f"{str(path)!r}: cannot write in {str(parent)!r} "
+                                  f"({e.strerror or e})") from None
+    return fmt
+
+
 class ProgressBar:
     """A one-line progress bar on stderr (no dependency: the runtime install has no tqdm)."""
 
@@ -81,21 +178,35 @@ class ProgressBar:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .models import load_pipeline
+    from .runtime.manifest import load_manifest
+    from .runtime.pipeline import Pipeline
+    from .runtime.png import encode_images, write_atomically
+    from .runtime.request import make_request
+    from .runtime.vocabulary import prompt_warnings
 
+    # 1. everything that can be checked without the model: size, where the images go, providers
     width, height = parse_size(args.size)
+    fmt = check_output(args.output, max(args.num_images, 1))
+    preference = _preference(args)
+    # 2. the model's bundle (exported once if it is a checkpoint or preset), its manifest, the request
+    bundle = _resolve_bundle(args.model, "--model")
+    manifest = load_manifest(bundle)
+    request = make_request(manifest, args.prompt, negative_prompt=args.negative_prompt,
+                           num_images_per_prompt=args.num_images, num_inference_steps=args.steps,
+                           guidance_scale=args.guidance, scheduler=args.scheduler, seed=args.seed,
+                           width=width, height=height)
+    for warning in prompt_warnings(bundle, request.prompts, request.width, request.height):
+        _err(f"warning: {warning}")
+    # 3. load (1–2 s), generate, write
     started = time.perf_counter()
-    pipe = load_pipeline(args.model, progress=_err, providers=args.provider, allow_fallback=args.allow_fallback)
+    pipe = Pipeline.load(bundle, providers=preference, allow_fallback=args.allow_fallback)
     load_s = time.perf_counter() - started
     bar = ProgressBar("denoising", enabled=not args.quiet)
-    result = pipe(
-        args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-        num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
-        seed=args.seed, width=width, height=height, callback=bar,
-    )
-    png_start = time.perf_counter()
-    paths = result.save(args.output)
-    png_s = time.perf_counter() - png_start
+    result = pipe.generate(request, callback=bar)
+    encode_start = time.perf_counter()
+    paths = [write_atomically(data, p) for data, p in
+             zip(encode_images(result.images, result.metadata, fmt), output_paths(args.output, len(result.images)))]
+    encode_s = time.perf_counter() - encode_start
     t = result.timings
     for path, seed in zip(paths, result.seeds):
         print(f"wrote {path} (seed {seed})")
@@ -105,7 +216,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"load {load_s:.2f} s | tokenize {t.tokenize * 1e3:.1f} ms | text encoder {t.text_encoder * 1e3:.1f} ms | "
         f"unet {t.unet:.3f} s ({steps} steps, {t.unet / max(steps, 1) * 1e3:.1f} ms/step) | "
         f"scheduler {t.scheduler * 1e3:.1f} ms | decoder {t.decoder * 1e3:.1f} ms | "
-        f"postprocess {t.postprocess * 1e3:.1f} ms | png {png_s * 1e3:.1f} ms | total {t.total + png_s:.3f} s"
+        f"postprocess {t.postprocess * 1e3:.1f} ms | {fmt.value} {encode_s * 1e3:.1f} ms | total {t.total + encode_s:.3f} s"
     )
     return 0
 
@@ -117,11 +228,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .runtime.manifest import load_manifest, verify_files
     from .runtime.providers import available_providers
 
-    manifest = load_manifest(args.bundle)
-    verify_files(args.bundle, manifest)
+    bundle = _resolve_bundle(str(args.bundle), "info")
+    manifest = load_manifest(bundle)
+    verify_files(bundle, manifest)
+    if args.json:  # JSON alone, for jq and friends
+        print(json.dumps({"bundle": str(bundle), "available_providers": [k.value for k in available_providers()],
+                          "manifest": json.loads(manifest.to_json())}, indent=2))
+        return 0
     p = manifest.pipeline
     lines = [
-        f"bundle        {args.bundle} (format {manifest.format_version}, hash {manifest.bundle_sha256[:16]})",
+        f"bundle        {bundle} (format {manifest.format_version}, hash {manifest.bundle_sha256[:16]})",
         f"source        {manifest.source.checkpoint} (weights {manifest.source.weights_sha256[:16]})",
         "made by       " + ", ".join(f"{k} {v}" for k, v in manifest.created_by.items()),
         f"pipeline      {p.family}, {p.prediction_type} prediction, {p.latent_channels} latent channels, "
@@ -139,8 +255,6 @@ def cmd_info(args: argparse.Namespace) -> int:
         )
     lines.append("this machine  onnxruntime providers: " + ", ".join(k.value for k in available_providers()))
     print("\n".join(lines))
-    if args.json:
-        print(manifest.to_json())
     return 0
 
 
@@ -148,11 +262,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    _require_export("compare (it runs the checkpoint in torch)")
     from .export.compare import compare
+    from .models import resolve_checkpoint
 
-    report = compare(args.checkpoint, args.bundle, args.prompt, args.steps, args.guidance, args.scheduler, args.seed,
+    checkpoint = resolve_checkpoint(str(args.checkpoint))
+    bundle = _resolve_bundle(str(args.bundle if args.bundle is not None else args.checkpoint), "compare")
+    report = compare(checkpoint, bundle, args.prompt, args.steps, args.guidance, args.scheduler, args.seed,
                      args.image, args.provider)
-    print(f"torch ({args.checkpoint}) against ONNX Runtime ({args.bundle}), {report.precision}\n")
+    print(f"torch ({checkpoint}, fp32) against ONNX Runtime ({bundle}), {report.precision}\n")
     print("| what | figures | limit | result |\n|---|---|---|---|")
     for line in report.lines:
         figures = ", ".join(f"{k} {v:.3g}" for k, v in line.figures.items())
@@ -171,7 +289,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # said before the run, not after it
+        raise ImportError("bench --plot needs matplotlib: pip install 'ortdiffusion[bench]' (or leave out --plot)")
     from .bench.runner import ENGINES, BenchPlan, Setting, markdown, plot, run_bench
+    from .runtime.cache import cache_dir
     from .runtime.schedulers import SchedulerName
 
     sizes = [parse_size(s) for s in args.size.split(",")]
@@ -187,11 +308,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = run_bench(plan, progress=_err)
     table = markdown(report)
     print(table)
+    for export in report.get("exports", []):
+        _err(f"{export['model']}: {export['engine']} used the bundle {export['bundle']}")
+    _err(f"exports are cached in {cache_dir() / 'bundles'} (set ORTDIFFUSION_CACHE to move them; delete to re-export)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
     if args.markdown:
         args.markdown.write_text(table + "\n")
+    if not report["records"]:
+        _err("error: no engine could run here (see the reasons above)")
+        return 1
     if args.plot:
         plot(report, args.plot)
     return 0
@@ -267,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="diffusers checkpoint directory → ONNX bundle, parity-checked")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help="a diffusers checkpoint directory, builtin or a preset (tiny, sd15-arch, "
+                   "sd21-arch)")
     p.add_argument("out", type=Path)
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
@@ -285,9 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new bundle passed)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("generate", help="prompt → PNG")
+    p = sub.add_parser("generate", help="prompt → PNG, JPEG or WebP")
     p.add_argument("prompt")
-    p.add_argument("--model", default=None, help="bundle, diffusers checkpoint or preset (default: the built-in model)")
+    p.add_argument("--model", default=None, help="builtin (the default), a preset (tiny, sd15-arch, sd21-arch), a bundle "
+                   "or a diffusers checkpoint directory")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None, help="default: the model's (manifest)")
     p.add_argument("--guidance", type=float, default=None, help="default: the model's (manifest)")
@@ -296,14 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's native size)")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--provider", default=None, help="ordered preference, e.g. cuda,cpu (default: best available)")
-    p.add_argument("--allow-fallback", action="store_true", help="accept a provider outside --provider")
-    p.add_argument("-o", "--output", type=Path, default=Path("out.png"))
+    p.add_argument("--allow-fallback", action="store_true", help="accept a provider outside --provider, the CPU included")
+    p.add_argument("-o", "--output", type=Path, default=Path("out.png"),
+                   help="the image file; its suffix names the format: .png (default), .jpg/.jpeg, .webp")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("compare", help="torch against ONNX Runtime, per component and end to end")
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("bundle", type=Path)
+    p.add_argument("checkpoint", type=Path, help="builtin, a preset, a diffusers checkpoint directory, or a bundle "
+                   "(compared against the checkpoint it was exported from)")
+    p.add_argument("bundle", type=Path, nargs="?", default=None,
+                   help="the bundle to judge (default: the model's own, exported once and cached)")
     p.add_argument("--prompt", default="a red circle on the left")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
@@ -334,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="python of a separate environment with optimum[onnxruntime] (see README)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None)
-    p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="a PNG of the stages and rates (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP images API with dynamic batching")
@@ -364,23 +496,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="a bundle's manifest in short, and this machine's providers")
-    p.add_argument("bundle", type=Path)
-    p.add_argument("--json", action="store_true", help="also print the whole manifest")
+    p.add_argument("bundle", type=Path, help="builtin, a preset, a bundle or a diffusers checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print the bundle, this machine's providers and the whole "
+                   "manifest as one JSON document instead")
     p.set_defaults(func=cmd_info)
+    for command in sub.choices.values():  # `-v` after the subcommand too; SUPPRESS keeps one given before it
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what happens")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if importlib.util.find_spec("onnxruntime") is None:  # every command runs ONNX Runtime: said before any work
+        _err("error: ortdiffusion needs ONNX Runtime, which is not installed: pip install 'ortdiffusion[cpu]' "
+             "(or 'ortdiffusion[gpu]' on an NVIDIA GPU)")
+        return 1
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe (`| head`) shows here, inside the handler below
+        return code
     except InvalidRequestError as e:
-        _err(f"error: {e}")
+        _err(f"error: {cli_message(e)}")
         return 2
     except (OrtDiffusionError, ImportError) as e:
-        _err(f"error: {e}")
+        hint = ""
+        if isinstance(e, ProviderError) and getattr(args, "provider", None) and not getattr(args, "allow_fallback", True):
+            hint = f" (--provider {args.provider}; add --allow-fallback to run on what this machine has)"
+        _err(f"error: {e}{hint}")
         return 1
+    except BrokenPipeError:
+        # The reader went away (`ortdiffusion info --json | head`): stop quietly, as Unix tools do;
+        # stdout goes to /dev/null so the interpreter's last flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         _err("interrupted")
         return 130

@@ -1,9 +1,11 @@
-"""Turning what a user names as a model into a loaded bundle.
+"""Turning what a user names as a model into a loaded bundle: the one resolver of the CLI
+(`generate`, `info`, `export`, `compare`, `bench`, `serve`), `Pipeline.load` and the service.
 
 A model is `builtin` (the shipped model), a bundle directory, a diffusers checkpoint directory (exported once into a cache keyed
 by the hash of its weights, then reused), or a preset name (`tiny`, `sd15-arch`, `sd21-arch`:
 random-weight checkpoints built from configs, for timing). Checkpoints and presets need the
-`export` extra; bundles need only the runtime.
+`export` extra the first time (to build and export them); bundles, the built-in model and cached
+exports need only the runtime, and `find_bundle` finds them without importing torch.
 """
 
 from __future__ import annotations
@@ -37,18 +39,102 @@ def builtin_checkpoint() -> Path:
 DEFAULT_MODEL = BUILTIN if (builtin_bundle() / MANIFEST_NAME).is_file() else "tiny"
 
 
-def _needs_export_extra(what: str) -> ImportError:
-    return ImportError(f"{what} needs the export extra (torch, diffusers, transformers): pip install 'ortdiffusion[export]'")
+#: The modules each extra brings, by the name `pip install 'ortdiffusion[EXTRA]'` takes.
+EXTRA_MODULES = {
+    "export": ("torch", "diffusers", "transformers", "onnx"),
+    "cpu": ("onnxruntime",),
+    "serve": ("fastapi", "uvicorn", "prometheus_client"),
+}
+
+
+def missing_extra(extra: str, what: str) -> ImportError | None:
+    """An ImportError naming `pip install 'ortdiffusion[extra]'` if a module of `extra` is absent,
+    found without importing anything (so it is cheap to ask before any work)."""
+    import importlib.util
+
+    missing = []
+    for name in EXTRA_MODULES[extra]:
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):  # a module set to None in sys.modules, or a broken one
+            missing.append(name)
+    if not missing:
+        return None
+    if extra == "cpu":
+        return ImportError(f"{what} needs ONNX Runtime ({', '.join(missing)} is not installed): "
+                           "pip install 'ortdiffusion[cpu]' (or 'ortdiffusion[gpu]' on an NVIDIA GPU)")
+    return ImportError(f"{what} needs the {extra} extra ({', '.join(missing)} not installed): "
+                       f"pip install 'ortdiffusion[{extra}]'")
+
+
+def require_extra(extra: str, what: str) -> None:
+    error = missing_extra(extra, what)
+    if error is not None:
+        raise error
+
+
+def _describe_names() -> str:
+    return f"{BUILTIN!r}, a preset ({', '.join(PRESET_NAMES)}), a bundle directory or a diffusers checkpoint directory"
+
+
+def find_bundle(model: str | Path | None) -> Path:
+    """The bundle `model` names, to be run (`Pipeline.load`), without exporting and without
+    importing torch: `builtin` (or None), a bundle directory, or a checkpoint or preset already
+    exported into the cache (generic fp32). Anything else is a `BundleError` that says how to make
+    the bundle; no ONNX Runtime to run it, an ImportError naming the extra that brings it."""
+    require_extra("cpu", "loading a model")
+    model = str(model) if model is not None else DEFAULT_MODEL
+    if model == BUILTIN:
+        return builtin_bundle()
+    path = Path(model)
+    if (path / MANIFEST_NAME).is_file():
+        return path
+    cached = cached_bundle(model)
+    if cached is not None:
+        return cached
+    if (path / "model_index.json").is_file() or (model in PRESET_NAMES and not path.exists()):
+        raise BundleError(
+            model, "is a diffusers checkpoint, not a bundle, and has no cached export: export it first "
+            f"(`ortdiffusion export {model} OUT`), or use ortdiffusion.models.load_pipeline, which exports and caches it"
+        )
+    raise BundleError(str(path), f"not a bundle (no {MANIFEST_NAME}) nor a model name; a model is {_describe_names()}")
+
+
+def cached_bundle(model: str | Path, target: str = "generic", precision: str = "fp32") -> Path | None:
+    """The cached export of a checkpoint or preset in this variant, if there is one (torch-free)."""
+    model = str(model)
+    path = Path(model)
+    if model in PRESET_NAMES and not path.exists():
+        path = cache_dir() / "checkpoints" / model
+    if model == BUILTIN:
+        path = builtin_checkpoint()
+    if not (path / "model_index.json").is_file() or (target, precision) not in VARIANTS:
+        return None
+    from .export.checkpoint import weights_sha256  # the standard library only
+
+    bundle = cache_dir() / "bundles" / (weights_sha256(path)[:16] + VARIANTS[target, precision])
+    return bundle if (bundle / MANIFEST_NAME).is_file() else None
+
+
+def needs_export(model: str | Path | None, target: str = "generic", precision: str = "fp32") -> bool:
+    """Whether resolving `model` would build or export something (and so need the export extra)."""
+    model = str(model) if model is not None else DEFAULT_MODEL
+    if model == BUILTIN and (target, precision) == ("generic", "fp32"):
+        return False
+    if (Path(model) / MANIFEST_NAME).is_file():
+        return False
+    is_model = model in PRESET_NAMES or model == BUILTIN or (Path(model) / "model_index.json").is_file()
+    return is_model and cached_bundle(model, target, precision) is None
 
 
 def preset_checkpoint(name: str) -> Path:
     """The checkpoint directory of a random-weight preset, built on first use."""
     path = cache_dir() / "checkpoints" / name
     if not (path / "model_index.json").is_file():
-        try:
-            from .export.presets import build_checkpoint
-        except ImportError:
-            raise _needs_export_extra(f"the preset {name!r}") from None
+        require_extra("export", f"the preset {name!r}")  # before any work: presets import torch only inside
+        from .export.presets import build_checkpoint
+
         tmp = path.with_name(f".{name}.partial-{os.getpid()}")
         build_checkpoint(name, tmp)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +178,7 @@ def resolve_bundle(model: str | Path | None, progress: Callable[[str], None] | N
     if not (path / "model_index.json").is_file():
         raise BundleError(
             str(path), f"not a bundle (no {MANIFEST_NAME}), a diffusers checkpoint (no model_index.json) "
-            f"or a preset ({', '.join(PRESET_NAMES)})"
+            f"or a model name; a model is {_describe_names()}"
         )
     from .export.checkpoint import read_model_index, weights_sha256  # the standard library only
 
@@ -104,10 +190,9 @@ def resolve_bundle(model: str | Path | None, progress: Callable[[str], None] | N
     if not allow_export:
         raise BundleError(str(path), f"no cached {target}/{precision} bundle for it in {cache_dir() / 'bundles'}; "
                           "export it first")
-    try:
-        from .export.bundle import export_checkpoint
-    except ImportError:
-        raise _needs_export_extra(f"exporting the checkpoint {path}") from None
+    require_extra("export", f"exporting the checkpoint {path}")
+    from .export.bundle import export_checkpoint
+
     (progress or logger.info)(f"exporting {path} ({target}, {precision}) once into {bundle}")
     try:
         export_checkpoint(path, bundle, _variant_options(model, target, precision, defaults), progress=progress)
@@ -149,7 +234,7 @@ def resolve_checkpoint(model: str | Path | None) -> Path:
         if (source / "model_index.json").is_file():
             return source
         raise BundleError(str(path), f"its source checkpoint {source} is not on this machine")
-    raise BundleError(str(path), "not a diffusers checkpoint, a bundle or a preset")
+    raise BundleError(str(path), f"not a diffusers checkpoint, a bundle or a model name; a model is {_describe_names()}")
 
 
 def load_pipeline(model: str | Path | None = None, progress: Callable[[str], None] | None = None, **load_options):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 from test_cli import run
 
@@ -195,3 +196,25 @@ def test_serve_png_benchmark_refuses_a_tree_that_is_not_label_and_checkout(tmp_p
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "--tree" in proc.stderr and "LABEL=PATH" in proc.stderr, proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_comparison_whose_spread_exceeds_the_difference_is_marked_within_noise():
+    """One loaded run of torch ranged 6.9–43.6 s: its p50 against ours said nothing, and nothing said so."""
+    from ortdiffusion.bench.runner import comparisons, markdown, spread, stats
+
+    def rec(engine, runs):
+        return {"engine": engine, "model": "m", "batch": 1, "width": 64, "height": 64, "steps": 20, "providers": {},
+                "precision": "fp32", "end_to_end_s": stats(runs), "spread_s": spread(runs), "stages_s": {},
+                "cold_start_s": None, "images_per_s": 1.0, "peak_host_mb": 1.0}
+
+    quiet = [rec("ortdiffusion", [1.00, 1.01, 1.02]), rec("torch", [2.00, 2.01, 2.02])]
+    noisy = [rec("ortdiffusion", [1.00, 1.01, 1.02]), rec("torch", [0.9, 1.2, 6.0])]
+    (q,) = comparisons(quiet)
+    (n,) = comparisons(noisy)
+    assert not q["within_noise"] and q["ratio"] == pytest.approx(2.01 / 1.01)
+    assert n["within_noise"] and n["spread_s"] == pytest.approx(5.1)
+    env = {"fp32_matmul_gflops": 1, "cores": 2, "machine_load": {"start": {"load_1min": 3.0, "per_core": 1.5},
+                                                                 "end": {"load_1min": 2.5, "per_core": 1.25}}}
+    table = markdown({"env": env, "records": noisy, "comparisons": [n]})
+    assert "WITHIN NOISE" in table and "noisy: torch 64x64 batch 1 ranged 0.900–6.000 s" in table
+    assert "busier than its cores" in table

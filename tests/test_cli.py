@@ -59,13 +59,13 @@ def test_info_prints_manifest_and_providers(tiny_bundle):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--size", "64"], "size: must be WIDTHxHEIGHT"),
-    (["--size", "60x64"], "width: must be a multiple of 8"),
-    (["--steps", "0"], "num_inference_steps: must be from 1 to 1000"),
-    (["--seed", "-3"], "seed: must be from 0"),
-    (["--guidance", "nan"], "guidance_scale: must be a finite number"),
-    (["--scheduler", "lms"], "scheduler: unknown scheduler 'lms'"),
-    (["--provider", "rocm"], "providers: unknown provider 'rocm'"),
+    (["--size", "64"], "--size: must be WIDTHxHEIGHT"),
+    (["--size", "60x64"], "--size: width must be a multiple of 8"),
+    (["--steps", "0"], "--steps: must be from 1 to 150"),
+    (["--seed", "-3"], "--seed: must be from 0"),
+    (["--guidance", "nan"], "--guidance: must be a finite number"),
+    (["--scheduler", "lms"], "--scheduler: unknown scheduler 'lms'"),
+    (["--provider", "rocm"], "--provider: unknown provider 'rocm'"),
 ])
 def test_bad_generate_input_exits_2_naming_the_field(tiny_bundle, tmp_path, args, message):
     proc = run("generate", "x", "--model", tiny_bundle, "-o", tmp_path / "x.png", *args, check=False)

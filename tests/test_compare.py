@@ -5,6 +5,7 @@ UNet output is scaled, while ONNX Runtime runs the bundle of the unscaled one.""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -46,3 +47,18 @@ def test_fp16_and_int8_latent_limits_can_fail(tiny_checkpoint, tiny_bundle, tmp_
     _, latents, _ = judge(scaled_unet(tiny_checkpoint, tmp_path / "off", scale), tiny_bundle, precision)
     assert not latents.passed, latents.figures
     assert latents.figures["rel_l2_error"] < 1.0
+
+
+def test_a_checkpoint_saved_in_fp16_is_compared_in_fp32(tiny_checkpoint, tiny_bundle, tmp_path):
+    """The built-in checkpoint is saved in fp16: diffusers loaded its text encoder in fp16 beside an
+    fp32 UNet and compare died with `c10::Half != float`. The torch side now runs in fp32."""
+    import torch
+
+    half = tmp_path / "half"
+    shutil.copytree(tiny_checkpoint, half)
+    for weights in half.glob("*/*.safetensors"):
+        save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in load_file(weights).items()}, weights)
+    config = half / "text_encoder" / "config.json"  # as transformers writes it for fp16 weights (the built-in's)
+    config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": "float16"}))
+    image, latents, _ = judge(half, tiny_bundle, Precision.FP16)
+    assert image.figures["psnr_db"] > 20, image.figures  # fp16-rounded weights against the fp32 export: close

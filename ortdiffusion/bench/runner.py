@@ -45,14 +45,19 @@ class BenchPlan:
     scheduler: str | None = None
 
 
-def prepare(engine: str, model: str, python: str = sys.executable) -> str | None:
-    """Export the bundle `engine` needs, in a process of its own (None, or why it cannot): the
-    worker that then loads it measures its engine only, not the export's torch and peak memory."""
+def prepare_answer(engine: str, model: str, python: str = sys.executable) -> dict[str, Any]:
+    """Export the bundle `engine` needs, in a process of its own: {"error": why it cannot} or
+    {"prepared": the bundle's path, or None for an engine that needs none}. The worker that then
+    loads it measures its engine only, not the export's torch and peak memory."""
     proc = subprocess.run([python, "-m", "ortdiffusion.bench.worker", engine, model, "--prepare"],
                           stdout=subprocess.PIPE, text=True)
     lines = proc.stdout.strip().splitlines()
-    answer = json.loads(lines[-1]) if lines else {"error": f"{engine} export exited with {proc.returncode}"}
-    return answer.get("error")
+    return json.loads(lines[-1]) if lines else {"error": f"{engine} export exited with {proc.returncode}"}
+
+
+def prepare(engine: str, model: str, python: str = sys.executable) -> str | None:
+    """`prepare_answer`'s error, or None once the engine's bundle is ready."""
+    return prepare_answer(engine, model, python).get("error")
 
 
 class Worker:
@@ -94,6 +99,48 @@ def stats(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, dtype=np.float64)
     return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
             "mean": float(a.mean()), "runs": int(a.size)}
+
+
+#: A record whose runs spread more than this fraction of their median is flagged noisy.
+NOISY_SPREAD = 0.10
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """How far a record's runs lie apart: min, max, max − min (s) and that as a fraction of the median.
+    One loaded run of torch ranged 6.9–43.6 s: a p50 alone hid it."""
+    a = np.asarray(values, dtype=np.float64)
+    median = float(np.median(a))
+    return {"min": float(a.min()), "max": float(a.max()), "range": float(a.max() - a.min()),
+            "relative": float((a.max() - a.min()) / median) if median > 0 else 0.0}
+
+
+def machine_load() -> dict[str, float] | None:
+    """The 1-minute load average against the cores: above 1 per core, other work shared them."""
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    return {"load_1min": one, "load_5min": five, "per_core": one / cores}
+
+
+def comparisons(records: list[dict]) -> list[dict]:
+    """Each engine against the first engine of the same model and setting: the ratio of end-to-end
+    medians, and `within_noise` when either side's spread (max − min) exceeds the difference between
+    the medians — then the ratio says nothing, and the run should be repeated on a quiet machine."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["model"], r["batch"], r["width"], r["height"], r["steps"])].append(r)
+    out = []
+    for (model, batch, width, height, steps), group in groups.items():
+        base = group[0]
+        for other in group[1:]:
+            a, b = base["end_to_end_s"]["p50"], other["end_to_end_s"]["p50"]
+            noise = max(base["spread_s"]["range"], other["spread_s"]["range"])
+            out.append({"model": model, "batch": batch, "width": width, "height": height, "steps": steps,
+                        "engine": other["engine"], "against": base["engine"], "ratio": b / a if a > 0 else None,
+                        "difference_s": abs(b - a), "spread_s": noise, "within_noise": noise > abs(b - a)})
+    return out
 
 
 def environment() -> dict[str, Any]:
@@ -150,6 +197,7 @@ def record(engine: Worker, model: str, setting: Setting, samples: list[dict], co
         "engine": engine.engine, "model": model, "providers": engine.providers, "precision": engine.precision,
         "scheduler": engine.scheduler, "batch": setting.batch, "width": setting.width, "height": setting.height, "steps": setting.steps,
         "end_to_end_s": end_to_end, "stages_s": {k: stats(v) for k, v in per_stage.items()},
+        "spread_s": spread([s["end_to_end"] for s in samples]), "machine_load": machine_load(),
         "cold_start_s": cold_start_s, "images_per_s": setting.batch / end_to_end["mean"],
         "peak_host_mb": max(s["peak_host_mb"] for s in samples),
         "peak_device_mb": max((s["peak_device_mb"] for s in samples if s["peak_device_mb"] is not None), default=None),
@@ -194,13 +242,17 @@ def default_scheduler(model: str) -> str | None:
 
 
 def run_bench(plan: BenchPlan, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    records, skipped = [], []
+    records, skipped, exports = [], [], []
+    load_at_start = machine_load()
     for model in plan.models:
         workers = []
         scheduler = plan.scheduler or default_scheduler(model)
         for name in plan.engines:
             python = dict(plan.pythons).get(name, sys.executable)
-            error = prepare(name, model, python)
+            answer = prepare_answer(name, model, python)
+            error = answer.get("error")
+            if answer.get("prepared"):
+                exports.append({"engine": name, "model": model, "bundle": answer["prepared"]})
             if error is None:
                 progress(f"{model}: starting {name}" + (f" ({scheduler})" if scheduler else ""))
                 w = Worker(name, model, plan.provider, python, scheduler)
@@ -225,7 +277,7 @@ def run_bench(plan: BenchPlan, progress: Callable[[str], None] = print) -> dict[
             return answer
 
         try:
-            for setting in plan.settings:
+            for setting in plan.settings if workers else ():  # every engine skipped: nothing to run
                 for w in list(workers):
                     for k in range(plan.warmup):
                         first = run_or_drop(w, setting)
@@ -236,6 +288,8 @@ def run_bench(plan: BenchPlan, progress: Callable[[str], None] = print) -> dict[
                             measured_cold.add(w.engine)
                 samples: dict[str, list[dict]] = defaultdict(list)
                 for r in range(plan.runs):
+                    if not workers:  # every engine dropped out
+                        break
                     order = workers[r % len(workers):] + workers[:r % len(workers)]  # rotate who goes first
                     for w in order:
                         answer = run_or_drop(w, setting)
@@ -251,9 +305,10 @@ def run_bench(plan: BenchPlan, progress: Callable[[str], None] = print) -> dict[
             for w in workers:
                 w.close()
     env = environment()
+    env["machine_load"] = {"start": load_at_start, "end": machine_load()}
     add_compute_rates(records, env["fp32_matmul_gflops"])
     return {"env": env, "plan": {"runs": plan.runs, "warmup": plan.warmup, "guidance": plan.guidance},
-            "records": records, "skipped": skipped}
+            "records": records, "skipped": skipped, "exports": exports, "comparisons": comparisons(records)}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -278,9 +333,33 @@ def markdown(report: dict[str, Any]) -> str:
                     f"{r['peak_host_mb']:.0f} |" + (f" {r['peak_device_mb']:.0f} |" if r.get("peak_device_mb") is not None
                                                     else (" – |" if gpu else "")))
     rows.append(f"\nfp32 matrix-product rate of this machine (numpy, 4096²): {report['env'].get('fp32_matmul_gflops', 0):.0f} GFLOP/s")
+    rows += noise_lines(report)
     for s in report.get("skipped", []):
         rows.append(f"\n{s['engine']} on {s['model']} skipped: {s['reason']}")
     return "\n".join(rows)
+
+
+def noise_lines(report: dict[str, Any]) -> list[str]:
+    """The spread of each record, the machine's load, and each comparison marked when it is within noise."""
+    rows = []
+    for r in report["records"]:
+        s = r.get("spread_s")
+        if s and s["relative"] > NOISY_SPREAD:
+            rows.append(f"\nnoisy: {r['engine']} {r['width']}x{r['height']} batch {r['batch']} ranged "
+                        f"{s['min']:.3f}–{s['max']:.3f} s ({s['relative']:.0%} of its median)")
+    load = report["env"].get("machine_load") or {}
+    start, end = load.get("start"), load.get("end")
+    if start and end:
+        busy = " (busier than its cores: other work shared them)" if max(start["per_core"], end["per_core"]) > 1 else ""
+        rows.append(f"\nmachine load (1 min) {start['load_1min']:.2f} at the start, {end['load_1min']:.2f} at the end, "
+                    f"{report['env'].get('cores')} cores{busy}")
+    for c in report.get("comparisons", []):
+        ratio = f"{c['ratio']:.2f}×" if c["ratio"] else "–"
+        verdict = ("WITHIN NOISE: the spread exceeds the difference; repeat on a quiet machine" if c["within_noise"]
+                   else "outside the spread")
+        rows.append(f"\n{c['engine']} / {c['against']} ({c['width']}x{c['height']} batch {c['batch']}): {ratio}, "
+                    f"difference {c['difference_s']:.3f} s, spread {c['spread_s']:.3f} s — {verdict}")
+    return rows
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

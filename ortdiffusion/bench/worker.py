@@ -15,6 +15,7 @@ import json
 import resource
 import sys
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -248,8 +249,10 @@ class TorchEngine:
 
         self.device = "cuda" if torch.cuda.is_available() and provider != "cpu" else "cpu"
         dtype = torch.float16 if self.device == "cuda" else torch.float32
-        pipe = StableDiffusionPipeline.from_pretrained(str(resolve_checkpoint(model)), torch_dtype=dtype,
-                                                       safety_checker=None, requires_safety_checker=False)
+        with warnings.catch_warnings():  # current diffusers renamed `torch_dtype` to `dtype`; older ones take only the former
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = StableDiffusionPipeline.from_pretrained(str(resolve_checkpoint(model)), torch_dtype=dtype,
+                                                           safety_checker=None, requires_safety_checker=False)
         pipe = pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         if compile_unet:
@@ -344,7 +347,10 @@ def main() -> None:
         extra = {"variant": args.engine} if args.engine in ORT_VARIANTS else {}
         engine = ENGINES[args.engine](args.model, args.provider, scheduler=args.scheduler, **extra)
     except ImportError as e:
-        out.write(json.dumps({"error": f"{args.engine} unavailable: {e}"}) + "\n")
+        fix = {"torch": "pip install 'ortdiffusion[export]'",
+               "optimum": "an environment with optimum[onnxruntime], given as --optimum-python (docs/benchmarks.md)"}
+        hint = f" ({fix[args.engine]})" if args.engine in fix and "pip install" not in str(e) else ""
+        out.write(json.dumps({"error": f"{args.engine} unavailable: {e}{hint}"}) + "\n")
         out.flush()
         return
     except Exception as e:  # noqa: BLE001 - e.g. no CUDA provider here: the runner records why it skipped

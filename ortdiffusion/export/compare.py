@@ -151,7 +151,11 @@ def compare_end_to_end(ckpt_dir: Path, bundle_dir: Path, prompt: str, steps: int
     result = ours(prompt, latents=latents, seed=seed, num_inference_steps=steps, guidance_scale=guidance,
                   scheduler=scheduler, callback=lambda i, n, x: ours_steps.append(x.copy()))
 
+    # fp32 whatever dtype the weights were saved in: a checkpoint saved in fp16 (the built-in one)
+    # otherwise loads its text encoder in fp16 (transformers 5 keeps the saved dtype) beside an fp32
+    # UNet, and the first cross-attention fails with "c10::Half != float".
     ref = StableDiffusionPipeline.from_pretrained(str(ckpt_dir), safety_checker=None, requires_safety_checker=False)
+    ref.to(torch.float32)  # positional: every diffusers version takes it (the keyword was renamed)
     ref.set_progress_bar_config(disable=True)
     ref.scheduler = reference_scheduler(scheduler, ref.scheduler.config)
     ref_steps: list[np.ndarray] = []

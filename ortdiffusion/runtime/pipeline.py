@@ -156,8 +156,11 @@ class Pipeline:
         CUDA graph, at most `max_cuda_graphs` kept at once (device_loop.GraphCache).
         `component_settings`: per component ("text_encoder", "unet", "vae_decoder") session settings
         over the preference's — CPU arena on or off, the CUDA arena's extend strategy and memory
-        limit (providers.ComponentSettings, or a mapping of its fields)."""
-        path = Path(path)
+        limit (providers.ComponentSettings, or a mapping of its fields). `path` is a bundle directory
+        or a model name (`builtin`, a cached preset or checkpoint: ortdiffusion.models.find_bundle)."""
+        from ..models import find_bundle  # lazily: models imports the runtime; torch-free
+
+        path = find_bundle(path)
         if (path / "model_index.json").is_file() and not (path / "manifest.json").exists():
             raise BundleError(
                 str(path), "is a diffusers checkpoint, not a bundle: export it first (`ortdiffusion export`), "

@@ -17,10 +17,18 @@ from .errors import InvalidRequestError
 from .manifest import FEED_REQUEST, UNET, Manifest
 from .schedulers import SchedulerName
 
-MAX_STEPS = 1000
+# The one set of limits: the CLI, the Python API and the HTTP service all validate through
+# `make_request` with these (the service reads them from here). 150 steps: past ~50 no scheduler
+# here changes the picture (README's adherence table), and a service must bound a request's work;
+# the CLI allowed 1000 and the service 150 before, so the same request got two answers.
+MAX_STEPS = 150
 MAX_IMAGES = 32  # per call: prompts × images per prompt
 MAX_GUIDANCE = 100.0
 MAX_SEED = 2**63 - 1
+#: A prompt must say something: OpenAI's images API refuses an empty one and so did the service;
+#: an empty (or blank) prompt from the CLI or Python was mostly a shell slip (an unset variable),
+#: answered with a random picture. Refused everywhere, naming the field. (Negative prompts may be empty.)
+MIN_PROMPT_CHARS = 1
 
 
 @dataclass(frozen=True)
@@ -52,17 +60,22 @@ class GenerationRequest:
         return [(p, n) for p, n in zip(self.prompts, self.negative_prompts) for _ in range(self.num_images_per_prompt)]
 
 
-def _prompts(value: object, field_name: str) -> tuple[str, ...]:
+def _prompts(value: object, field_name: str, allow_empty: bool = True) -> tuple[str, ...]:
     if isinstance(value, str):
-        return (value,)
-    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+        value = (value,)
+        names = [field_name]
+    elif isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
         if len(value) == 0:
             raise InvalidRequestError(field_name, "empty list; give at least one prompt")
-        for i, p in enumerate(value):
-            if not isinstance(p, str):
-                raise InvalidRequestError(f"{field_name}[{i}]", f"must be a string, got {type(p).__name__}")
-        return tuple(value)
-    raise InvalidRequestError(field_name, f"must be a string or a list of strings, got {type(value).__name__}")
+        names = [f"{field_name}[{i}]" for i in range(len(value))]
+    else:
+        raise InvalidRequestError(field_name, f"must be a string or a list of strings, got {type(value).__name__}")
+    for name, p in zip(names, value):
+        if not isinstance(p, str):
+            raise InvalidRequestError(name, f"must be a string, got {type(p).__name__}")
+        if not allow_empty and len(p.strip()) < MIN_PROMPT_CHARS:
+            raise InvalidRequestError(name, "is empty; describe the image to draw")
+    return tuple(value)
 
 
 def _int(value: object, field_name: str, low: int, high: int) -> int:
@@ -121,7 +134,7 @@ def make_request(
         num_inference_steps = manifest.pipeline.default_steps
     if guidance_scale is None:
         guidance_scale = manifest.pipeline.default_guidance
-    prompts = _prompts(prompt, "prompt")
+    prompts = _prompts(prompt, "prompt", allow_empty=False)
     if negative_prompt is None:
         negatives = ("",) * len(prompts)
     else:
