@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from .runtime.errors import InvalidRequestError, OrtDiffusionError, ProviderError  # onnxruntime is imported lazily
+from .runtime.request import parse_size
 
 logger = logging.getLogger("ortdiffusion.cli")
 
@@ -115,15 +116,6 @@ def parity_table(manifest) -> str:
 
 
 # -- generate -----------------------------------------------------------------------------------
-
-
-def parse_size(text: str | None) -> tuple[int | None, int | None]:
-    if text is None:
-        return None, None
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise InvalidRequestError("size", f"must be WIDTHxHEIGHT such as 512x512, got {text!r}")
-    return int(parts[0]), int(parts[1])
 
 
 def output_paths(path: Path, count: int) -> list[Path]:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from ortdiffusion.runtime.quality import psnr  # noqa: F401  (the tests' `from conftest import psnr`)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -56,12 +57,6 @@ def bundle_copy(tiny_bundle, tmp_path) -> Path:
     dst = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, dst)
     return dst
-
-
-def psnr(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    mse = float(((a - b) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def pytest_collection_modifyitems(config, items):

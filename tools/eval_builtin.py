@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from ortdiffusion.builtin import dataset
 from ortdiffusion.builtin.evaluate import score
-from ortdiffusion.export.compare import psnr
+from ortdiffusion.runtime.quality import psnr
 from ortdiffusion.models import resolve_bundle
 from ortdiffusion.runtime.pipeline import Pipeline
 from ortdiffusion.runtime.schedulers import SchedulerName

@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..runtime.errors import BundleError
 from ..runtime.manifest import Precision, load_manifest, verify_files
+from ..runtime.quality import psnr
 from ..runtime.session import Session
 from .bundle import pipeline_components
 from .checkpoint import load_checkpoint, weights_sha256
@@ -71,11 +72,6 @@ class CompareReport:
         return {**asdict(self), "passed": self.passed}
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def _gaussian_blur(x: np.ndarray, sigma: float = 1.5, radius: int = 5) -> np.ndarray:
     k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     k /= k.sum()
@@ -125,7 +121,7 @@ def compare_components(ckpt, bundle_dir: Path, manifest, tol: Tolerances, seed: 
             with torch.no_grad():
                 ref = module(*inputs)
             ref = ref if isinstance(ref, tuple) else (ref,)
-            got = session.run({n: t.numpy() for n, t in zip(spec.input_names, inputs)})
+            got = list(session.run({n: t.numpy() for n, t in zip(spec.input_names, inputs)}).values())
             for name, g, r in zip(spec.output_names, got, ref):
                 max_abs, rel_l2, cosine = error_figures(g, r.numpy())
                 figures = {"max_abs_error": max_abs, "rel_l2_error": rel_l2, "cosine_similarity": cosine, **_counts(g)}

@@ -203,3 +203,13 @@ def _conditioning(manifest: Manifest, given: Mapping[str, object], count: int) -
             raise InvalidRequestError(f"conditioning.{name}", "contains NaN or Inf")
         out[name] = value.astype(info.dtype)
     return out
+
+
+def parse_size(text: str | None, field: str = "size") -> tuple[int | None, int | None]:
+    """"WIDTHxHEIGHT" → (width, height); None → (None, None): the model's default."""
+    if text is None:
+        return None, None
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise InvalidRequestError(field, f"must be WIDTHxHEIGHT such as 512x512, got {text!r}")
+    return int(parts[0]), int(parts[1])
