@@ -152,12 +152,9 @@ def environment() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    gpu = None
-    try:
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
+    from ..runtime.providers import nvidia_smi
+
+    gpu = nvidia_smi("--query-gpu=name,memory.total", "--format=csv,noheader")
     versions = {}
     for package in ("ortdiffusion", "onnxruntime", "onnxruntime-gpu", "numpy", "torch", "diffusers", "transformers",
                     "optimum", "optimum-onnx"):

@@ -41,14 +41,13 @@ def peak_device_mb(engine) -> float | None:
     if not runs_on_gpu(engine.providers):
         return None
     import os
-    import subprocess
 
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
+    from ..runtime.providers import nvidia_smi
+
+    out = nvidia_smi("--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
+    if out is None:
         return None
-    used = [float(mb) for pid, mb in (line.split(",") for line in out.strip().splitlines() if "," in line)
+    used = [float(mb) for pid, mb in (line.split(",") for line in out.splitlines() if "," in line)
             if int(pid) == os.getpid()]
     return sum(used) if used else None
 

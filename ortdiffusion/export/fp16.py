@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.providers import session_options
 from .specs import ComponentSpec, Distribution
 from .weights import save_with_external_data
 
@@ -99,12 +100,11 @@ def tensor_ranges(structure, path: Path, feeds: list[dict[str, np.ndarray]]) -> 
     probe = path.with_name(f".{path.stem}.probe-{uuid.uuid4().hex[:8]}.onnx")
     onnx.save(model, str(probe))
     try:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
-        # ONNX Runtime's default order ran the reductions late, every tensor alive until then
-        # (measured: SD-1.5's UNet at 32×32 latents 5.3 GB against 3.6 GB for a plain run); the
-        # priority-based order runs each as soon as its tensor is written (3.7 GB).
-        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        # No optimization: keep every tensor. ONNX Runtime's default order ran the reductions late,
+        # every tensor alive until then (measured: SD-1.5's UNet at 32×32 latents 5.3 GB against
+        # 3.6 GB for a plain run); the priority-based order runs each as soon as its tensor is
+        # written (3.7 GB).
+        options = session_options(optimization="disable", priority_order=True)
         session = ort.InferenceSession(str(probe), options, providers=["CPUExecutionProvider"])
         # The feeds come in two shapes: without handing the arena back after each run, the larger
         # shape's working memory was added to the smaller one's (SD-1.5's UNet: 18.9 GB, against
@@ -147,7 +147,7 @@ def remove_fp16_round_trips(model) -> int:
     onnxruntime's converter (1.31; unchanged in 1.32.0) puts a Cast to fp16 after every output of a blocked node and a
     Cast back to fp32 before every blocked consumer, even when both ends are blocked: a value the
     block list exists to protect still passes through fp16 and overflows (measured in
-    tests/test_export.py). Each Cast(fp32→fp16)→Cast(fp16→fp32) pair is bypassed here, so the fp32
+    tests/test_export_fp16.py). Each Cast(fp32→fp16)→Cast(fp16→fp32) pair is bypassed here, so the fp32
     consumer reads the fp32 producer directly; Casts left without consumers are removed. It also
     writes one Cast twice when a node reads the same tensor twice (x·x); the copy is dropped.
     """

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.providers import session_options
 from .attention import fuse_attention
 
 logger = logging.getLogger(__name__)
@@ -204,14 +205,9 @@ def optimize_graph(files: list[Path], component: str, target: Target, fp16: bool
             del model
             gc.collect()
         if target is Target.CPU:
-            options = ort.SessionOptions()
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-            options.optimized_model_filepath = str(staged)
-            if external:
-                options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                                 f"{path.name}.data")
-                options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                                 "1024")
+            config = {"session.optimized_model_external_initializers_file_name": f"{path.name}.data",
+                      "session.optimized_model_external_initializers_min_size_in_bytes": "1024"} if external else {}
+            options = session_options(optimization="extended", config=config, optimized_model_path=str(staged))
             ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         if staged.exists():
             staged.replace(path)
