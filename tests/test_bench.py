@@ -113,7 +113,7 @@ def test_cuda_graph_engine_loads_one_bucket_per_setting(tiny_bundle):
     first = engine.run(1, 64, 64, 2, 3.0)
     pipe = engine.pipe
     assert pipe.device_loop.graphs.sizes == ((1, 64, 64),) and pipe.device_loop.graphs.built == 1
-    assert first["transfers"]["in_loop"] == 0
+    assert first.transfers["in_loop"] == 0
     engine.run(1, 64, 64, 2, 3.0)
     assert engine.pipe is pipe and pipe.device_loop.graphs.built == 1  # same setting: same graph
     engine.run(2, 64, 64, 2, 3.0)
@@ -121,19 +121,21 @@ def test_cuda_graph_engine_loads_one_bucket_per_setting(tiny_bundle):
 
 
 def test_gpu_records_get_a_gpu_memory_column_and_no_cpu_rate_fraction():
-    from ortdiffusion.bench.runner import add_compute_rates, markdown
+    from ortdiffusion.bench.records import Record, Report, Stats
+    from ortdiffusion.bench.report import markdown
+    from ortdiffusion.bench.runner import add_compute_rates
 
     def record(engine, providers, device_mb):
-        stage = {"p50": 0.05, "p90": 0.05, "p99": 0.05, "mean": 0.05, "runs": 30}
-        return {"engine": engine, "model": "sd15-arch", "providers": {"unet": providers}, "precision": "fp16",
-                "batch": 1, "width": 512, "height": 512, "steps": 30, "end_to_end_s": {"p50": 1.5, "p90": 1.6},
-                "stages_s": {"unet_step": stage}, "images_per_s": 0.66, "cold_start_s": 9.0, "peak_host_mb": 3000.0,
-                "peak_device_mb": device_mb, "outside_networks_fraction": 0.01, "unet_step_gflop": 1358.0}
+        return Record(engine=engine, model="sd15-arch", providers={"unet": providers}, precision="fp16", batch=1,
+                      width=512, height=512, steps=30, end_to_end_s=Stats(1.5, 1.6, 1.6, 1.5, 30),
+                      stages_s={"unet_step": Stats(0.05, 0.05, 0.05, 0.05, 30)}, images_per_s=0.66, cold_start_s=9.0,
+                      peak_host_mb=3000.0, peak_device_mb=device_mb, outside_networks_fraction=0.01,
+                      unet_step_gflop=1358.0)
 
     records = [record("ortdiffusion-cuda", "cuda", 4100.0), record("torch", "cuda", None)]
     add_compute_rates(records, matmul=200.0)
-    assert records[0]["unet_gflops_per_s"] == 1358.0 / 0.05 and records[0]["unet_fraction_of_matmul_rate"] is None
-    text = markdown({"records": records, "env": {"fp32_matmul_gflops": 200.0}})
+    assert records[0].unet_gflops_per_s == 1358.0 / 0.05 and records[0].unet_fraction_of_matmul_rate is None
+    text = markdown(Report(env={"fp32_matmul_gflops": 200.0}, plan={}, records=records))
     assert text.splitlines()[0].endswith("| peak host MB | peak GPU MB |")
     assert "| 27160 | 1.0% |" in text and text.splitlines()[2].endswith("| 3000 | 4100 |")
     assert text.splitlines()[3].endswith("| 3000 | – |")
@@ -200,21 +202,22 @@ def test_serve_png_benchmark_refuses_a_tree_that_is_not_label_and_checkout(tmp_p
 
 def test_a_comparison_whose_spread_exceeds_the_difference_is_marked_within_noise():
     """One loaded run of torch ranged 6.9–43.6 s: its p50 against ours said nothing, and nothing said so."""
-    from ortdiffusion.bench.runner import comparisons, markdown, spread, stats
+    from ortdiffusion.bench.records import Record, Report, Spread, Stats
+    from ortdiffusion.bench.report import markdown
+    from ortdiffusion.bench.runner import comparisons
 
     def rec(engine, runs):
-        return {"engine": engine, "model": "m", "batch": 1, "width": 64, "height": 64, "steps": 20, "providers": {},
-                "precision": "fp32", "end_to_end_s": stats(runs), "spread_s": spread(runs), "stages_s": {},
-                "cold_start_s": None, "images_per_s": 1.0, "peak_host_mb": 1.0}
+        return Record(engine=engine, model="m", batch=1, width=64, height=64, steps=20, providers={}, precision="fp32",
+                      end_to_end_s=Stats.of(runs), spread_s=Spread.of(runs), images_per_s=1.0, peak_host_mb=1.0)
 
     quiet = [rec("ortdiffusion", [1.00, 1.01, 1.02]), rec("torch", [2.00, 2.01, 2.02])]
     noisy = [rec("ortdiffusion", [1.00, 1.01, 1.02]), rec("torch", [0.9, 1.2, 6.0])]
     (q,) = comparisons(quiet)
     (n,) = comparisons(noisy)
-    assert not q["within_noise"] and q["ratio"] == pytest.approx(2.01 / 1.01)
-    assert n["within_noise"] and n["spread_s"] == pytest.approx(5.1)
+    assert not q.within_noise and q.ratio == pytest.approx(2.01 / 1.01)
+    assert n.within_noise and n.spread_s == pytest.approx(5.1)
     env = {"fp32_matmul_gflops": 1, "cores": 2, "machine_load": {"start": {"load_1min": 3.0, "per_core": 1.5},
                                                                  "end": {"load_1min": 2.5, "per_core": 1.25}}}
-    table = markdown({"env": env, "records": noisy, "comparisons": [n]})
+    table = markdown(Report(env=env, plan={}, records=noisy, comparisons=[n]))
     assert "WITHIN NOISE" in table and "noisy: torch 64x64 batch 1 ranged 0.900–6.000 s" in table
     assert "busier than its cores" in table

@@ -84,6 +84,6 @@ def test_torch_engine_times_its_cuda_stages_with_events(tiny_checkpoint):
     assert engine.device == "cuda"
     assert isinstance(engine.pipe.unet.forward.clock, CudaEventClock)
     record = engine.run(batch=2, width=64, height=64, steps=4, guidance=7.5)
-    stages = record["stages"]
+    stages = record.stages
     assert len(stages["unet_step"]) == 4 and all(s > 0 for s in stages["unet_step"])
-    assert sum(sum(v) for v in stages.values()) <= record["end_to_end"]
+    assert sum(sum(v) for v in stages.values()) <= record.end_to_end

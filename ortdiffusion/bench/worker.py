@@ -18,7 +18,10 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
+
+from .records import Sample
 
 PROMPT = "a red circle on the left"
 
@@ -93,7 +96,7 @@ class OrtDiffusionEngine:
                 self.pipe = Pipeline.load(self.bundle, providers=self.provider, io_binding=True, cuda_graphs=[bucket])
         return self.pipe
 
-    def run(self, batch: int, width: int, height: int, steps: int, guidance: float) -> dict[str, Any]:
+    def run(self, batch: int, width: int, height: int, steps: int, guidance: float) -> Sample:
         pipe = self._for_setting(batch, width, height)
         start = time.perf_counter()
         result = pipe([PROMPT] * batch, seed=list(range(batch)), num_inference_steps=steps,
@@ -102,13 +105,10 @@ class OrtDiffusionEngine:
         result.pngs()  # as the service and `save` encode them: a batch in parallel
         end = time.perf_counter()
         t = result.timings
-        return {
-            "end_to_end": end - start,
-            "stages": {"tokenize": [t.tokenize], "text_encoder": [t.text_encoder], "unet_step": list(t.unet_steps),
-                       "scheduler": [t.scheduler], "decoder": [t.decoder], "postprocess": [t.postprocess],
-                       "png_encode": [end - png_start]},
-            "transfers": result.transfers.as_dict(),
-        }
+        stages = {"tokenize": [t.tokenize], "text_encoder": [t.text_encoder], "unet_step": list(t.unet_steps),
+                  "scheduler": [t.scheduler], "decoder": [t.decoder], "postprocess": [t.postprocess],
+                  "png_encode": [end - png_start]}
+        return Sample(end_to_end=end - start, stages=stages, transfers=result.transfers.as_dict())
 
 
 class HostClock:
@@ -201,7 +201,7 @@ def instrument(pipe, clock: HostClock | CudaEventClock | None = None) -> Stages:
     return sink
 
 
-def run_diffusers_style(pipe, sink: Stages, sync: Callable[[], None] | None, **call: Any) -> dict[str, Any]:
+def run_diffusers_style(pipe, sink: Stages, sync: Callable[[], None] | None, **call: Any) -> Sample:
     """One timed generation of an instrumented diffusers-style pipeline, PNG encoding included."""
     from ..runtime.png import encode_png
 
@@ -216,7 +216,7 @@ def run_diffusers_style(pipe, sink: Stages, sync: Callable[[], None] | None, **c
     end = time.perf_counter()
     stages = sink.seconds()
     stages["png_encode"] = [end - png_start]
-    return {"end_to_end": end - start, "stages": stages}
+    return Sample(end_to_end=end - start, stages=stages)
 
 
 def unet_step_gflop(unet, batch: int, width: int, height: int, guidance: float, text: int, width_text: int,
@@ -263,7 +263,7 @@ class TorchEngine:
         self.precision = "fp16" if dtype == torch.float16 else "fp32"
         self.flops: dict[tuple, float] = {}
 
-    def run(self, batch: int, width: int, height: int, steps: int, guidance: float) -> dict[str, Any]:
+    def run(self, batch: int, width: int, height: int, steps: int, guidance: float) -> Sample:
         key = (batch, width, height, guidance > 1)
         if key not in self.flops:  # counted once per setting, outside the timed run
             unet = self.pipe.unet  # its timing wrapper's record is cleared when the timed run starts
@@ -273,8 +273,7 @@ class TorchEngine:
         sync = self.torch.cuda.synchronize if self.device == "cuda" else None
         answer = run_diffusers_style(self.pipe, self.sink, sync, prompt=[PROMPT] * batch, generator=generators,
                                      num_inference_steps=steps, guidance_scale=guidance, width=width, height=height)
-        answer["unet_step_gflop"] = self.flops[key]
-        return answer
+        return replace(answer, unet_step_gflop=self.flops[key])
 
 
 class OptimumEngine:
@@ -300,7 +299,7 @@ class OptimumEngine:
         self.providers = {"text_encoder": provider or "cpu", "unet": provider or "cpu", "vae_decoder": provider or "cpu"}
         self.precision = "fp32"
 
-    def run(self, batch: int, width: int, height: int, steps: int, guidance: float) -> dict[str, Any]:
+    def run(self, batch: int, width: int, height: int, steps: int, guidance: float) -> Sample:
         import torch
 
         return run_diffusers_style(self.pipe, self.sink, None, prompt=[PROMPT] * batch,
@@ -364,13 +363,13 @@ def main() -> None:
     for line in sys.stdin:
         cmd = json.loads(line)
         try:
-            record = engine.run(cmd["batch"], cmd["width"], cmd["height"], cmd["steps"], cmd.get("guidance", 7.5))
+            sample = engine.run(cmd["batch"], cmd["width"], cmd["height"], cmd["steps"], cmd.get("guidance", 7.5))
         except Exception as e:  # noqa: BLE001 - reported to the runner, which records the engine as failed
             out.write(json.dumps({"error": f"{args.engine} failed: {type(e).__name__}: {e}"}) + "\n")
             out.flush()
             continue
-        record.update(peak_host_mb=peak_host_mb(), peak_device_mb=peak_device_mb(engine))
-        out.write(json.dumps(record) + "\n")
+        sample = replace(sample, peak_host_mb=peak_host_mb(), peak_device_mb=peak_device_mb(engine))
+        out.write(json.dumps(sample.to_json()) + "\n")
         out.flush()
 
 
