@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from .runtime.errors import InvalidRequestError, OrtDiffusionError, ProviderError  # onnxruntime is imported lazily
-from .runtime.request import parse_size
+from .runtime.request import VARIATION_STRENGTH, parse_size
 
 logger = logging.getLogger("ortdiffusion.cli")
 
@@ -186,7 +186,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     request = make_request(manifest, args.prompt, negative_prompt=args.negative_prompt,
                            num_images_per_prompt=args.num_images, num_inference_steps=args.steps,
                            guidance_scale=args.guidance, scheduler=args.scheduler, seed=args.seed,
-                           width=width, height=height)
+                           width=width, height=height, image=args.image, mask_image=args.mask, strength=args.strength)
     for warning in prompt_warnings(bundle, request.prompts, request.width, request.height):
         _err(f"warning: {warning}")
     # 3. load (1–2 s), generate, write
@@ -283,7 +283,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # said before the run, not after it
         raise ImportError("bench --plot needs matplotlib: pip install 'ortdiffusion[bench]' (or leave out --plot)")
-    from .bench.runner import ENGINES, BenchPlan, Setting, markdown, plot, run_bench
+    from .bench.report import markdown, plot
+    from .bench.runner import ENGINES, BenchPlan, Setting, run_bench
     from .runtime.cache import cache_dir
     from .runtime.schedulers import SchedulerName
 
@@ -300,15 +301,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = run_bench(plan, progress=_err)
     table = markdown(report)
     print(table)
-    for export in report.get("exports", []):
+    for export in report.exports:
         _err(f"{export['model']}: {export['engine']} used the bundle {export['bundle']}")
     _err(f"exports are cached in {cache_dir() / 'bundles'} (set ORTDIFFUSION_CACHE to move them; delete to re-export)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+        args.json.write_text(json.dumps(report.to_dict(), indent=2))
     if args.markdown:
         args.markdown.write_text(table + "\n")
-    if not report["records"]:
+    if not report.records:
         _err("error: no engine could run here (see the reasons above)")
         return 1
     if args.plot:
@@ -405,23 +406,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new bundle passed)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("generate", help="prompt → PNG, JPEG or WebP")
+    p = sub.add_parser("generate", help="prompt → PNG, JPEG or WebP; with --image: img2img, with --mask: inpainting")
     p.add_argument("prompt")
-    p.add_argument("--model", default=None, help="builtin (the default), a preset (tiny, sd15-arch, sd21-arch), a bundle "
-                   "or a diffusers checkpoint directory")
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--steps", type=int, default=None, help="default: the model's (manifest)")
-    p.add_argument("--guidance", type=float, default=None, help="default: the model's (manifest)")
-    p.add_argument("--scheduler", default=None, help=", ".join(s.value for s in SchedulerName))
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's native size)")
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--provider", default=None, help="ordered preference, e.g. cuda,cpu (default: best available)")
-    p.add_argument("--allow-fallback", action="store_true", help="accept a provider outside --provider, the CPU included")
-    p.add_argument("-o", "--output", type=Path, default=Path("out.png"),
-                   help="the image file; its suffix names the format: .png (default), .jpg/.jpeg, .webp")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_generate)
+    p.add_argument("--image", type=Path, default=None, help="an input image: img2img (the bundle needs its vae_encoder)")
+    p.add_argument("--mask", type=Path, default=None, help="with --image: inpaint where the mask is white")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --image: how much of the schedule runs on it, 0–1 (default 0.8; 1 with --mask)")
+    _generation_args(p)
+
+    p = sub.add_parser("vary", help="an image → variations of it (img2img with the empty prompt)")
+    p.add_argument("image", type=Path)
+    p.add_argument("--strength", type=float, default=VARIATION_STRENGTH,
+                   help=f"how far a variation may move from the image, 0–1 (default {VARIATION_STRENGTH})")
+    _generation_args(p)
+    p.set_defaults(prompt="", mask=None)
 
     p = sub.add_parser("compare", help="torch against ONNX Runtime, per component and end to end")
     p.add_argument("checkpoint", type=Path, help="builtin, a preset, a diffusers checkpoint directory, or a bundle "
@@ -495,6 +493,27 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():  # `-v` after the subcommand too; SUPPRESS keeps one given before it
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what happens")
     return parser
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    """The options `generate` and `vary` share."""
+    from .runtime.schedulers import SchedulerName
+
+    p.add_argument("--model", default=None, help="builtin (the default), a preset (tiny, sd15-arch, sd21-arch), a bundle "
+                   "or a diffusers checkpoint directory")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=None, help="default: the model's (manifest)")
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's (manifest)")
+    p.add_argument("--scheduler", default=None, help=", ".join(s.value for s in SchedulerName))
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's native size)")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--provider", default=None, help="ordered preference, e.g. cuda,cpu (default: best available)")
+    p.add_argument("--allow-fallback", action="store_true", help="accept a provider outside --provider, the CPU included")
+    p.add_argument("-o", "--output", type=Path, default=Path("out.png"),
+                   help="the image file; its suffix names the format: .png (default), .jpg/.jpeg, .webp")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ def run(*args, cache=None, check=True):
 
 def test_export_shows_progress_and_a_parity_table(tiny_checkpoint, tmp_path):
     proc = run("export", tiny_checkpoint, tmp_path / "b", "--opset", "17")
-    assert "[1/3] text_encoder" in proc.stderr and "[3/3] vae_decoder" in proc.stderr
+    assert "[1/4] text_encoder" in proc.stderr and "[3/4] vae_decoder" in proc.stderr and "[4/4] vae_encoder" in proc.stderr
     assert "| component | output | shape | max abs error | relative L2 | cosine |" in proc.stdout
     assert proc.stdout.count("| unet | out_sample |") == 2
     assert (tmp_path / "b" / "manifest.json").is_file()

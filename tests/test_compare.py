@@ -62,3 +62,17 @@ def test_a_checkpoint_saved_in_fp16_is_compared_in_fp32(tiny_checkpoint, tiny_bu
     config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": "float16"}))
     image, latents, _ = judge(half, tiny_bundle, Precision.FP16)
     assert image.figures["psnr_db"] > 20, image.figures  # fp16-rounded weights against the fp32 export: close
+
+
+def test_compare_covers_the_image_encoder_and_the_image_tasks(tiny_checkpoint, tiny_bundle):
+    """The image encoder is compared like every component; img2img and inpainting end to end against
+    diffusers' own pipelines — and a bundle without the encoder is compared without those lines."""
+    from ortdiffusion.export.compare import compare
+
+    report = compare(tiny_checkpoint, tiny_bundle, steps=6, guidance=5.0)
+    names = [line.what for line in report.lines]
+    assert any(n.startswith("vae_encoder.latent_mean") for n in names)
+    tasks = [line for line in report.lines if line.what.startswith(("image-to-image", "inpainting"))]
+    assert [t.what.split(" ")[0] for t in tasks] == ["image-to-image", "inpainting"]
+    assert all(t.passed for t in tasks), [(t.what, t.figures) for t in tasks]
+    assert report.passed

@@ -73,7 +73,7 @@ def test_device_loop_nan_guard_names_the_unet(device_pipeline, monkeypatch):
 def test_step_graphs_placement_is_checked(device_pipeline):
     """The step graphs get the networks' per-node check: on the provider the UNet runs on, every node."""
     placement = device_pipeline.device_loop.step_graph_placement
-    assert set(placement) == {True, False}
+    assert set(placement) == {(guided, blended) for guided in (True, False) for blended in (True, False)}
     for p in placement.values():
         assert set(p.nodes) == {"cpu"} and p.nodes["cpu"] > 10 and p.off_provider == ()
 
@@ -82,8 +82,8 @@ def test_shipped_step_graphs_are_what_the_exporter_builds():
     from ortdiffusion.export import step_graph
     from ortdiffusion.runtime.device_loop import GRAPHS, STEP_GRAPHS
 
-    for guided, name in STEP_GRAPHS.items():
-        fresh = step_graph.build(guided).SerializeToString(deterministic=True)
+    for (guided, blended), name in STEP_GRAPHS.items():
+        fresh = step_graph.build(guided, blended).SerializeToString(deterministic=True)
         assert (GRAPHS / name).read_bytes() == fresh, f"{name} is stale: python -m ortdiffusion.export.step_graph"
 
 

@@ -80,7 +80,7 @@ def test_info_takes_builtin_and_its_json_is_pure_json():
     assert proc.returncode == 0 and "pipeline      " in proc.stdout and str(builtin_bundle()) in proc.stdout
     doc = json.loads(cli("info", "builtin", "--json").stdout)  # nothing before or after the document
     assert doc["bundle"] == str(builtin_bundle()) and "cpu" in doc["available_providers"]
-    assert set(doc["manifest"]["components"]) == {"text_encoder", "unet", "vae_decoder"}
+    assert set(doc["manifest"]["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
 
 
 def test_info_json_into_a_closed_pipe_ends_quietly():

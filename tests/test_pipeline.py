@@ -19,7 +19,7 @@ def pixels(result):
 def test_result_carries_images_timings_providers(tiny_pipeline):
     r = tiny_pipeline("a red circle", seed=1, num_inference_steps=4)
     assert len(r.images) == 1 and r.images[0].size == (64, 64) and r.images[0].mode == "RGB"
-    assert r.providers == {"text_encoder": "cpu", "unet": "cpu", "vae_decoder": "cpu"}
+    assert r.providers == {"text_encoder": "cpu", "unet": "cpu", "vae_decoder": "cpu", "vae_encoder": "cpu"}
     assert len(r.timings.unet_steps) == 4 and r.timings.total > 0
     assert r.timings.total >= r.timings.unet + r.timings.text_encoder + r.timings.decoder
     assert r.seeds == [1]

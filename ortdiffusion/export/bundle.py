@@ -26,6 +26,7 @@ from ..runtime.manifest import (
     UNET,
     VAE_DECODER,
     VAE_DECODER_FP32,
+    VAE_ENCODER,
     ComponentManifest,
     Manifest,
     PipelineConstants,
@@ -48,6 +49,7 @@ from .specs import (
     text_encoder_component,
     unet_component,
     vae_decoder_component,
+    vae_encoder_component,
 )
 from .weights import EXTERNAL_WEIGHTS_MIN_BYTES, store_exact_fp32_weights_as_fp16, store_weights_externally
 
@@ -134,10 +136,10 @@ def _to_int8(spec: ComponentSpec, module: torch.nn.Module, files: list[Path], op
 
 def _to_fp16(spec: ComponentSpec, module: torch.nn.Module, files: list[Path], options: ExportOptions,
              ranges: dict[str, float] | None = None):
-    """fp16 with a measured block list, parity-checked against torch fp32. The image decoder stays
-    fp32 when its fp16 version misses parity (DESIGN.md: decoders are where fp16 breaks first)."""
-    # Only the decoder may fall back to fp32, so only its fp32 graph is kept aside meanwhile.
-    fp32_files = [f.with_name(f".{f.name}.fp32") for f in files] if spec.name == VAE_DECODER else []
+    """fp16 with a measured block list, parity-checked against torch fp32. The VAE's halves stay
+    fp32 when their fp16 version misses parity (DESIGN.md: the VAE is where fp16 breaks first)."""
+    # Only the VAE may fall back to fp32, so only its fp32 graphs are kept aside meanwhile.
+    fp32_files = [f.with_name(f".{f.name}.fp32") for f in files] if spec.name in (VAE_DECODER, VAE_ENCODER) else []
     for f, backup in zip(files, fp32_files):
         shutil.copyfile(f, backup)
     try:
@@ -164,13 +166,15 @@ def _to_fp16(spec: ComponentSpec, module: torch.nn.Module, files: list[Path], op
 
 
 def pipeline_components(ckpt: Checkpoint) -> list[tuple[ComponentSpec, torch.nn.Module]]:
-    """The three networks of a Stable Diffusion pipeline, with their specs."""
+    """The networks of a Stable Diffusion pipeline, with their specs: the three of text-to-image,
+    and the VAE's encoder, which image inputs need (img2img, inpainting, variations)."""
     max_length = int(ckpt.tokenizer.model_max_length)
     latent = int(ckpt.unet.config.sample_size)
     return [
         text_encoder_component(ckpt.text_encoder, max_length),
-        unet_component(ckpt.unet, max_length),
+        unet_component(ckpt.unet, max_length, latent_channels=int(ckpt.vae.config.latent_channels)),
         vae_decoder_component(ckpt.vae, latent),
+        vae_encoder_component(ckpt.vae, latent),
     ]
 
 
@@ -180,7 +184,7 @@ def pipeline_constants(ckpt: Checkpoint, options: ExportOptions, unet: Component
     return PipelineConstants(
         family="stable-diffusion",
         prediction_type=str(ckpt.scheduler_config.get("prediction_type", "epsilon")),
-        latent_channels=int(ckpt.unet.config.in_channels),
+        latent_channels=int(ckpt.vae.config.latent_channels),
         vae_scaling_factor=float(ckpt.vae.config.scaling_factor),
         vae_shift_factor=getattr(ckpt.vae.config, "shift_factor", None),
         vae_scale_factor=vae_scale,
@@ -288,12 +292,41 @@ def export_checkpoint(
             created_by=_versions(),
             source=SourceInfo(checkpoint=str(Path(checkpoint_dir).resolve()), weights_sha256=ckpt.weights_sha256),
             pipeline=pipeline_constants(ckpt, options, components[UNET]),
-            components={k: components[k] for k in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_DECODER_FP32)
+            components={k: components[k] for k in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_DECODER_FP32, VAE_ENCODER)
                         if k in components},
             tokenizer=file_record(tmp, tmp / TOKENIZER_NAME),
         )
         write_manifest(tmp, manifest)
         _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def add_image_encoder(checkpoint_dir: Path | str, bundle_dir: Path | str, options: ExportOptions = ExportOptions(),
+                      progress: Progress | None = None) -> Manifest:
+    """Give a bundle exported before image inputs existed its image encoder (the VAE encoder of the
+    checkpoint it came from), leaving every other file as it is: how the built-in bundle got one.
+    Written beside the bundle and published like an export."""
+    say = progress or (lambda msg: logger.info("%s", msg))
+    from ..runtime.manifest import load_manifest
+
+    bundle_dir = Path(bundle_dir)
+    manifest = load_manifest(bundle_dir)
+    ckpt = load_checkpoint(checkpoint_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.partial-", dir=bundle_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
+        for f in tmp.glob(f"{VAE_ENCODER}.onnx*"):
+            f.unlink()
+        spec, module = vae_encoder_component(ckpt.vae, int(ckpt.unet.config.sample_size))
+        say(f"{VAE_ENCODER}: exporting and checking parity")
+        component = export_component(spec, module, tmp, replace(options, precision=manifest.components[VAE_DECODER].precision))
+        manifest = replace(manifest, components={**manifest.components, VAE_ENCODER: component})
+        write_manifest(tmp, manifest)
+        _publish(tmp, bundle_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -115,6 +115,8 @@ def compare_components(ckpt, bundle_dir: Path, manifest, tol: Tolerances, seed: 
     lines = []
     preference = ProviderPreference.parse(provider)
     for spec, module in pipeline_components(ckpt):
+        if spec.name not in manifest.components:  # a bundle from before the image encoder
+            continue
         session = Session(bundle_dir, manifest.components[spec.name], preference)
         for k, dims in enumerate(spec.parity_points()):
             inputs = spec.sample_inputs(dims, seed=seed + k)
@@ -179,6 +181,42 @@ def compare_end_to_end(ckpt_dir: Path, bundle_dir: Path, prompt: str, steps: int
     return lines, divergence, a, b
 
 
+def compare_image_tasks(ckpt_dir: Path, bundle_dir: Path, image: np.ndarray, prompt: str, steps: int, guidance: float,
+                        scheduler: str, seed: int, tol: Tolerances, provider: str = "cpu") -> list[Line]:
+    """Image-to-image (strength 0.6) and inpainting (the left half, strength 1) of `image` against
+    diffusers' `StableDiffusionImg2ImgPipeline` and `StableDiffusionInpaintPipeline`, the same noise
+    fed to both (`ancestral_noise_from_seeds`)."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    from ..runtime.pipeline import Pipeline
+    from .reference import ancestral_noise_from_seeds, reference_scheduler
+
+    ours = Pipeline.load(bundle_dir, providers=provider)
+    source = Image.fromarray(image)
+    mask = np.zeros(image.shape[:2], np.uint8)
+    mask[:, : image.shape[1] // 2] = 255
+    inpaint = ("inpainting", StableDiffusionInpaintPipeline, "inpaint",
+               {"image": source, "mask_image": Image.fromarray(mask), "strength": 1.0})
+    img2img = ("image-to-image", StableDiffusionImg2ImgPipeline, "img2img", {"image": source, "strength": 0.6})
+    # an inpainting UNet does inpainting only; any other UNet both
+    tasks = [inpaint] if "inpaint_condition" in ours.manifest.unet_feeds() else [img2img, inpaint]
+    lines = []
+    for task, cls, where, kwargs in tasks:
+        got = np.asarray(ours(prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance,
+                              scheduler=scheduler, **kwargs).images[0])
+        ref = cls.from_pretrained(str(ckpt_dir), safety_checker=None, requires_safety_checker=False)
+        ref.to(torch.float32)
+        ref.set_progress_bar_config(disable=True)
+        ref.scheduler = reference_scheduler(scheduler, ref.scheduler.config)
+        with ancestral_noise_from_seeds([seed], where=("ancestral", "vae", where)):
+            want = np.asarray(ref(prompt, num_inference_steps=steps, guidance_scale=guidance, **kwargs).images[0])
+        figures = {"psnr_db": psnr(want, got), "ssim": ssim(want, got)}
+        lines.append(Line(f"{task} [{prompt!r}, {scheduler}, {steps} steps, {cls.__name__}]", figures,
+                          figures["psnr_db"] >= tol.min_psnr_db and figures["ssim"] >= tol.min_ssim,
+                          f"PSNR ≥ {tol.min_psnr_db:g} dB, SSIM ≥ {tol.min_ssim:g}"))
+    return lines
+
+
 def side_by_side(a: np.ndarray, b: np.ndarray, path: Path, amplify: float = 10.0) -> None:
     diff = np.clip(np.abs(a.astype(int) - b.astype(int)) * amplify, 0, 255).astype(np.uint8)
     Image.fromarray(np.concatenate([a, b, diff], axis=1)).save(path)
@@ -208,6 +246,9 @@ def compare(checkpoint: Path | str, bundle: Path | str, prompt: str = "a red cir
         provider)
     report.lines += lines
     report.latent_divergence = divergence
+    if "vae_encoder" in manifest.components:  # the image tasks, on diffusers' own image as the input
+        report.lines += compare_image_tasks(checkpoint, bundle, a, prompt, steps, guidance,
+                                            scheduler or manifest.pipeline.default_scheduler, seed, tol, provider)
     if image_path is not None:
         side_by_side(a, b, image_path)
     return report

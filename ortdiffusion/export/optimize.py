@@ -65,7 +65,8 @@ class Target(str, Enum):
 
 
 #: The transformer optimizer's name for each component's graph family.
-MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae", "vae_decoder_fp32": "vae"}
+MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae", "vae_decoder_fp32": "vae",
+               "vae_encoder": "vae"}
 
 
 #: Sizes onnxruntime-gpu 1.31.1's diffusion kernels take, or they refuse the input at run time

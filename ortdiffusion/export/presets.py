@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +145,11 @@ TINY = Preset(
     ),
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, SD15, SD21)}
+#: `tiny` with an inpainting UNet: 9 input channels (latents, mask, the masked image's latents), as
+#: Stable Diffusion's inpainting checkpoints are made.
+TINY_INPAINT = replace(TINY, name="tiny-inpaint", unet={**TINY.unet, "in_channels": 9})
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, TINY_INPAINT, SD15, SD21)}
 
 
 def write_clip_tokenizer(out_dir: Path, words: Iterable[str] = (), max_length: int = 77, pad_token: str = EOS) -> None:

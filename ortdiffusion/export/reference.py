@@ -32,24 +32,45 @@ def reference_scheduler(name: SchedulerName | str, config: Mapping[str, Any]):
     return cls.from_config(dict(config), **overrides)
 
 
+#: Where diffusers draws the noise of a Stable Diffusion run: the ancestral sampler's per-step
+#: noise, the VAE's latent sample (image inputs), and the img2img / inpainting pipelines' noise.
+NOISE_MODULES = {
+    "ancestral": "diffusers.schedulers.scheduling_euler_ancestral_discrete",
+    "vae": "diffusers.models.autoencoders.vae",
+    "img2img": "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img",
+    "inpaint": "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint",
+}
+
+
 class ancestral_noise_from_seeds:
-    """While active, diffusers' ancestral sampler draws its per-step noise from numpy generators
-    seeded like the engine's (one PCG64 per image), so both samplers add the same noise.
+    """While active, diffusers draws its noise from numpy generators seeded like the engine's (one
+    PCG64 per image), so both add the same noise: by default the ancestral sampler's per-step noise;
+    `where` names more of `NOISE_MODULES` (image inputs: "vae" and the task's pipeline). Every
+    draw takes the next array of each image's generator, in the order diffusers draws, which is
+    the order the engine's plan draws in (`runtime/plan.py`); batch 1 for image inputs, which
+    diffusers encodes image by image.
 
     With explicit initial latents the engine's generator for an image yields only step noise, so
     the draws line up one for one.
     """
 
-    def __init__(self, seeds: list[int]):
+    def __init__(self, seeds: list[int], where: tuple[str, ...] = ("ancestral",)):
         self.generators = [np.random.Generator(np.random.PCG64(s)) for s in seeds]
+        self.where = where
+
+    def _draw(self, shape, **kw):
+        return torch.from_numpy(np.stack([g.standard_normal(tuple(shape[1:]), dtype=np.float32) for g in self.generators]))
 
     def __enter__(self):
-        import diffusers.schedulers.scheduling_euler_ancestral_discrete as mod
+        import importlib
 
-        self.mod, self.original = mod, mod.randn_tensor
-        mod.randn_tensor = lambda shape, **kw: torch.from_numpy(
-            np.stack([g.standard_normal(tuple(shape[1:]), dtype=np.float32) for g in self.generators]))
+        self.patched = []
+        for key in self.where:
+            mod = importlib.import_module(NOISE_MODULES[key])
+            self.patched.append((mod, mod.randn_tensor))
+            mod.randn_tensor = self._draw
         return self
 
     def __exit__(self, *exc):
-        self.mod.randn_tensor = self.original
+        for mod, original in self.patched:
+            mod.randn_tensor = original

@@ -3,8 +3,9 @@
 A `ComponentSpec` holds a network's input and output names, dtypes and symbolic shapes, the range
 of every symbolic dimension (min/opt/max — TensorRT's shape profile) and how to draw sample inputs.
 Export, parity, fp16 block lists and the runtime's shape checks all read it; the manifest carries
-it to the runtime. The spec builders below cover the text encoder, the UNet step and the VAE
-decoder; a user's own `torch.nn.Module` is exported by writing a `ComponentSpec` for it.
+it to the runtime. The spec builders below cover the text encoder, the UNet step, the VAE decoder
+and the VAE encoder (image inputs); a user's own `torch.nn.Module` is exported by writing a
+`ComponentSpec` for it.
 """
 
 from __future__ import annotations
@@ -134,7 +135,10 @@ def text_encoder_component(
 
 class UNetWrapper(torch.nn.Module):
     """(sample, timestep, encoder_hidden_states, *extra) → the prediction; `extra` are the UNet's
-    further inputs, passed by name (diffusers' keyword arguments, e.g. `class_labels`)."""
+    further inputs, passed by name (diffusers' keyword arguments, e.g. `class_labels`), except
+    `inpaint_condition`: an inpainting UNet's extra input channels (the mask and the masked image's
+    latents), concatenated after the latents as diffusers' inpainting pipeline does. Kept as an
+    input of its own so the latents stay the loop's (latent-channel) state on every UNet."""
 
     def __init__(self, unet: torch.nn.Module, extra: tuple[str, ...] = ()):
         super().__init__()
@@ -144,7 +148,14 @@ class UNetWrapper(torch.nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 *extra: torch.Tensor) -> torch.Tensor:
         kwargs = dict(zip(self.extra, extra))
+        inpaint = kwargs.pop(INPAINT_CONDITION, None)
+        if inpaint is not None:
+            sample = torch.cat([sample, inpaint], dim=1)
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
+
+
+#: The name of an inpainting UNet's condition input (see `UNetWrapper`).
+INPAINT_CONDITION = "inpaint_condition"
 
 
 def unet_class_labels(unet: torch.nn.Module) -> InputSpec | None:
@@ -165,17 +176,23 @@ def unet_size_multiple(unet: torch.nn.Module) -> int:
 
 
 def unet_component(
-    unet: torch.nn.Module, text_length: int, batch: DimRange = DimRange(1, 2, 64)
+    unet: torch.nn.Module, text_length: int, batch: DimRange = DimRange(1, 2, 64), latent_channels: int | None = None
 ) -> tuple[ComponentSpec, torch.nn.Module]:
+    """`latent_channels`: the VAE's; a UNet that takes more input channels than that is an
+    inpainting UNet, whose extra channels become the `inpaint_condition` input."""
     c = unet.config
     multiple = unet_size_multiple(unet)
     opt = int(c.sample_size)
     side = DimRange(min=multiple, opt=opt, max=max(opt * 4, multiple), multiple_of=multiple)
+    latent_channels = latent_channels or c.in_channels
     extra = tuple(i for i in (unet_class_labels(unet),) if i is not None)
+    if c.in_channels > latent_channels:
+        extra += (InputSpec(_tensor(INPAINT_CONDITION, "float32", "batch", c.in_channels - latent_channels,
+                                    "height", "width"), Distribution.UNIFORM, 0, 1),)
     spec = ComponentSpec(
         name="unet",
         inputs=(
-            InputSpec(_tensor("sample", "float32", "batch", c.in_channels, "height", "width")),
+            InputSpec(_tensor("sample", "float32", "batch", latent_channels, "height", "width")),
             InputSpec(_tensor("timestep", "float32", "batch"), Distribution.UNIFORM, 0, 1000),
             InputSpec(_tensor("encoder_hidden_states", "float32", "batch", text_length, c.cross_attention_dim)),
             *extra,
@@ -189,7 +206,7 @@ def unet_component(
 #: Where the UNet inputs the specs above declare come from at run time (the manifest's `unet_feeds`):
 #: the loop's latents and timestep, the text encoder's hidden states, and what the caller gives.
 UNET_FEEDS = {"sample": "latents", "timestep": "timestep", "encoder_hidden_states": "text_encoder/last_hidden_state",
-              "class_labels": "request"}
+              "class_labels": "request", INPAINT_CONDITION: "inpaint"}
 
 
 # -- the image decoder (VAE decoder) ------------------------------------------------------------
@@ -216,3 +233,37 @@ def vae_decoder_component(
         dims={"batch": batch, "height": side, "width": side},
     )
     return spec, VaeDecoderWrapper(vae).eval()
+
+
+# -- the image encoder (VAE encoder) ------------------------------------------------------------
+
+
+class VaeEncoderWrapper(torch.nn.Module):
+    """pixels in [-1, 1] → the latent distribution's mean and standard deviation (diffusers'
+    `vae.encode(x).latent_dist`: std = exp(½ · clamp(logvar, −30, 20))). The sample drawn from it
+    is the runtime's, with each image's own seed, so the graph itself is deterministic."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(sample, return_dict=False)[0]
+        return dist.mean, dist.std
+
+
+def vae_encoder_component(
+    vae: torch.nn.Module, latent_opt: int, batch: DimRange = DimRange(1, 1, 8)
+) -> tuple[ComponentSpec, torch.nn.Module]:
+    c = vae.config
+    scale = 2 ** (len(c.block_out_channels) - 1)
+    side = DimRange(min=scale, opt=latent_opt * scale, max=latent_opt * scale * 4, multiple_of=scale)
+    spec = ComponentSpec(
+        name="vae_encoder",
+        inputs=(InputSpec(_tensor("sample", "float32", "batch", c.in_channels, "image_height", "image_width"),
+                          Distribution.UNIFORM, -1, 1),),
+        outputs=(_tensor("latent_mean", "float32", "batch", c.latent_channels, "height", "width"),
+                 _tensor("latent_std", "float32", "batch", c.latent_channels, "height", "width")),
+        dims={"batch": batch, "image_height": side, "image_width": side},
+    )
+    return spec, VaeEncoderWrapper(vae).eval()

@@ -27,7 +27,9 @@ from ..runtime.device_loop import COEFFICIENTS, STEP_GRAPHS
 OPSET = 17
 
 
-def build(guided: bool) -> onnx.ModelProto:
+def build(guided: bool, blended: bool = False) -> onnx.ModelProto:
+    """The step graph; `blended`: inpainting with a plain UNet, the kept region put back after the
+    step (next = blend_mask · next + known_table[step], as `Plan.blend` does on the host)."""
     f32 = TensorProto.FLOAT
     latent = ["batch", "channels", "height", "width"]
     unet_batch = ["unet_batch", "channels", "height", "width"]
@@ -68,7 +70,11 @@ def build(guided: bool) -> onnx.ModelProto:
              "offset"]
     acc = terms[0]
     for k, term in enumerate(terms[1:]):
-        acc = node("Add", [acc, term], "next_sample" if k == len(terms) - 2 else f"next_{k}")
+        last = k == len(terms) - 2
+        acc = node("Add", [acc, term], "next_sample" if last and not blended else f"next_{k}")
+    if blended:
+        known = node("Squeeze", [node("Gather", ["known_table", "step"], "known_row", axis=0), "axis0"], "known")
+        acc = node("Add", [node("Mul", ["blend_mask", acc], "repainted"), known], "next_sample")
     # 4. the next UNet step's input: the latents scaled by the scheduler (twice over when guided)
     model_input = node("Mul", [acc, "next_input_scale"], "model_input" if not guided else "model_input_half")
     if guided:
@@ -89,6 +95,9 @@ def build(guided: bool) -> onnx.ModelProto:
         helper.make_tensor_value_info("step", TensorProto.INT64, [1]),
         helper.make_tensor_value_info("nonfinite", f32, [1]),
     ]
+    if blended:
+        inputs += [helper.make_tensor_value_info("blend_mask", f32, ["batch", 1, "height", "width"]),
+                   helper.make_tensor_value_info("known_table", f32, ["steps", *latent])]
     outputs = [
         helper.make_tensor_value_info("next_sample", f32, latent),
         helper.make_tensor_value_info("x0", f32, latent),
@@ -97,7 +106,8 @@ def build(guided: bool) -> onnx.ModelProto:
         helper.make_tensor_value_info("step_out", TensorProto.INT64, [1]),
         helper.make_tensor_value_info("nonfinite_out", f32, [1]),
     ]
-    graph = helper.make_graph(nodes, "guided_step" if guided else "step", inputs, outputs, inits)
+    name = ("guided_" if guided else "") + ("blend_" if blended else "") + "step"
+    graph = helper.make_graph(nodes, name, inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ortdiffusion")
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
@@ -107,9 +117,9 @@ def build(guided: bool) -> onnx.ModelProto:
 def write(folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for guided, name in STEP_GRAPHS.items():
+    for (guided, blended), name in STEP_GRAPHS.items():
         path = folder / name
-        path.write_bytes(build(guided).SerializeToString(deterministic=True))
+        path.write_bytes(build(guided, blended).SerializeToString(deterministic=True))
         paths.append(path)
     return paths
 

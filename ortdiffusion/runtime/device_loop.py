@@ -45,8 +45,9 @@ COEFFICIENTS = (
     "offset",
     "next_input_scale", "next_timestep",
 )
-#: guided? → the step graph's file in `GRAPHS`.
-STEP_GRAPHS = {False: "step.onnx", True: "guided_step.onnx"}
+#: (guided?, blended? (inpainting with a plain UNet)) → the step graph's file in `GRAPHS`.
+STEP_GRAPHS = {(False, False): "step.onnx", (True, False): "guided_step.onnx",
+               (False, True): "blend_step.onnx", (True, True): "guided_blend_step.onnx"}
 GRAPHS = Path(__file__).resolve().parent / "graphs"
 
 
@@ -82,18 +83,18 @@ class DeviceLoop:
         self.device = unet.device
         providers = unet.step_graph_providers()
         self.step_graphs = {
-            guided: ort.InferenceSession(str(GRAPHS / name), session_options(), providers=providers)
-            for guided, name in STEP_GRAPHS.items()
+            key: ort.InferenceSession(str(GRAPHS / name), session_options(), providers=providers)
+            for key, name in STEP_GRAPHS.items()
         }
         # The same per-node check as the networks': a step-graph node on the CPU would copy between
         # host and device inside the loop, where nothing should cross
         kind = ProviderKind.parse(providers[0][0])
         self.step_graph_placement = {}
-        for guided, graph in self.step_graphs.items():
+        for key, graph in self.step_graphs.items():
             assignments = node_assignments(graph)
             if assignments is not None:
-                self.step_graph_placement[guided] = check_placement(
-                    ProviderPreference(kinds=(kind,)), assignments, f"step graph {STEP_GRAPHS[guided]}")
+                self.step_graph_placement[key] = check_placement(
+                    ProviderPreference(kinds=(kind,)), assignments, f"step graph {STEP_GRAPHS[key]}")
 
     def __call__(self, plan: Plan, trace: Trace, callback: StepCallback | None = None) -> np.ndarray:
         images = plan.images
@@ -157,7 +158,11 @@ class DeviceLoop:
         first = plan.model_input(latents, 0)
         model_input = put(plan.latent_input, first)
         timestep = put(plan.timestep_input, np.full((first.shape[0],), float(plan.timesteps[0]), dtype=np.float32))
-        graph = self.step_graphs[plan.guided]
+        blended = plan.blend_mask is not None
+        if blended:  # inpainting with a plain UNet: the kept region and where it is, sent once
+            state["blend_mask"] = self._send(plan.blend_mask, trace)
+            state["known_table"] = self._send(plan.blend_known, trace)
+        graph = self.step_graphs[(plan.guided, blended)]
         graph_outputs = [o.name for o in graph.get_outputs()]
         # the step graph writes the next UNet input and timestep straight into the fixed buffers
         into = {"model_input": fixed[plan.latent_input], "timestep": fixed[plan.timestep_input]} if fixed else {}
@@ -183,7 +188,9 @@ class DeviceLoop:
         if bad[0] > 0:
             raise NumericalError(f"unet: {int(bad[0])} latent values became non-finite (NaN/Inf) during the "
                                  f"{steps} denoising steps")
-        decoder_input = run_bound(graph, {"prediction": prediction, **state}, graph_outputs, self.device)["next_sample"]
+        last = self.step_graphs[(plan.guided, False)]  # the decoder's row is never blended
+        state = {k: v for k, v in state.items() if k not in ("blend_mask", "known_table")}
+        decoder_input = run_bound(last, {"prediction": prediction, **state}, graph_outputs, self.device)["next_sample"]
         decoder = self.decoder
         pixels = decoder.session.run_bound({decoder.input_name: decoder_input}, {decoder.output_name: None}, ("cpu", 0),
                                            release_memory=True)[decoder.output_name]

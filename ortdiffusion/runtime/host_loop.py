@@ -59,6 +59,7 @@ class HostLoop:
                 prediction = uncond + np.float32(plan.guidance_scale) * (cond - uncond)
             noise = plan.noise[i] if plan.noise is not None else None
             latents, previous_x0 = plan.steps[i].apply(prediction, latents, noise, previous_x0)
+            latents = plan.blend(latents, i)  # inpainting with a plain UNet: the kept region goes back
             if not np.isfinite(latents).all():
                 raise NumericalError(f"unet: latents became non-finite (NaN/Inf) at denoising step {i + 1} of {steps}")
             trace.lap(Stage.SCHEDULER)

@@ -27,10 +27,24 @@ TEXT_ENCODER, UNET, VAE_DECODER = "text_encoder", "unet", "vae_decoder"
 PIPELINE_COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)
 #: The fp32 image decoder an export keeps beside an fp16 one: the NaN guard's retry (DESIGN.md, "Precision").
 VAE_DECODER_FP32 = "vae_decoder_fp32"
+#: The image encoder (the VAE's encoder half): optional; a bundle with it takes image inputs
+#: (img2img, inpainting, variations), one without it text-to-image only.
+VAE_ENCODER = "vae_encoder"
 
 # Where a UNet input comes from (`PipelineConstants.unet_feeds`): the loop's latents, its timestep,
-# an array the caller gives per image; anything else is "<component>/<output>", a text encoder's output.
-FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST = "latents", "timestep", "request"
+# an array the caller gives per image; the inpainting condition (the mask and the masked image's
+# latents, channels a 9-channel inpainting UNet reads beside its latents); anything else is
+# "<component>/<output>", a text encoder's output.
+FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST, FEED_INPAINT = "latents", "timestep", "request", "inpaint"
+
+
+class Task(str, Enum):
+    """What a bundle can do, by its components (`Manifest.tasks`)."""
+
+    TEXT_TO_IMAGE = "text-to-image"
+    IMAGE_TO_IMAGE = "image-to-image"  # needs the image encoder
+    INPAINTING = "inpainting"  # needs the image encoder; a 9-channel UNet or any UNet by blending
+    VARIATIONS = "variations"  # image-to-image with the empty prompt (SD family)
 
 
 class Precision(str, Enum):
@@ -164,6 +178,15 @@ class Manifest:
         hidden = self.components[TEXT_ENCODER].outputs[0].name
         return {"sample": FEED_LATENTS, "timestep": FEED_TIMESTEP, "encoder_hidden_states": f"{TEXT_ENCODER}/{hidden}"}
 
+    def tasks(self) -> tuple[Task, ...]:
+        """Text-to-image always; image inputs where the bundle has the image encoder. A bundle whose
+        UNet needs the inpainting condition does inpainting only (as diffusers' inpainting checkpoints)."""
+        if FEED_INPAINT in self.unet_feeds().values():
+            return (Task.INPAINTING,) if VAE_ENCODER in self.components else ()
+        if VAE_ENCODER not in self.components:
+            return (Task.TEXT_TO_IMAGE,)
+        return tuple(Task)
+
     def to_json(self) -> str:
         return json.dumps(_to_plain(self), indent=2, sort_keys=False, allow_nan=False)
 
@@ -218,13 +241,13 @@ def _check_unet_feeds(path: str, manifest: Manifest) -> None:
         if list(feeds.values()).count(role) != 1:
             raise BundleError(path, f"pipeline.unet_feeds: exactly one UNet input must be fed {role!r}")
     for name, source in feeds.items():
-        if source in (FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST):
+        if source in (FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST, FEED_INPAINT):
             continue
         component, _, output = source.partition("/")
         outputs = [o.name for o in manifest.components[component].outputs] if component in manifest.components else []
         if component == UNET or output not in outputs:
             raise BundleError(path, f"pipeline.unet_feeds[{name!r}] = {source!r}: no such text encoder output "
-                                    f"(sources: latents, timestep, request, or <component>/<output>)")
+                                    f"(sources: latents, timestep, request, inpaint, or <component>/<output>)")
 
 
 def verify_files(bundle_dir: Path | str, manifest: Manifest) -> None:

@@ -1,7 +1,8 @@
 """Prompt → images, top to bottom (DESIGN.md's diagram):
 
     prompt ─► tokenizer ─► text encoder ─► embeddings ─┐
-                                                       ▼
+    (input image ─► image encoder ─► its latents) ─┐   │
+                                                   ▼   ▼
     plan: timesteps, step coefficients, seeded noise ─► [ UNet step ─► guidance ─► scheduler step ] × N
                                                        ─► latents ─► image decoder ─► PNG
 
@@ -29,8 +30,19 @@ from .device_loop import DeviceLoop
 from .errors import BundleError, InvalidRequestError, ProviderError
 from .graph_cache import GraphCache
 from .host_loop import HostLoop
-from .manifest import TEXT_ENCODER, UNET, VAE_DECODER, VAE_DECODER_FP32, Manifest, load_manifest, verify_files
-from .plan import Executor, StepCallback, build_plan
+from .image_input import ImageSource
+from .manifest import (
+    TEXT_ENCODER,
+    UNET,
+    VAE_DECODER,
+    VAE_DECODER_FP32,
+    VAE_ENCODER,
+    Manifest,
+    Task,
+    load_manifest,
+    verify_files,
+)
+from .plan import Executor, ImageLatents, StepCallback, build_plan
 from .png import encode_pngs, write_atomically
 from .providers import ComponentSettings, CudaOptions, ProviderKind, ProviderPreference, default_preference
 from .request import GenerationRequest, make_request
@@ -196,14 +208,29 @@ class Pipeline:
         height: int | None = None,
         callback: StepCallback | None = None,
         conditioning: Mapping[str, np.ndarray] | None = None,
+        image: ImageSource | None = None,
+        mask_image: ImageSource | None = None,
+        strength: float | None = None,
+        keep_unmasked: bool = False,
     ) -> PipelineResult:
         """diffusers' argument names. `conditioning`: the UNet inputs a bundle's family takes from
-        the caller (manifest `unet_feeds` "request", e.g. class labels), one row per image."""
+        the caller (manifest `unet_feeds` "request", e.g. class labels), one row per image.
+        `image` (a path, bytes, PIL image or uint8 array): image-to-image, as diffusers'
+        `StableDiffusionImg2ImgPipeline`, with `strength` (default 0.8) of the schedule run on it;
+        with `mask_image` (white repaints): inpainting, as `StableDiffusionInpaintPipeline`
+        (default strength 1); `keep_unmasked` pastes the input's pixels back outside the mask
+        (OpenAI's edits). Without width and height the image's own size is used."""
         request = make_request(
             self.manifest, prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
-            guidance_scale, scheduler, seed, latents, width, height, conditioning,
+            guidance_scale, scheduler, seed, latents, width, height, conditioning, image, mask_image, strength,
+            keep_unmasked,
         )
         return self.generate(request, callback)
+
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        """What this bundle can do: text-to-image, and image inputs where it has the image encoder."""
+        return self.manifest.tasks()
 
     def generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> PipelineResult:
         trace = Trace()
@@ -213,27 +240,51 @@ class Pipeline:
         ids = self.tokenizer(negatives + prompts if request.do_guidance else prompts)
         trace.lap(Stage.TOKENIZE)
 
-        # 2. the plan: timesteps, step coefficients, seeded noise, starting latents, conditioning
+        # 2. an input image (and, when inpainting, its masked copy) → the image encoder's latents
+        encoded = self._encode_images(request, trace) if request.image is not None else None
+
+        # 3. the plan: timesteps, step coefficients, seeded noise, starting latents, conditioning
         text_input = self.manifest.components[TEXT_ENCODER].inputs[0].name
-        plan = build_plan(self.manifest, request, {TEXT_ENCODER: {text_input: ids}})
+        plan = build_plan(self.manifest, request, {TEXT_ENCODER: {text_input: ids}}, encoded)
         trace.lap(Stage.SCHEDULER)
 
-        # 3–5. text encoder → denoising loop → image decoder, on the host or on the device
+        # 4–6. text encoder → denoising loop → image decoder, on the host or on the device
         pixels = self.executor(plan, trace, callback)
 
-        # 6. pixels → 8-bit images (diffusers' VaeImageProcessor.postprocess, to the rounding)
-        array = np.clip(pixels / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
-        images = [Image.fromarray(a) for a in (array * 255).round().astype(np.uint8)]
+        # 7. pixels → 8-bit images (diffusers' VaeImageProcessor.postprocess, to the rounding)
+        array = (np.clip(pixels / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+        if request.keep_unmasked:  # the input's own pixels outside the mask
+            original = ((request.image[0].transpose(1, 2, 0) + 1) / 2 * 255).round().astype(np.uint8)
+            array = np.where(request.mask[0, 0][..., None] > 0.5, array, original)
+        images = [Image.fromarray(a) for a in array]
         metadata = [self._metadata(request, p, n, s) for (p, n), s in zip(pairs, request.seeds)]
         trace.lap(Stage.POSTPROCESS)
         return PipelineResult(images, list(request.seeds), trace.finish(), dict(self.providers), metadata,
                               trace.transfers)
 
+    def _encode_images(self, request: GenerationRequest, trace: Trace) -> dict[str, ImageLatents]:
+        """The image encoder's latent distribution of the input image and, with a mask, of the image
+        with the region to repaint blacked out (diffusers' `image * (mask < 0.5)`), in one batch."""
+        images = {"image": request.image}
+        if request.mask is not None:
+            images["masked_image"] = request.image * (request.mask < 0.5)
+        session = self.sessions[VAE_ENCODER]
+        batch = np.concatenate(list(images.values())).astype(np.float32)
+        trace.transfers.sent(batch)
+        out = session.run({self.manifest.components[VAE_ENCODER].inputs[0].name: batch}, release_memory=True)
+        mean, std = (out[name] for name in session.output_names[:2])
+        trace.lap(Stage.IMAGE_ENCODER)
+        return {name: ImageLatents(mean[k:k + 1], std[k:k + 1]) for k, name in enumerate(images)}
+
     def _metadata(self, request: GenerationRequest, prompt: str, negative: str, seed: int) -> dict[str, str]:
-        return {
+        meta = {
             "prompt": prompt, "negative_prompt": negative, "seed": str(seed), "steps": str(request.steps),
             "scheduler": request.scheduler.value, "guidance_scale": f"{request.guidance_scale:g}",
             "size": f"{request.width}x{request.height}", "model_hash": self.model_hash[:16],
             "software": f"ortdiffusion {__version__}",
         }
+        if request.image is not None:
+            meta["task"] = (Task.INPAINTING if request.mask is not None else Task.IMAGE_TO_IMAGE).value
+            meta["strength"] = f"{request.strength:g}"
+        return meta
 

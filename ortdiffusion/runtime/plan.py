@@ -8,6 +8,12 @@ timesteps, each step's linear coefficients (every scheduler reduces to them:
 latents, the decoder's unscale/shift, and the UNet's conditioning as named arrays, with where each
 UNet input comes from read from the manifest (`Manifest.unet_feeds`). An executor only runs it: the
 loop never branches on a model family or a task; those change the plan.
+
+Image inputs change the plan only (`ImageLatents`, encoded by the caller before the plan is built):
+image-to-image starts part way into the schedule from the image's latents, noised to that step;
+inpainting with a plain UNet blends the kept region's latents back after every step (`blend_mask`,
+`blend_known`); a 9-channel inpainting UNet reads the mask and the masked image's latents as one
+more conditioning input (manifest feed "inpaint").
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .manifest import FEED_LATENTS, FEED_REQUEST, FEED_TIMESTEP, Manifest
+from .manifest import FEED_INPAINT, FEED_LATENTS, FEED_REQUEST, FEED_TIMESTEP, Manifest
 from .request import GenerationRequest
 from .schedulers import make_scheduler
 from .schedulers.linear_step import LinearStep
@@ -47,6 +53,10 @@ class Plan:
     conditioning: dict[str, np.ndarray]
     vae_scaling_factor: float
     vae_shift_factor: float | None
+    #: Inpainting with a plain UNet: after step i the latents become
+    #: blend_mask · latents + blend_known[i] (the kept region, noised to the next step's level).
+    blend_mask: np.ndarray | None = None  # (images, 1, h, w): 1 where the image is repainted
+    blend_known: np.ndarray | None = None  # (steps, images, C, h, w)
 
     @property
     def guided(self) -> bool:
@@ -62,7 +72,7 @@ class Plan:
 
     def text_feeds(self) -> dict[str, tuple[str, str]]:
         """UNet input → (text encoder component, its output) for the inputs a text encoder feeds."""
-        special = (FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST)
+        special = (FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST, FEED_INPAINT)
         return {n: tuple(s.split("/", 1)) for n, s in self.feeds.items() if s not in special}
 
     def model_input(self, latents: np.ndarray, step: int) -> np.ndarray:
@@ -82,7 +92,24 @@ class Plan:
             noise=None if self.noise is None else _pad(self.noise, images, axis=1),
             text_inputs={c: {n: rows(a) for n, a in feeds.items()} for c, feeds in self.text_inputs.items()},
             conditioning={n: rows(a) for n, a in self.conditioning.items()},
+            blend_mask=None if self.blend_mask is None else _pad(self.blend_mask, images),
+            blend_known=None if self.blend_known is None else _pad(self.blend_known, images, axis=1),
         )
+
+    def blend(self, latents: np.ndarray, step: int) -> np.ndarray:
+        """The latents after step `step` with the kept region put back (inpainting, plain UNet)."""
+        if self.blend_mask is None:
+            return latents
+        return self.blend_mask * latents + self.blend_known[step]
+
+
+@dataclass(frozen=True)
+class ImageLatents:
+    """The image encoder's latent distribution of one input image: (1, C, h, w) mean and standard
+    deviation (diffusers' `latent_dist`), sampled in the plan with each image's own seed."""
+
+    mean: np.ndarray
+    std: np.ndarray
 
 
 class Executor(Protocol):
@@ -93,23 +120,43 @@ class Executor(Protocol):
         ...
 
 
-def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict[str, dict[str, np.ndarray]]) -> Plan:
-    """The plan of `request`; `text_inputs`: each text encoder's feeds, tokenized by the caller."""
+def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict[str, dict[str, np.ndarray]],
+               encoded: dict[str, ImageLatents] | None = None) -> Plan:
+    """The plan of `request`; `text_inputs`: each text encoder's feeds, tokenized by the caller;
+    `encoded`: the image encoder's output for "image" and, when inpainting, "masked_image"."""
     c = manifest.pipeline
-    # 1. timesteps and each step's coefficients
+    # 1. timesteps and each step's coefficients, from the first step the request runs (an input
+    #    image's strength skips the noisiest ones: diffusers' `get_timesteps`)
     scheduler = make_scheduler(request.scheduler, c.scheduler_config)
     scheduler.set_timesteps(request.steps)
-    steps = tuple(scheduler.linear_step(i) for i in range(request.steps))
-    scales = tuple(scheduler.input_scale(i) for i in range(request.steps))
-    # 2. all noise, one generator per image, so that an image depends only on its own seed: the
-    #    starting latents first, then each step's (for schedulers that add noise), in that order
+    first = scheduler.begin_index = request.first_step
+    run = range(first, request.steps)
+    steps = tuple(scheduler.linear_step(i) for i in run)
+    scales = tuple(scheduler.input_scale(i) for i in run)
+    # 2. all noise, one generator per image, so that an image depends only on its own seed, drawn
+    #    in the order diffusers draws it: the starting latents (for an input image: its latent
+    #    sample, then the noise added to it, then the masked image's sample), then each step's
     generators = [np.random.Generator(np.random.PCG64(s)) for s in request.seeds]
     shape = (c.latent_channels, request.height // c.vae_scale_factor, request.width // c.vae_scale_factor)
-    start = request.latents if request.latents is not None else draw(generators, shape)
-    noise = np.stack([draw(generators, shape) for _ in range(request.steps)]) if scheduler.needs_noise else None
-    # 3. the UNet's conditioning: what the request gives, repeated for the unconditional half
     feeds = manifest.unet_feeds()
+    blend_mask = blend_known = None
     conditioning = {}
+    if request.image is None:
+        start = request.latents if request.latents is not None else draw(generators, shape)
+        latents = start * np.float32(scheduler.init_noise_sigma)
+    else:
+        latents, image_latents, start_noise, masked = _image_start(manifest, request, scheduler, encoded or {},
+                                                                   generators, shape)
+        if request.mask is not None:
+            mask = np.repeat(request.mask[:, :, ::c.vae_scale_factor, ::c.vae_scale_factor], len(generators), axis=0)
+            inpaint = [n for n, source in feeds.items() if source == FEED_INPAINT]
+            if inpaint:  # a 9-channel inpainting UNet reads [mask; masked image latents] beside its latents
+                value = np.concatenate([mask, masked], axis=1)
+                conditioning[inpaint[0]] = np.concatenate([value, value]) if request.do_guidance else value
+            else:  # any other UNet: the kept region's latents go back in after every step
+                blend_mask, blend_known = mask, _known_region(scheduler, run, image_latents, start_noise, mask)
+    noise = np.stack([draw(generators, shape) for _ in run]) if scheduler.needs_noise else None
+    # 3. the UNet's conditioning: what the request gives, repeated for the unconditional half
     for name, source in feeds.items():
         if source == FEED_REQUEST:
             value = request.conditioning[name]
@@ -117,11 +164,57 @@ def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict
     return Plan(
         images=request.num_images,
         guidance_scale=request.guidance_scale if request.do_guidance else None,
-        timesteps=scheduler.timesteps, steps=steps, input_scales=scales,
-        latents=(start * np.float32(scheduler.init_noise_sigma)).astype(np.float32), noise=noise,
+        timesteps=scheduler.timesteps[first:], steps=steps, input_scales=scales,
+        latents=latents.astype(np.float32), noise=noise,
         text_inputs=text_inputs, feeds=feeds, conditioning=conditioning,
         vae_scaling_factor=c.vae_scaling_factor, vae_shift_factor=c.vae_shift_factor,
+        blend_mask=blend_mask, blend_known=blend_known,
     )
+
+
+def _image_start(manifest: Manifest, request: GenerationRequest, scheduler, encoded: dict[str, ImageLatents],
+                 generators: list[np.random.Generator], shape: tuple[int, ...]):
+    """(starting latents, the image's latents, the noise added to them, the masked image's latents)
+    of a request with an input image, as diffusers' img2img and inpainting pipelines make them:
+    inpainting at strength 1 starts from pure noise; everything else from the image's latents
+    noised to the first step's level."""
+    inpaint_unet = FEED_INPAINT in manifest.unet_feeds().values()
+    pure_noise = request.mask is not None and request.strength == 1.0
+    # a 9-channel UNet starting from noise never needs the image's own latents (diffusers skips it)
+    image_latents = None if inpaint_unet and pure_noise else _sample(manifest, encoded["image"], generators)
+    start_noise = draw(generators, shape)
+    if pure_noise:
+        latents = start_noise * np.float32(scheduler.init_noise_sigma)
+    else:
+        a, b = scheduler.noising(scheduler.begin_index)
+        latents = np.float32(a) * image_latents + np.float32(b) * start_noise
+    # diffusers encodes the masked image for both kinds of UNet (and so draws its sample)
+    masked = _sample(manifest, encoded["masked_image"], generators) if request.mask is not None else None
+    return latents, image_latents, start_noise, masked
+
+
+def _sample(manifest: Manifest, encoded: ImageLatents, generators: list[np.random.Generator]) -> np.ndarray:
+    """One latent sample of the encoded image per generator, scaled as the UNet sees latents."""
+    c = manifest.pipeline
+    x = np.concatenate([encoded.mean + encoded.std * g.standard_normal(encoded.mean.shape[1:], dtype=np.float32)[None]
+                        for g in generators])
+    if c.vae_shift_factor is not None:
+        x = x - np.float32(c.vae_shift_factor)
+    return (x * np.float32(c.vae_scaling_factor)).astype(np.float32)
+
+
+def _known_region(scheduler, run: range, image_latents: np.ndarray, noise: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per step of `run`: the kept region (mask 0) of the image's latents, noised to the level the
+    latents have after that step (none after the last), as diffusers' inpainting with a plain UNet."""
+    rows = []
+    for i in run:
+        if i + 1 < run.stop:
+            a, b = scheduler.noising(i + 1)
+            known = np.float32(a) * image_latents + np.float32(b) * noise
+        else:
+            known = image_latents
+        rows.append((1 - mask) * known)
+    return np.stack(rows).astype(np.float32)
 
 
 def draw(generators: list[np.random.Generator], shape: tuple[int, ...]) -> np.ndarray:
@@ -145,4 +238,4 @@ def _pad_halves(array: np.ndarray, images: int, to: int, guided: bool, axis: int
     return np.concatenate([_pad(array[:images], to, axis), _pad(array[images:], to, axis)], axis=axis)
 
 
-__all__ = ["Executor", "Plan", "StepCallback", "build_plan", "draw"]
+__all__ = ["Executor", "ImageLatents", "Plan", "StepCallback", "build_plan", "draw"]

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InvalidRequestError
-from .manifest import FEED_REQUEST, UNET, Manifest
+from .image_input import ImageSource, default_size, image_array, mask_array, open_image
+from .manifest import FEED_INPAINT, FEED_REQUEST, UNET, VAE_ENCODER, Manifest
 from .schedulers import SchedulerName
 
 # The one set of limits: the CLI, the Python API and the HTTP service all validate through
@@ -29,6 +30,11 @@ MAX_SEED = 2**63 - 1
 #: an empty (or blank) prompt from the CLI or Python was mostly a shell slip (an unset variable),
 #: answered with a random picture. Refused everywhere, naming the field. (Negative prompts may be empty.)
 MIN_PROMPT_CHARS = 1
+#: diffusers' defaults: img2img keeps some of the image (0.8), inpainting repaints the region fully (1.0).
+DEFAULT_STRENGTH_IMAGE, DEFAULT_STRENGTH_INPAINT = 0.8, 1.0
+#: A variation (`ortdiffusion vary`, `/v1/images/variations`) of an SD-family bundle is image-to-image
+#: with the empty prompt at this strength: the composition and colours stay, the details change.
+VARIATION_STRENGTH = 0.7
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,22 @@ class GenerationRequest:
     latents: np.ndarray | None = field(default=None, compare=False)
     #: UNet inputs the family takes from the caller (manifest: fed "request"), one row per image.
     conditioning: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
+    #: The input image (1, 3, height, width) in [-1, 1] (image-to-image, inpainting), or None.
+    image: np.ndarray | None = field(default=None, compare=False)
+    #: The inpainting mask (1, 1, height, width), 1 where to repaint, or None.
+    mask: np.ndarray | None = field(default=None, compare=False)
+    #: How much of the schedule runs on the image: 1 starts from noise, 0.3 keeps most of it.
+    strength: float = 1.0
+    #: Inpainting: paste the input's own pixels back outside the mask after decoding (OpenAI's edits
+    #: change only the masked area; diffusers' default, False, returns the decoded image everywhere).
+    keep_unmasked: bool = False
+
+    @property
+    def first_step(self) -> int:
+        """The scheduler step the run starts at (diffusers' `get_timesteps`): 0 without an image."""
+        if self.image is None:
+            return 0
+        return self.steps - min(int(self.steps * self.strength), self.steps)
 
     @property
     def num_images(self) -> int:
@@ -129,12 +151,17 @@ def make_request(
     width: int | None = None,
     height: int | None = None,
     conditioning: Mapping[str, object] | None = None,
+    image: ImageSource | None = None,
+    mask_image: ImageSource | None = None,
+    strength: float | None = None,
+    keep_unmasked: bool = False,
 ) -> GenerationRequest:
     if num_inference_steps is None:
         num_inference_steps = manifest.pipeline.default_steps
     if guidance_scale is None:
         guidance_scale = manifest.pipeline.default_guidance
-    prompts = _prompts(prompt, "prompt", allow_empty=False)
+    # an image may come with the empty prompt (a variation: the image alone says what to draw)
+    prompts = _prompts(prompt, "prompt", allow_empty=image is not None)
     if negative_prompt is None:
         negatives = ("",) * len(prompts)
     else:
@@ -157,9 +184,20 @@ def make_request(
     if not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= MAX_GUIDANCE:
         raise InvalidRequestError("guidance_scale", f"must be a finite number from 0 to {MAX_GUIDANCE:g}, got {guidance_scale}")
     scheduler_name = SchedulerName.parse(scheduler if scheduler is not None else manifest.pipeline.default_scheduler)
-    w = _side(width, "width", manifest, manifest.pipeline.default_width)
-    h = _side(height, "height", manifest, manifest.pipeline.default_height)
+    opened = _image_inputs(manifest, image, mask_image)
+    default_w, default_h = manifest.pipeline.default_width, manifest.pipeline.default_height
+    if opened is not None and width is None and height is None:
+        default_w, default_h = _size_of_image(manifest, opened[0])
+    w = _side(width, "width", manifest, default_w)
+    h = _side(height, "height", manifest, default_h)
+    image_pixels = mask_pixels = None
+    if opened is not None:
+        image_pixels = image_array(opened[0], w, h)
+        mask_pixels = mask_array(opened[1], w, h) if opened[1] is not None else None
+    strength_value = _strength(strength, opened, mask_pixels is not None, steps)
     count = len(prompts) * per_prompt
+    if latents is not None and opened is not None:
+        raise InvalidRequestError("latents", "not with an image: an input image makes the starting latents")
     if latents is not None:
         expected = (count, manifest.pipeline.latent_channels, h // manifest.pipeline.vae_scale_factor,
                     w // manifest.pipeline.vae_scale_factor)
@@ -173,7 +211,57 @@ def make_request(
         prompts=prompts, negative_prompts=negatives, num_images_per_prompt=per_prompt, steps=steps,
         guidance_scale=float(guidance_scale), scheduler=scheduler_name, seeds=_seeds(seed, count),
         width=w, height=h, latents=latents, conditioning=_conditioning(manifest, conditioning or {}, count),
+        image=image_pixels, mask=mask_pixels, strength=strength_value,
+        keep_unmasked=bool(keep_unmasked) and mask_pixels is not None,
     )
+
+
+def _image_inputs(manifest: Manifest, image: ImageSource | None, mask_image: ImageSource | None):
+    """(image, mask or None) opened, or None for text-to-image; refused where the bundle cannot take them."""
+    inpainting_unet = FEED_INPAINT in manifest.unet_feeds().values()
+    if image is None:
+        if mask_image is not None:
+            raise InvalidRequestError("mask_image", "given without an image: inpainting needs both `image` and `mask_image`")
+        if inpainting_unet:
+            raise InvalidRequestError("image", "required: this bundle's UNet is an inpainting UNet (it takes an image "
+                                               "and a mask_image, not a prompt alone)")
+        return None
+    if VAE_ENCODER not in manifest.components:
+        raise InvalidRequestError("image", "this bundle has no image encoder (vae_encoder), so it takes no image "
+                                           "inputs; export it again with this ortdiffusion (`ortdiffusion export`), "
+                                           "which adds one")
+    if inpainting_unet and mask_image is None:
+        raise InvalidRequestError("mask_image", "required: this bundle's UNet is an inpainting UNet")
+    opened = open_image(image, "image")
+    mask = open_image(mask_image, "mask_image") if mask_image is not None else None
+    if mask is not None and mask.size != opened.size:
+        raise InvalidRequestError("mask_image", f"is {mask.size[0]}×{mask.size[1]}; it must be the image's size "
+                                                f"({opened.size[0]}×{opened.size[1]})")
+    return opened, mask
+
+
+def _size_of_image(manifest: Manifest, image) -> tuple[int, int]:
+    low, high, multiple = size_limits(manifest)
+    w, h = default_size(image, multiple)
+    if not (low <= w <= high and low <= h <= high):
+        raise InvalidRequestError("image", f"is {image.size[0]}×{image.size[1]}; this model draws sides from {low} to "
+                                           f"{high} pixels: give width and height (the image is resized to them)")
+    return w, h
+
+
+def _strength(value: object, opened, has_mask: bool, steps: int) -> float:
+    if opened is None:
+        if value is not None:
+            raise InvalidRequestError("strength", "applies only with an input image (`image`)")
+        return 1.0
+    if value is None:
+        value = DEFAULT_STRENGTH_INPAINT if has_mask else DEFAULT_STRENGTH_IMAGE
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0 <= value <= 1:
+        raise InvalidRequestError("strength", f"must be a number from 0 to 1, got {value!r}")
+    if int(steps * value) < 1:
+        raise InvalidRequestError("strength", f"{value:g} × {steps} steps leaves no denoising step to run; "
+                                              f"raise strength to at least {1 / steps:.3g} or the number of steps")
+    return float(value)
 
 
 def _conditioning(manifest: Manifest, given: Mapping[str, object], count: int) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ import numpy as np
 class Stage(str, Enum):
     TOKENIZE = "tokenize"
     TEXT_ENCODER = "text_encoder"
+    IMAGE_ENCODER = "image_encoder"  # an input image (and its masked copy) to latents
     UNET = "unet"  # one entry per denoising step
     SCHEDULER = "scheduler"  # scheduler steps, guidance and input scaling together
     DECODER = "decoder"
@@ -44,6 +45,10 @@ class Timings:
     @property
     def text_encoder(self) -> float:
         return self.stages[Stage.TEXT_ENCODER]
+
+    @property
+    def image_encoder(self) -> float:
+        return self.stages[Stage.IMAGE_ENCODER]
 
     @property
     def unet(self) -> float:

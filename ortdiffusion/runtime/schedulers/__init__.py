@@ -40,6 +40,12 @@ class Scheduler(Protocol):
 
     def input_scale(self, step_index: int) -> float: ...
 
+    #: The first step a run takes (image-to-image: part way into the schedule).
+    begin_index: int
+
+    #: (a, b) of `add_noise` at step `step_index`: noisy = a · x₀ + b · ε.
+    def noising(self, step_index: int) -> tuple[float, float]: ...
+
 
 class SchedulerName(str, Enum):
     """What a caller names; each name fixes the algorithm and its sigma schedule."""

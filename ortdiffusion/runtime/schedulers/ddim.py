@@ -51,6 +51,10 @@ class DDIMScheduler(LinearScheduler):
         self.num_inference_steps = num_inference_steps
         self.timesteps = spaced_timesteps(c.timestep_spacing, c.num_train_timesteps, num_inference_steps, c.steps_offset)
 
+    def noising(self, step_index: int) -> tuple[float, float]:
+        a = float(self.alphas_cumprod[int(self.timesteps[step_index])])  # DDPM's q(x_t | x_0)
+        return a**0.5, (1.0 - a) ** 0.5
+
     def linear_step(self, step_index: int) -> LinearStep:
         c = self.config
         t = int(self.timesteps[step_index])

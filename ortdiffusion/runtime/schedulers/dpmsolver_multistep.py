@@ -112,6 +112,9 @@ class DPMSolverMultistepScheduler(LinearScheduler):
             return alpha, -s
         return 0.0, 1.0
 
+    def noising(self, step_index: int) -> tuple[float, float]:
+        return _alpha_sigma(float(self.sigmas[step_index]))  # α_t x₀ + σ_t ε
+
     def linear_step(self, step_index: int) -> LinearStep:
         c, n, i = self.config, len(self.timesteps), step_index
         # 1. near the end of short schedules, drop to first order for stability (diffusers'
@@ -125,7 +128,7 @@ class DPMSolverMultistepScheduler(LinearScheduler):
         _, s_s0 = _alpha_sigma(sigma_s0)
         h = (math.log(alpha_t) - math.log(s_t) if s_t > 0 else math.inf) - _lambda(sigma_s0)
         phi = math.expm1(-h) if math.isfinite(h) else -1.0  # e^{−h} − 1
-        if c.solver_order == 1 or i == 0 or lower_order_final:
+        if c.solver_order == 1 or i == self.begin_index or lower_order_final:
             # 2a. first order (DPM-Solver++(1) = DDIM in x_0 form): x_t = (σ_t/σ_s) x − α_t (e^{−h} − 1) x_0
             return LinearStep(*x0, sample=s_t / s_s0, x0=-alpha_t * phi)
         # 2b. second order multistep with the previous step's x_0 (Algorithm 2, r = h_{i−1}/h_i):

@@ -89,6 +89,9 @@ class EulerScheduler(LinearScheduler):
         # The UNet was trained on unit-variance inputs: x / sqrt(σ² + 1).
         return 1.0 / (float(self.sigmas[step_index]) ** 2 + 1) ** 0.5
 
+    def noising(self, step_index: int) -> tuple[float, float]:
+        return 1.0, float(self.sigmas[step_index])  # variance exploding: x₀ + σ ε
+
     def linear_step(self, step_index: int) -> LinearStep:
         sigma, sigma_next = float(self.sigmas[step_index]), float(self.sigmas[step_index + 1])
         # 1. denoised estimate D(x; σ); 2. d = (x − D) / σ, the ODE's slope dx/dσ (Algorithm 2, line 7);

@@ -52,8 +52,16 @@ class LinearScheduler:
     `input_scale(i)`."""
 
     _previous_x0: np.ndarray | None = None
+    #: The first step a run takes (image-to-image starts part way: diffusers' `set_begin_index`);
+    #: multistep solvers take their first step at first order.
+    begin_index: int = 0
 
     def linear_step(self, step_index: int) -> LinearStep:
+        raise NotImplementedError
+
+    def noising(self, step_index: int) -> tuple[float, float]:
+        """(a, b) of diffusers' `add_noise` at step `step_index`'s noise level: noisy = a · x₀ + b · ε
+        (how image-to-image starts part way, and how inpainting re-noises the kept region)."""
         raise NotImplementedError
 
     def input_scale(self, step_index: int) -> float:
