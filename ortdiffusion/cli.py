@@ -297,7 +297,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     scheduler = SchedulerName.parse(args.scheduler, field="scheduler").value if args.scheduler else None
     plan = BenchPlan(models=tuple(args.model or ["tiny"]), engines=engines, settings=settings, runs=args.runs,
                      warmup=args.warmup, provider=args.provider, guidance=args.guidance,
-                     pythons=(("optimum", args.optimum_python),) if args.optimum_python else (), scheduler=scheduler)
+                     pythons=(("optimum", args.optimum_python),) if args.optimum_python else (), scheduler=scheduler,
+                     task=args.task)
     report = run_bench(plan, progress=_err)
     table = markdown(report)
     print(table)
@@ -446,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,2,4,8")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--task", default="text-to-image", choices=["text-to-image", "image-to-image", "inpainting"],
+                   help="what every engine does; the image tasks use diffusers' img2img and inpainting pipelines "
+                   "for torch, and the same input image, mask and strength for all")
     p.add_argument("--scheduler", default=None,
                    help="the scheduler every engine runs (torch and Optimum get diffusers' equivalent); default: the one "
                         "ours runs for the model (the checkpoint's own where implemented, DDIM for PNDM)")

@@ -221,3 +221,21 @@ def test_a_comparison_whose_spread_exceeds_the_difference_is_marked_within_noise
     table = markdown(Report(env=env, plan={}, records=noisy, comparisons=[n]))
     assert "WITHIN NOISE" in table and "noisy: torch 64x64 batch 1 ranged 0.900–6.000 s" in table
     assert "busier than its cores" in table
+
+
+@pytest.mark.parametrize("task", ["image-to-image", "inpainting"])
+def test_bench_runs_the_image_tasks_against_diffusers_own_pipelines(tmp_path, task):
+    """Ours and diffusers' img2img / inpainting pipelines on the same input image, mask and strength;
+    the image encoder is a stage of its own and its share of the run is in the record."""
+    out = tmp_path / "bench.json"
+    proc = run("bench", "--model", "tiny", "--engines", "ortdiffusion,torch", "--task", task, "--steps", "4",
+               "--runs", "1", "--warmup", "0", "--json", out, cache=tmp_path / "cache")
+    report = json.loads(out.read_text())
+    assert report["plan"]["task"] == task
+    assert [r["engine"] for r in report["records"]] == ["ortdiffusion", "torch"]
+    for r in report["records"]:
+        assert r["task"] == task and 0 < r["image_encoder_fraction"] < 1
+        assert r["stages_s"]["image_encoder"]["runs"] == 1
+        # img2img at strength 0.8 runs int(4 × 0.8) = 3 of the 4 steps; inpainting at 1 all of them
+        assert r["stages_s"]["unet_step"]["runs"] == (3 if task == "image-to-image" else 4)
+    assert "the image encoder took" in proc.stdout

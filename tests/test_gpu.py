@@ -78,7 +78,7 @@ def test_cuda_loop_stays_on_the_device_and_replays_a_cuda_graph(tiny_bundle, tin
 def test_torch_engine_times_its_cuda_stages_with_events(tiny_checkpoint):
     """diffusers on CUDA runs ahead of the GPU: its stages are timed with CUDA events, read after the
     run's synchronize, so each UNet step has a duration on the GPU and the stages fit in the run."""
-    from ortdiffusion.bench.worker import CudaEventClock, TorchEngine
+    from ortdiffusion.bench.diffusers_engines import CudaEventClock, TorchEngine
 
     engine = TorchEngine(str(tiny_checkpoint), "cuda", scheduler="ddim")
     assert engine.device == "cuda"

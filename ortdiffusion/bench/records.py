@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 #: The stages that are the three networks; everything else is overhead the engine itself adds.
-NETWORK_STAGES = ("text_encoder", "unet_step", "decoder")
+NETWORK_STAGES = ("text_encoder", "image_encoder", "unet_step", "decoder")
 #: A record whose runs spread more than this fraction of their median is flagged noisy.
 NOISY_SPREAD = 0.10
 
@@ -104,10 +104,14 @@ class Record:
     transfers: dict[str, int] | None = None
     unet_gflops_per_s: float | None = None
     unet_fraction_of_matmul_rate: float | None = None
+    task: str = "text-to-image"
+    #: The image tasks: the image encoder's share of end-to-end time.
+    image_encoder_fraction: float | None = None
 
     @classmethod
     def of(cls, engine: str, model: str, providers: dict[str, str], precision: str | None, scheduler: str | None,
-           setting, samples: list[Sample], cold_start_s: float | None, machine_load: dict | None) -> Record:
+           setting, samples: list[Sample], cold_start_s: float | None, machine_load: dict | None,
+           task: str = "text-to-image") -> Record:
         per_stage: dict[str, list[float]] = {}
         for sample in samples:
             for stage, values in sample.stages.items():
@@ -115,6 +119,7 @@ class Record:
         runs = [s.end_to_end for s in samples]
         end_to_end = Stats.of(runs)
         total, networks = sum(runs), sum(s.network_seconds() for s in samples)
+        encoder = sum(sum(s.stages.get("image_encoder", [])) for s in samples)
         return cls(engine=engine, model=model, providers=providers, precision=precision, scheduler=scheduler,
                    batch=setting.batch, width=setting.width, height=setting.height, steps=setting.steps,
                    end_to_end_s=end_to_end, stages_s={k: Stats.of(v) for k, v in per_stage.items()},
@@ -123,7 +128,8 @@ class Record:
                    peak_device_mb=max((s.peak_device_mb for s in samples if s.peak_device_mb is not None), default=None),
                    outside_networks_fraction=max(0.0, 1 - networks / total) if total > 0 else None,
                    unet_step_gflop=next((s.unet_step_gflop for s in samples if s.unet_step_gflop), None),
-                   transfers=next((s.transfers for s in samples if s.transfers is not None), None))
+                   transfers=next((s.transfers for s in samples if s.transfers is not None), None), task=task,
+                   image_encoder_fraction=encoder / total if task != "text-to-image" and total > 0 else None)
 
     @property
     def key(self) -> tuple:

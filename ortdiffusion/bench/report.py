@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .records import NOISY_SPREAD, Record, Report
 
-STAGES = ("tokenize", "text_encoder", "unet_step", "scheduler", "decoder", "postprocess", "png_encode")
+STAGES = ("tokenize", "text_encoder", "image_encoder", "unet_step", "scheduler", "decoder", "postprocess", "png_encode")
 
 
 def markdown(report: Report) -> str:
@@ -31,6 +31,8 @@ def markdown(report: Report) -> str:
                     f"{r.width}x{r.height} | {r.steps} | {r.end_to_end_s.p50:.3f} | {r.end_to_end_s.p90:.3f} | "
                     f"{unet:.1f} | {rate} | {outside} | {r.images_per_s:.3f} | {cold} | {r.peak_host_mb:.0f} |" + device)
     rows.append(f"\nfp32 matrix-product rate of this machine (numpy, 4096²): {report.env.get('fp32_matmul_gflops', 0):.0f} GFLOP/s")
+    rows += [f"\n{r.task}: {r.engine} {r.width}x{r.height} batch {r.batch}: the image encoder took "
+             f"{r.image_encoder_fraction:.1%} of end to end" for r in report.records if r.image_encoder_fraction is not None]
     rows += noise_lines(report)
     for s in report.skipped:
         rows.append(f"\n{s.engine} on {s.model} skipped: {s.reason}")

@@ -43,6 +43,8 @@ class BenchPlan:
     pythons: tuple[tuple[str, str], ...] = ()
     #: The scheduler every engine runs (ours' names); None: the one ours runs for the model by default.
     scheduler: str | None = None
+    #: What every engine does: text-to-image, image-to-image or inpainting (bench/tasks.py's inputs).
+    task: str = "text-to-image"
 
 
 def prepare_answer(engine: str, model: str, python: str = sys.executable) -> dict[str, Any]:
@@ -62,8 +64,8 @@ def prepare(engine: str, model: str, python: str = sys.executable) -> str | None
 
 class Worker:
     def __init__(self, engine: str, model: str, provider: str | None, python: str = sys.executable,
-                 scheduler: str | None = None):
-        cmd = [python, "-m", "ortdiffusion.bench.worker", engine, model]
+                 scheduler: str | None = None, task: str = "text-to-image"):
+        cmd = [python, "-m", "ortdiffusion.bench.worker", engine, model, "--task", task]
         if provider:
             cmd += ["--provider", provider]
         if scheduler:
@@ -199,7 +201,7 @@ def run_bench(plan: BenchPlan, progress: Callable[[str], None] = print) -> Repor
                 exports.append({"engine": name, "model": model, "bundle": answer["prepared"]})
             if error is None:
                 progress(f"{model}: starting {name}" + (f" ({scheduler})" if scheduler else ""))
-                w = Worker(name, model, plan.provider, python, scheduler)
+                w = Worker(name, model, plan.provider, python, scheduler, plan.task)
                 if w.error is None:
                     workers.append(w)
                     continue
@@ -245,12 +247,12 @@ def run_bench(plan: BenchPlan, progress: Callable[[str], None] = print) -> Repor
                 for w in workers:
                     if samples[w.engine]:
                         records.append(Record.of(w.engine, model, w.providers, w.precision, w.scheduler, setting,
-                                                 samples[w.engine], cold.pop(w.engine, None), machine_load()))
+                                                 samples[w.engine], cold.pop(w.engine, None), machine_load(), plan.task))
         finally:
             for w in workers:
                 w.close()
     env = environment()
     env["machine_load"] = {"start": load_at_start, "end": machine_load()}
     add_compute_rates(records, env["fp32_matmul_gflops"])
-    return Report(env=env, plan={"runs": plan.runs, "warmup": plan.warmup, "guidance": plan.guidance},
+    return Report(env=env, plan={"runs": plan.runs, "warmup": plan.warmup, "guidance": plan.guidance, "task": plan.task},
                   records=records, skipped=skipped, exports=exports, comparisons=comparisons(records))
