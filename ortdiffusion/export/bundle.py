@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -266,9 +267,7 @@ def export_checkpoint(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     say(f"loading checkpoint {checkpoint_dir}")
     ckpt = load_checkpoint(checkpoint_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become the published bundle's mode
-    try:
+    with staged(out_dir) as tmp:
         components = {}
         specs = pipeline_components(ckpt)
         feeds = None
@@ -297,10 +296,6 @@ def export_checkpoint(
             tokenizer=file_record(tmp, tmp / TOKENIZER_NAME),
         )
         write_manifest(tmp, manifest)
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -315,9 +310,7 @@ def add_image_encoder(checkpoint_dir: Path | str, bundle_dir: Path | str, option
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir)
     ckpt = load_checkpoint(checkpoint_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.partial-", dir=bundle_dir.parent))
-    tmp.chmod(0o755)
-    try:
+    with staged(bundle_dir) as tmp:
         shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
         for f in tmp.glob(f"{VAE_ENCODER}.onnx*"):
             f.unlink()
@@ -326,11 +319,21 @@ def add_image_encoder(checkpoint_dir: Path | str, bundle_dir: Path | str, option
         component = export_component(spec, module, tmp, replace(options, precision=manifest.components[VAE_DECODER].precision))
         manifest = replace(manifest, components={**manifest.components, VAE_ENCODER: component})
         write_manifest(tmp, manifest)
-        _publish(tmp, bundle_dir)
+    return manifest
+
+
+@contextmanager
+def staged(out_dir: Path):
+    """A directory beside `out_dir` to write a bundle into; published over `out_dir` when the block
+    ends, removed (nothing half-written stays) when it raises."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become the published bundle's mode
+    try:
+        yield tmp
+        _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
