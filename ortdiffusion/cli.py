@@ -317,62 +317,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- serve --------------------------------------------------------------------------------------
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
+    from .serve.cli import cmd_serve as run
 
-    try:
-        from .serve.app import ServeConfig
-        from .serve.server import serve
-    except ImportError as e:
-        raise ImportError(f"serve needs the serve extra (fastapi, uvicorn, prometheus-client): {e}") from None
-    from .models import DEFAULT_MODEL, load_pipeline
-
-    warmup = tuple(tuple(parse_size(s)) for s in args.warmup_size)
-    for w, h in warmup:
-        if w is None or h is None:
-            raise InvalidRequestError("warmup-size", "must be WIDTHxHEIGHT")
-    if args.ray:
-        return _serve_ray(args)
-    pipe = load_pipeline(args.model, progress=_err, providers=args.provider, allow_fallback=args.allow_fallback)
-    name = args.model_name or Path(str(args.model or DEFAULT_MODEL)).name
-    config = ServeConfig(
-        model_name=name, api_key=args.api_key or os.environ.get("ORTDIFFUSION_API_KEY") or None,
-        max_queue=args.max_queue, max_batch_images=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
-        batching=not args.no_batching, request_timeout_s=args.timeout, warmup_sizes=warmup,  # type: ignore[arg-type]
-        public_url=args.public_url,
-    )
-    _err(f"serving {name} on http://{args.host}:{args.port} ({', '.join(f'{k}={v}' for k, v in pipe.providers.items())})")
-    serve(pipe, config, args.host, args.port)
-    return 0
-
-
-def _serve_ray(args: argparse.Namespace) -> int:
-    import os
-
-    try:
-        from .serve import ray_app
-    except ImportError as e:
-        raise ImportError(f"serve --ray needs the ray extra: pip install 'ortdiffusion[ray]' ({e})") from None
-    if args.warmup_size:
-        raise InvalidRequestError("warmup-size", "is not supported with --ray (each replica warms up at its model's size)")
-    options = ray_app.RayOptions(
-        model=args.model, model_name=args.model_name, replicas=args.replicas, min_replicas=args.min_replicas,
-        max_replicas=args.max_replicas, cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
-        max_ongoing_requests=args.max_ongoing_requests, provider=args.provider, allow_fallback=args.allow_fallback,
-        api_key=args.api_key or os.environ.get("ORTDIFFUSION_API_KEY") or None, max_queue=args.max_queue,
-        max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, batching=not args.no_batching,
-        timeout=args.timeout, public_url=args.public_url,
-    )
-    options.validate()
-    scale = (f"{options.min_replicas}..{options.max_replicas} replicas (autoscaling)" if options.max_replicas is not None
-             else f"{options.replicas} replica(s)")
-    _err(f"serving on http://{args.host}:{args.port} through Ray Serve, {scale}, "
-         f"{options.cpus_per_replica:g} CPU / {options.gpus_per_replica:g} GPU each")
-    ray_app.run(options, args.host, args.port, args.ray_address)
-    return 0
+    return run(args, _err)
 
 
 # -- entry --------------------------------------------------------------------------------------
@@ -459,31 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, default=None, help="a PNG of the stages and rates (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP images API with dynamic batching")
-    p.add_argument("--model", default=None, help="bundle, diffusers checkpoint or preset (default: the built-in model)")
-    p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the model's folder name)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set ORTDIFFUSION_API_KEY)")
-    p.add_argument("--max-queue", type=int, default=16, help="waiting requests before 429")
-    p.add_argument("--max-batch", type=int, default=8, help="images per batch at most")
-    p.add_argument("--batch-window-ms", type=float, default=20.0, help="how long to gather compatible requests")
-    p.add_argument("--no-batching", action="store_true")
-    p.add_argument("--timeout", type=float, default=300.0, help="per-request deadline in seconds")
-    p.add_argument("--warmup-size", action="append", default=[], help="WxH to warm up before ready (repeatable)")
-    p.add_argument("--public-url", default=None, help="base of image URLs (default: the request's host)")
-    p.add_argument("--provider", default=None)
-    p.add_argument("--allow-fallback", action="store_true")
-    r = p.add_argument_group("Ray Serve (needs the ray extra)")
-    r.add_argument("--ray", action="store_true", help="serve through Ray Serve: replicas on a Ray cluster")
-    r.add_argument("--ray-address", default=None, help="cluster to join, e.g. auto or HOST:6379 (default: start a local one)")
-    r.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
-    r.add_argument("--min-replicas", type=int, default=1, help="autoscaling lower bound (with --max-replicas)")
-    r.add_argument("--max-replicas", type=int, default=None, help="turn on autoscaling up to this many replicas")
-    r.add_argument("--cpus-per-replica", type=float, default=1.0)
-    r.add_argument("--gpus-per-replica", type=float, default=0.0)
-    r.add_argument("--max-ongoing-requests", type=int, default=8, help="requests Ray hands one replica at once")
-    p.set_defaults(func=cmd_serve)
+    from .serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub, cmd_serve)
 
     p = sub.add_parser("info", help="a bundle's manifest in short, and this machine's providers")
     p.add_argument("bundle", type=Path, help="builtin, a preset, a bundle or a diffusers checkpoint directory")

@@ -27,13 +27,15 @@ def ray_service(tiny_bundle):
     import ray
     from ray import serve
 
-    from ortdiffusion.serve.ray_app import APP_NAME, RayOptions, build_app
+    from ortdiffusion.serve.ray_app import APP_NAME, build_app
+    from ortdiffusion.serve.settings import RayOptions, ServeConfig
 
     # Logical CPUs: two replicas of one CPU each, whatever this machine has.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    options = RayOptions(model=str(tiny_bundle), model_name="tiny", replicas=2, cpus_per_replica=1, threads=1)
+    options = RayOptions(model=str(tiny_bundle), replicas=2, cpus_per_replica=1, threads=1,
+                         serve=ServeConfig(model_name="tiny"))
     serve.run(build_app(options), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     wait_until_ready(url, 180)
@@ -179,7 +181,7 @@ def test_cli_serve_ray_starts_serves_and_stops_cleanly(tiny_bundle):
 ])
 def test_ray_options_name_the_bad_field(args, field):
     from ortdiffusion.runtime.errors import InvalidRequestError
-    from ortdiffusion.serve.ray_app import RayOptions
+    from ortdiffusion.serve.settings import RayOptions
 
     with pytest.raises(InvalidRequestError) as e:
         RayOptions.from_args(args)
@@ -187,10 +189,13 @@ def test_ray_options_name_the_bad_field(args, field):
 
 
 def test_ray_options_from_strings():
-    from ortdiffusion.serve.ray_app import RayOptions
+    from ortdiffusion.serve.ray_app import deployment_options
+    from ortdiffusion.serve.settings import ImageMetadata, RayOptions
 
-    o = RayOptions.from_args({"replicas": "2", "cpus-per-replica": "0.5", "batching": "false", "max_replicas": "none"})
-    assert (o.replicas, o.cpus_per_replica, o.batching, o.max_replicas) == (2, 0.5, False, None)
-    assert o.deployment_options()["num_replicas"] == 2
-    auto = RayOptions.from_args({"min_replicas": "1", "max_replicas": "4"}).deployment_options()
+    o = RayOptions.from_args({"replicas": "2", "cpus-per-replica": "0.5", "batching": "false", "max_replicas": "none",
+                              "image_metadata": "none", "max_queue": "4"})
+    assert (o.replicas, o.cpus_per_replica, o.serve.batching, o.max_replicas) == (2, 0.5, False, None)
+    assert (o.serve.image_metadata, o.serve.max_queue) == (ImageMetadata.NONE, 4)
+    assert deployment_options(o)["num_replicas"] == 2
+    auto = deployment_options(RayOptions.from_args({"min_replicas": "1", "max_replicas": "4"}))
     assert auto["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in auto
