@@ -143,7 +143,7 @@ def test_health_and_metrics(service):
 
 def busy_request(url, results):
     """A request that holds the worker for a few seconds (many steps at twice the native size)."""
-    results.append(gen(url, steps=150, size="128x128"))
+    results.append(gen(url, steps=80, size="128x128"))
 
 
 def wait_until_busy(url):
@@ -182,7 +182,7 @@ def test_abandoned_requests_are_dropped_and_logged_once(tiny_pipeline, caplog):
         for i in range(12):
             with pytest.raises(httpx.TimeoutException):
                 httpx.post(f"{url}/v1/images/generations", timeout=0.05,
-                           json={"prompt": "abandoned", "steps": 50, "size": "256x256", "seed": i})
+                           json={"prompt": "abandoned", "steps": 20, "size": "256x256", "seed": i})
         for _ in range(600):  # a bound on the wait, not a timing claim: the worker must go idle
             text = httpx.get(f"{url}/metrics").text
             if "ortdiffusion_queue_depth 0.0" in text and "ortdiffusion_in_flight 0.0" in text:

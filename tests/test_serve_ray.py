@@ -101,6 +101,18 @@ def test_errors_have_the_single_machine_shape(ray_service, tiny_pipeline):
     assert got.json() == expected.json()
 
 
+def replica_pid(instance: str) -> int:
+    """The process of the replica whose (opaque) `x-ortdiffusion-instance` is Ray's replica id:
+    asked of the replica's actor through Ray, since the header no longer names a host or a pid."""
+    import ray
+    from ray.serve._private.common import REPLICA_ID_FULL_ID_STR_PREFIX
+
+    from ortdiffusion.serve.ray_app import APP_NAME
+
+    actor = ray.get_actor(f"{REPLICA_ID_FULL_ID_STR_PREFIX}{APP_NAME}#ortdiffusion#{instance}", namespace="serve")
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+
+
 def test_killing_a_replica_under_load(ray_service):
     """One replica's process is killed mid-load: the other keeps serving, Ray starts a new one, and
     the openai client's own retries absorb every failure the proxy returns."""
@@ -115,7 +127,7 @@ def test_killing_a_replica_under_load(ray_service):
     client = openai_client(ray_service, max_retries=4, http_client=http)
     before = {generate_raw(client, s)[0] for s in range(8)}
     victim = min(before)
-    pid = int(victim.rsplit(":", 1)[1])
+    pid = replica_pid(victim)
 
     results: list[tuple[str, object]] = []
 

@@ -56,10 +56,10 @@ class ServeConfig:
     api_key: str | None = setting(None, "", cli=False)  # --api-key-file / $ORTDIFFUSION_API_KEY / --api-key
     # -- admission: what one request may cost ------------------------------------------------
     max_images: int = setting(4, "images one request may ask for (`n`)")
-    max_work: int = setting(256 * 256 * 50, "images × pixels × steps one request may cost (default: one 256x256 "
-                            "image at 50 steps)")
+    max_work: int = setting(256 * 256 * 20, "images × pixels × steps one request may cost (default: one 256x256 "
+                            "image at 20 steps, or sixteen 64x64 at 20)")
     max_batch_images: int = setting(8, "images per batch at most; a larger request runs in chunks", flag="--max-batch")
-    max_batch_pixels: int = setting(2 * 256 * 256, "pixels per batch at most (images × width × height): bounds "
+    max_batch_pixels: int = setting(256 * 256, "pixels per batch at most (images × width × height): bounds "
                                     "the memory and the length of one denoising step")
     max_queue: int = setting(16, "waiting requests before 429")
     batch_window_s: float = setting(0.02, "how long to gather compatible requests into one batch")
