@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 from ..runtime.errors import InvalidRequestError
@@ -51,7 +52,7 @@ def default_hosts(host: str, given: tuple[str, ...]) -> tuple[str, ...]:
 def config_from(args: argparse.Namespace, model_name: str) -> ServeConfig:
     config = from_namespace(ServeConfig, args, api_key=api_key_from(args))
     hosts = default_hosts(args.host, config.allowed_hosts)
-    return ServeConfig(**{**config.__dict__, "model_name": config.model_name or model_name, "allowed_hosts": hosts})
+    return replace(config, model_name=config.model_name or model_name, allowed_hosts=hosts)
 
 
 def cmd_serve(args: argparse.Namespace, progress) -> int:

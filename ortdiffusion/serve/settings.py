@@ -99,7 +99,7 @@ class ServeConfig:
     def validate(self) -> ServeConfig:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type in ("int", "float") and value <= 0:
+            if f.type in ("int", "float") and (value < 0 or value == 0 and f.name != "batch_window_s"):
                 raise InvalidRequestError(f.name, f"must be greater than 0, got {value}")
         if self.public_url and urlsplit(self.public_url).scheme not in ("http", "https"):
             raise InvalidRequestError("public_url", f"must be an http:// or https:// URL, got {self.public_url!r}")
