@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 from serve_load import free_port, pct
 
