@@ -56,7 +56,8 @@ class Job:
 
 @dataclass(frozen=True)
 class BatchRecord:
-    """What one batch did, for metrics."""
+    """What one batch did, for metrics: a chunk of a larger request counts as a batch of its own,
+    with the number of requests merged into the run it is part of."""
 
     images: int
     jobs: int
@@ -182,7 +183,7 @@ class Batcher:
                     raise Cancelled()
 
             try:
-                result = self._generate(merge(batch), check)
+                result = self._generate(merge(batch), check, len(batch))
                 for job, part in zip(batch, split(result, batch)):
                     if job.wanted:
                         job.future.set_result(part)
@@ -199,14 +200,14 @@ class Batcher:
             finally:
                 self.in_flight = 0
 
-    def _generate(self, request: GenerationRequest, check) -> PipelineResult:
+    def _generate(self, request: GenerationRequest, check, jobs: int) -> PipelineResult:
         """The pipeline over `request` in chunks; one result, as if it had run at once."""
         parts = []
         for part in chunks(request, self.chunk_images(request)):
             started = time.monotonic()
             parts.append(self.pipeline.generate(part, callback=check))
             if self.on_batch is not None:
-                self.on_batch(BatchRecord(part.num_images, 1, time.monotonic() - started))
+                self.on_batch(BatchRecord(part.num_images, jobs, time.monotonic() - started))
         if len(parts) == 1:
             return parts[0]
         timings = Timings(total=sum(p.timings.total for p in parts))
