@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from .runtime.errors import InvalidRequestError, OrtDiffusionError, ProviderError  # onnxruntime is imported lazily
+from .cli_output import ProgressBar, check_output, info_text, output_paths, parity_table
 from .runtime.request import VARIATION_STRENGTH, parse_size
 
 logger = logging.getLogger("ortdiffusion.cli")
@@ -104,69 +105,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def parity_table(manifest) -> str:
-    rows = ["| component | output | shape | max abs error | relative L2 | cosine |", "|---|---|---|---|---|---|"]
-    for comp in manifest.components.values():
-        for r in comp.parity:
-            shape = " ".join(f"{k}={v}" for k, v in r.shape.items())
-            rows.append(
-                f"| {comp.name} | {r.output} | {shape} | {r.max_abs_error:.2e} | {r.rel_l2_error:.2e} | {r.cosine_similarity:.8f} |"
-            )
-    return "\n".join(rows)
-
-
 # -- generate -----------------------------------------------------------------------------------
-
-
-def output_paths(path: Path, count: int) -> list[Path]:
-    """Where `count` images go: `path` itself for one, `-0`, `-1`, … before the suffix for several."""
-    if count == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
-
-
-def check_output(path: Path, count: int):
-    """The format `-o`'s suffix names, once it is known the files can be written: refused before any
-    compute (a missing directory, a directory given as the file, a read-only file system)."""
-    import tempfile
-
-    from .runtime.png import ImageFormat
-
-    fmt = ImageFormat.from_suffix(path, field="output")
-    parent = path.parent
-    if not parent.is_dir():
-        what = "is not a directory" if parent.exists() else "does not exist"
-        raise InvalidRequestError("output", f"{str(path)!r}: the directory {str(parent)!r} {what} (make it first: "
-                                  f"mkdir -p {parent})")
-    for p in output_paths(path, count):
-        if p.is_dir():
-            raise InvalidRequestError("output", f"{str(p)!r} is a directory; give a file name, such as {p / 'out.png'}")
-    try:  # the only sure test of "can write here": a read-only mount, permissions, quotas, ACLs
-        fd, probe = tempfile.mkstemp(prefix=".ortdiffusion-write-check-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise InvalidRequestError("output", f"{str(path)!r}: cannot write in {str(parent)!r} "
-                                  f"({e.strerror or e})") from None
-    return fmt
-
-
-class ProgressBar:
-    """A one-line progress bar on stderr (no dependency: the runtime install has no tqdm)."""
-
-    def __init__(self, label: str, enabled: bool):
-        self.label, self.enabled, self.start = label, enabled, time.perf_counter()
-
-    def __call__(self, step: int, total: int, latents: object = None) -> None:
-        if not self.enabled:
-            return
-        done = step + 1
-        filled = int(30 * done / total)
-        rate = done / max(time.perf_counter() - self.start, 1e-9)
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {rate:.1f} it/s")
-        if done == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -227,26 +166,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps({"bundle": str(bundle), "available_providers": [k.value for k in available_providers()],
                           "manifest": json.loads(manifest.to_json())}, indent=2))
         return 0
-    p = manifest.pipeline
-    lines = [
-        f"bundle        {bundle} (format {manifest.format_version}, hash {manifest.bundle_sha256[:16]})",
-        f"source        {manifest.source.checkpoint} (weights {manifest.source.weights_sha256[:16]})",
-        "made by       " + ", ".join(f"{k} {v}" for k, v in manifest.created_by.items()),
-        f"pipeline      {p.family}, {p.prediction_type} prediction, {p.latent_channels} latent channels, "
-        f"VAE ×{p.vae_scale_factor} (scaling {p.vae_scaling_factor:g}), {p.tokenizer_max_length} tokens",
-        f"default       {p.default_width}x{p.default_height}, scheduler {p.default_scheduler} "
-        f"(checkpoint's {p.scheduler_class})",
-    ]
-    for c in manifest.components.values():
-        size = sum(f.size for f in c.files) / 1e6
-        worst = max((r.rel_l2_error for r in c.parity), default=float("nan"))
-        ins = ", ".join(f"{i.name}{list(i.shape)}" for i in c.inputs)
-        lines.append(
-            f"{c.name:<13} {c.precision.value}, opset {c.opset}, {size:.1f} MB, for {'/'.join(c.providers)}, "
-            f"parity rel L2 ≤ {worst:.1e}; inputs {ins}"
-        )
-    lines.append("this machine  onnxruntime providers: " + ", ".join(k.value for k in available_providers()))
-    print("\n".join(lines))
+    print(info_text(bundle, manifest))
     return 0
 
 
@@ -318,62 +238,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- serve --------------------------------------------------------------------------------------
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
+    from .serve.cli import cmd_serve as run
 
-    try:
-        from .serve.app import ServeConfig
-        from .serve.server import serve
-    except ImportError as e:
-        raise ImportError(f"serve needs the serve extra (fastapi, uvicorn, prometheus-client): {e}") from None
-    from .models import DEFAULT_MODEL, load_pipeline
-
-    warmup = tuple(tuple(parse_size(s)) for s in args.warmup_size)
-    for w, h in warmup:
-        if w is None or h is None:
-            raise InvalidRequestError("warmup-size", "must be WIDTHxHEIGHT")
-    if args.ray:
-        return _serve_ray(args)
-    pipe = load_pipeline(args.model, progress=_err, providers=args.provider, allow_fallback=args.allow_fallback)
-    name = args.model_name or Path(str(args.model or DEFAULT_MODEL)).name
-    config = ServeConfig(
-        model_name=name, api_key=args.api_key or os.environ.get("ORTDIFFUSION_API_KEY") or None,
-        max_queue=args.max_queue, max_batch_images=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
-        batching=not args.no_batching, request_timeout_s=args.timeout, warmup_sizes=warmup,  # type: ignore[arg-type]
-        public_url=args.public_url,
-    )
-    _err(f"serving {name} on http://{args.host}:{args.port} ({', '.join(f'{k}={v}' for k, v in pipe.providers.items())})")
-    serve(pipe, config, args.host, args.port)
-    return 0
-
-
-def _serve_ray(args: argparse.Namespace) -> int:
-    import os
-
-    try:
-        from .serve import ray_app
-    except ImportError as e:
-        raise ImportError(f"serve --ray needs the ray extra: pip install 'ortdiffusion[ray]' ({e})") from None
-    if args.warmup_size:
-        raise InvalidRequestError("warmup-size", "is not supported with --ray (each replica warms up at its model's size)")
-    options = ray_app.RayOptions(
-        model=args.model, model_name=args.model_name, replicas=args.replicas, min_replicas=args.min_replicas,
-        max_replicas=args.max_replicas, cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
-        max_ongoing_requests=args.max_ongoing_requests, provider=args.provider, allow_fallback=args.allow_fallback,
-        api_key=args.api_key or os.environ.get("ORTDIFFUSION_API_KEY") or None, max_queue=args.max_queue,
-        max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, batching=not args.no_batching,
-        timeout=args.timeout, public_url=args.public_url,
-    )
-    options.validate()
-    scale = (f"{options.min_replicas}..{options.max_replicas} replicas (autoscaling)" if options.max_replicas is not None
-             else f"{options.replicas} replica(s)")
-    _err(f"serving on http://{args.host}:{args.port} through Ray Serve, {scale}, "
-         f"{options.cpus_per_replica:g} CPU / {options.gpus_per_replica:g} GPU each")
-    ray_app.run(options, args.host, args.port, args.ray_address)
-    return 0
+    return run(args, _err)
 
 
 # -- entry --------------------------------------------------------------------------------------
@@ -463,31 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, default=None, help="a PNG of the stages and rates (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP images API with dynamic batching")
-    p.add_argument("--model", default=None, help="bundle, diffusers checkpoint or preset (default: the built-in model)")
-    p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the model's folder name)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set ORTDIFFUSION_API_KEY)")
-    p.add_argument("--max-queue", type=int, default=16, help="waiting requests before 429")
-    p.add_argument("--max-batch", type=int, default=8, help="images per batch at most")
-    p.add_argument("--batch-window-ms", type=float, default=20.0, help="how long to gather compatible requests")
-    p.add_argument("--no-batching", action="store_true")
-    p.add_argument("--timeout", type=float, default=300.0, help="per-request deadline in seconds")
-    p.add_argument("--warmup-size", action="append", default=[], help="WxH to warm up before ready (repeatable)")
-    p.add_argument("--public-url", default=None, help="base of image URLs (default: the request's host)")
-    p.add_argument("--provider", default=None)
-    p.add_argument("--allow-fallback", action="store_true")
-    r = p.add_argument_group("Ray Serve (needs the ray extra)")
-    r.add_argument("--ray", action="store_true", help="serve through Ray Serve: replicas on a Ray cluster")
-    r.add_argument("--ray-address", default=None, help="cluster to join, e.g. auto or HOST:6379 (default: start a local one)")
-    r.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
-    r.add_argument("--min-replicas", type=int, default=1, help="autoscaling lower bound (with --max-replicas)")
-    r.add_argument("--max-replicas", type=int, default=None, help="turn on autoscaling up to this many replicas")
-    r.add_argument("--cpus-per-replica", type=float, default=1.0)
-    r.add_argument("--gpus-per-replica", type=float, default=0.0)
-    r.add_argument("--max-ongoing-requests", type=int, default=8, help="requests Ray hands one replica at once")
-    p.set_defaults(func=cmd_serve)
+    from .serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub, cmd_serve)
 
     p = sub.add_parser("info", help="a bundle's manifest in short, and this machine's providers")
     p.add_argument("bundle", type=Path, help="builtin, a preset, a bundle or a diffusers checkpoint directory")

@@ -27,13 +27,15 @@ def ray_service(tiny_bundle):
     import ray
     from ray import serve
 
-    from ortdiffusion.serve.ray_app import APP_NAME, RayOptions, build_app
+    from ortdiffusion.serve.ray_app import APP_NAME, build_app
+    from ortdiffusion.serve.settings import RayOptions, ServeConfig
 
     # Logical CPUs: two replicas of one CPU each, whatever this machine has.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    options = RayOptions(model=str(tiny_bundle), model_name="tiny", replicas=2, cpus_per_replica=1, threads=1)
+    options = RayOptions(model=str(tiny_bundle), replicas=2, cpus_per_replica=1, threads=1,
+                         serve=ServeConfig(model_name="tiny"))
     serve.run(build_app(options), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     wait_until_ready(url, 180)
@@ -99,6 +101,18 @@ def test_errors_have_the_single_machine_shape(ray_service, tiny_pipeline):
     assert got.json() == expected.json()
 
 
+def replica_pid(instance: str) -> int:
+    """The process of the replica whose (opaque) `x-ortdiffusion-instance` is Ray's replica id:
+    asked of the replica's actor through Ray, since the header no longer names a host or a pid."""
+    import ray
+    from ray.serve._private.common import REPLICA_ID_FULL_ID_STR_PREFIX
+
+    from ortdiffusion.serve.ray_app import APP_NAME
+
+    actor = ray.get_actor(f"{REPLICA_ID_FULL_ID_STR_PREFIX}{APP_NAME}#ortdiffusion#{instance}", namespace="serve")
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+
+
 def test_killing_a_replica_under_load(ray_service):
     """One replica's process is killed mid-load: the other keeps serving, Ray starts a new one, and
     the openai client's own retries absorb every failure the proxy returns."""
@@ -113,7 +127,7 @@ def test_killing_a_replica_under_load(ray_service):
     client = openai_client(ray_service, max_retries=4, http_client=http)
     before = {generate_raw(client, s)[0] for s in range(8)}
     victim = min(before)
-    pid = int(victim.rsplit(":", 1)[1])
+    pid = replica_pid(victim)
 
     results: list[tuple[str, object]] = []
 
@@ -179,7 +193,7 @@ def test_cli_serve_ray_starts_serves_and_stops_cleanly(tiny_bundle):
 ])
 def test_ray_options_name_the_bad_field(args, field):
     from ortdiffusion.runtime.errors import InvalidRequestError
-    from ortdiffusion.serve.ray_app import RayOptions
+    from ortdiffusion.serve.settings import RayOptions
 
     with pytest.raises(InvalidRequestError) as e:
         RayOptions.from_args(args)
@@ -187,10 +201,13 @@ def test_ray_options_name_the_bad_field(args, field):
 
 
 def test_ray_options_from_strings():
-    from ortdiffusion.serve.ray_app import RayOptions
+    from ortdiffusion.serve.ray_app import deployment_options
+    from ortdiffusion.serve.settings import ImageMetadata, RayOptions
 
-    o = RayOptions.from_args({"replicas": "2", "cpus-per-replica": "0.5", "batching": "false", "max_replicas": "none"})
-    assert (o.replicas, o.cpus_per_replica, o.batching, o.max_replicas) == (2, 0.5, False, None)
-    assert o.deployment_options()["num_replicas"] == 2
-    auto = RayOptions.from_args({"min_replicas": "1", "max_replicas": "4"}).deployment_options()
+    o = RayOptions.from_args({"replicas": "2", "cpus-per-replica": "0.5", "batching": "false", "max_replicas": "none",
+                              "image_metadata": "none", "max_queue": "4"})
+    assert (o.replicas, o.cpus_per_replica, o.serve.batching, o.max_replicas) == (2, 0.5, False, None)
+    assert (o.serve.image_metadata, o.serve.max_queue) == (ImageMetadata.NONE, 4)
+    assert deployment_options(o)["num_replicas"] == 2
+    auto = deployment_options(RayOptions.from_args({"min_replicas": "1", "max_replicas": "4"}))
     assert auto["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in auto

@@ -3,7 +3,8 @@
 One worker thread owns the pipeline. It takes the oldest waiting job, then for a short window
 gathers more jobs that can share its denoising loop — same size, steps, scheduler and guidance —
 up to a maximum number of images, and runs them as one batch. Every image keeps its own seed, so a
-request gets the images it would get alone (up to float rounding in a larger batch). A full queue
+request gets the images it would get alone (up to float rounding in a larger batch). A batch larger
+than `chunk_images(request)` runs as several pipeline calls, one after the other. A full queue
 refuses at once (`OverloadedError`); a job whose client left or whose deadline passed is dropped
 from the queue, and a running batch stops within one denoising step once none of its jobs is wanted.
 """
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field, replace
 from ..runtime.errors import DeadlineExceededError, OverloadedError
 from ..runtime.pipeline import Pipeline, PipelineResult
 from ..runtime.request import GenerationRequest
+from ..runtime.trace import Timings
+from .budget import chunks
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +56,8 @@ class Job:
 
 @dataclass(frozen=True)
 class BatchRecord:
-    """What one batch did, for metrics."""
+    """What one batch did, for metrics: a chunk of a larger request counts as a batch of its own,
+    with the number of requests merged into the run it is part of."""
 
     images: int
     jobs: int
@@ -89,8 +93,10 @@ def split(result: PipelineResult, jobs: list[Job]) -> list[PipelineResult]:
 class Batcher:
     def __init__(self, pipeline: Pipeline, max_queue: int = 16, max_batch_images: int = 8,
                  window_s: float = 0.02, batching: bool = True,
-                 on_batch: Callable[[BatchRecord], None] | None = None):
+                 on_batch: Callable[[BatchRecord], None] | None = None,
+                 chunk_images: Callable[[GenerationRequest], int] | None = None):
         self.pipeline = pipeline
+        self.chunk_images = chunk_images or (lambda request: max_batch_images)
         self.max_queue = max_queue
         self.max_batch_images = max_batch_images
         self.window_s = window_s
@@ -177,7 +183,7 @@ class Batcher:
                     raise Cancelled()
 
             try:
-                result = self.pipeline.generate(merge(batch), callback=check)
+                result = self._generate(merge(batch), check, len(batch))
                 for job, part in zip(batch, split(result, batch)):
                     if job.wanted:
                         job.future.set_result(part)
@@ -193,9 +199,24 @@ class Batcher:
                     _fail(job, e)
             finally:
                 self.in_flight = 0
-                if self.on_batch is not None:
-                    self.on_batch(BatchRecord(sum(j.request.num_images for j in batch), len(batch),
-                                              time.monotonic() - started))
+
+    def _generate(self, request: GenerationRequest, check, jobs: int) -> PipelineResult:
+        """The pipeline over `request` in chunks; one result, as if it had run at once."""
+        parts = []
+        for part in chunks(request, self.chunk_images(request)):
+            started = time.monotonic()
+            parts.append(self.pipeline.generate(part, callback=check))
+            if self.on_batch is not None:
+                self.on_batch(BatchRecord(part.num_images, jobs, time.monotonic() - started))
+        if len(parts) == 1:
+            return parts[0]
+        timings = Timings(total=sum(p.timings.total for p in parts))
+        for p in parts:
+            for stage, seconds in p.timings.stages.items():
+                timings.stages[stage] += seconds
+            timings.unet_steps.extend(p.timings.unet_steps)
+        return replace(parts[0], images=[i for p in parts for i in p.images], seeds=[s for p in parts for s in p.seeds],
+                       metadata=[m for p in parts for m in p.metadata], timings=timings)
 
 
 def _fail(job: Job, error: BaseException) -> None:

@@ -6,12 +6,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..runtime.request import MAX_GUIDANCE
+from ..runtime.request import MAX_GUIDANCE, MAX_SEED, MAX_STEPS
 from ..runtime.schedulers import SchedulerName
 
 MAX_PROMPT_CHARS = 4000  # OpenAI's limit for its newest image models
-MAX_SERVICE_STEPS = 150
-MAX_SEED = 2**63 - 16
 
 Prompt = Annotated[str, Field(strict=True, min_length=1, max_length=MAX_PROMPT_CHARS)]
 
@@ -23,8 +21,9 @@ class GenerateImageRequest(BaseModel):
 
     prompt: Prompt
     negative_prompt: Annotated[str | None, Field(strict=True, max_length=MAX_PROMPT_CHARS)] = None
-    size: Annotated[str | None, Field(strict=True, pattern=r"^[0-9]{1,5}x[0-9]{1,5}$", description="WIDTHxHEIGHT")] = None
-    steps: Annotated[int | None, Field(strict=True, ge=1, le=MAX_SERVICE_STEPS)] = None
+    # Checked by runtime.request.parse_size (the CLI's parser); "auto": the model's own size.
+    size: Annotated[str | None, Field(strict=True, max_length=16, description="WIDTHxHEIGHT or auto")] = None
+    steps: Annotated[int | None, Field(strict=True, ge=1, le=MAX_STEPS)] = None
     guidance_scale: Annotated[float | None, Field(strict=True, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)] = None
     seed: Annotated[int | None, Field(strict=True, ge=0, le=MAX_SEED)] = None
     scheduler: SchedulerName | None = None
@@ -37,9 +36,16 @@ class ImageGenerationRequest(GenerateImageRequest):
     response_format: Literal["b64_json", "url"] = "url"
     model: Annotated[str | None, Field(strict=True, max_length=256)] = None
     user: Annotated[str | None, Field(strict=True, max_length=256)] = None
-    # Accepted for compatibility with OpenAI clients; they do not change what this engine draws.
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: Annotated[int | None, Field(strict=True, ge=0, le=100)] = None
+    # Accepted for compatibility with OpenAI clients; they do not change what this engine draws
+    # (README: "OpenAI parameters accepted and ignored").
     quality: Annotated[str | None, Field(strict=True, max_length=32)] = None
     style: Annotated[str | None, Field(strict=True, max_length=32)] = None
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    moderation: Literal["low", "auto"] | None = None
+    partial_images: Annotated[int | None, Field(strict=True, ge=0, le=3)] = None
+    stream: Literal[False] | None = None  # no streaming here: `true` is refused, naming the field
 
 
 class ImageData(BaseModel):
@@ -52,6 +58,10 @@ class ImageData(BaseModel):
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
+    output_format: str | None = None
+    size: str | None = None
+    #: Where the model will not draw what was asked: words it never saw, sizes it was not trained at (an extension).
+    warnings: list[str] | None = None
     #: The provider each component really ran on (an extension).
     providers: dict[str, str]
 
