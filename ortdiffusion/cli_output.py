@@ -35,6 +35,7 @@ def info_text(bundle: Path, manifest) -> str:
         f"VAE ×{p.vae_scale_factor} (scaling {p.vae_scaling_factor:g}), {p.tokenizer_max_length} tokens",
         f"default       {p.default_width}x{p.default_height}, scheduler {p.default_scheduler} "
         f"(checkpoint's {p.scheduler_class})",
+        "tasks         " + ", ".join(t.value for t in manifest.tasks()),
     ]
     for c in manifest.components.values():
         size = sum(f.size for f in c.files) / 1e6

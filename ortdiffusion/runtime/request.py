@@ -117,7 +117,7 @@ def _seeds(seed: object, count: int) -> tuple[int, ...]:
         if len(seed) != count:
             raise InvalidRequestError("seed", f"a list of seeds needs one per image ({count}), got {len(seed)}")
         return tuple(_int(s, f"seed[{i}]", 0, MAX_SEED) for i, s in enumerate(seed))
-    first = _int(seed, "seed", 0, MAX_SEED - count)
+    first = _int(seed, "seed", 0, MAX_SEED - count + 1)
     return tuple(first + i for i in range(count))
 
 

@@ -23,6 +23,7 @@ from ..runtime.vocabulary import load_vocabulary, prompt_warnings
 from .batcher import Batcher, Cancelled
 from .budget import admit, chunk_size
 from .errors import error_response, install_error_handlers
+from .image_inputs import image_request_args, read_form
 from .images import ImageStore
 from .metrics import Metrics
 from .middleware import BodyGuard, Gate
@@ -154,23 +155,52 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
                                   param="model", code=ErrorCode.MODEL_NOT_FOUND)
         fmt = ImageFormat.parse(body.output_format)
         compression = check_compression(body.output_compression)
-        generation = validated(body, body.n)
+        return await answer(validated(body, body.n), request, fmt, compression, body.response_format)
+
+    async def answer(generation: GenerationRequest, request: Request, fmt: ImageFormat, compression: int | None,
+                     response_format: str):
+        """Run a validated request and answer it as OpenAI's images API does."""
         try:
             result, headers = await run(generation, request)
         except Cancelled:
             return Response(status_code=499)
         data = []
         for image, seed in zip(await encoded(result, fmt, compression), result.seeds):
-            if body.response_format == "b64_json":
+            if response_format == "b64_json":
                 data.append(ImageData(b64_json=base64.b64encode(image).decode(), seed=seed))
             else:
                 data.append(ImageData(url=await image_url(request, image, fmt), seed=seed))
-        warnings = prompt_warnings(pipeline.bundle_dir, generation.prompts, generation.width, generation.height,
-                                   vocabulary) if vocabulary is not None else []
+        prompts = [p for p in generation.prompts if p]
+        warnings = prompt_warnings(pipeline.bundle_dir, prompts, generation.width, generation.height,
+                                   vocabulary) if vocabulary is not None and prompts else []
         payload = ImagesResponse(created=int(time.time()), data=data, providers=result.providers,
                                  output_format=fmt.value, size=f"{generation.width}x{generation.height}",
                                  warnings=warnings or None)
         return JSONResponse(payload.model_dump(exclude_none=True), headers=headers)
+
+    async def image_input(request: Request, edit: bool):
+        """edits and variations: the multipart form → an image request → the same queue as generations."""
+        form, files = await read_form(request, config.max_upload_bytes)
+        if form.model is not None and form.model != model_name:
+            return error_response(404, f"model {form.model!r} is not loaded; this service has {model_name!r}",
+                                  param="model", code=ErrorCode.MODEL_NOT_FOUND)
+        fmt = ImageFormat.parse(form.output_format)
+        compression = check_compression(form.output_compression)
+        args = image_request_args(form, files, pipeline, edit)
+        generation = make_request(pipeline.manifest, args.pop("prompt"), form.negative_prompt, form.n, form.steps,
+                                  form.guidance_scale, form.scheduler, form.seed, None, **args)
+        admit(generation, config)
+        return await answer(generation, request, fmt, compression, form.response_format)
+
+    @app.post("/v1/images/edits", response_model=ImagesResponse, tags=["images"])
+    async def images_edits(request: Request):
+        """OpenAI's edits: `image`, `mask` (transparent = edit), `prompt`, as multipart/form-data."""
+        return await image_input(request, edit=True)
+
+    @app.post("/v1/images/variations", response_model=ImagesResponse, tags=["images"])
+    async def images_variations(request: Request):
+        """OpenAI's variations: `image` alone, as multipart/form-data."""
+        return await image_input(request, edit=False)
 
     @app.post("/generate-image", response_model=GenerateImageResponse, tags=["images"])
     async def generate_image(body: GenerateImageRequest, request: Request):
@@ -196,7 +226,8 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
 
     @app.get("/v1/models", response_model=ModelList, tags=["models"])
     async def models():
-        return ModelList(data=[ModelCard(id=model_name, created=int(time.time()))])
+        return ModelList(data=[ModelCard(id=model_name, created=int(time.time()),
+                                         tasks=[t.value for t in pipeline.manifest.tasks()])])
 
     @app.get("/health/live", tags=["health"])
     async def live():
@@ -215,7 +246,8 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
     app.state.metrics = metrics
     app.state.store = store
     app.state.batcher = batcher_holder
-    app.add_middleware(BodyGuard, max_bytes=config.max_body_bytes, max_depth=config.max_json_depth)
+    app.add_middleware(BodyGuard, max_bytes=config.max_body_bytes, max_depth=config.max_json_depth,
+                       upload_bytes=2 * config.max_upload_bytes + 64 * 1024)
     app.add_middleware(Gate, api_key=config.api_key, hosts=config.hosts(), metrics=metrics)
     return app
 

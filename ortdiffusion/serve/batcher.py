@@ -51,7 +51,8 @@ class Job:
     @property
     def compat_key(self) -> tuple:
         r = self.request
-        return (r.width, r.height, r.steps, r.scheduler, r.guidance_scale)
+        # an image request runs only with its own chunks (the plan has one input image)
+        return (r.width, r.height, r.steps, r.scheduler, r.guidance_scale, None if r.image is None else id(r.image))
 
 
 @dataclass(frozen=True)

@@ -28,16 +28,23 @@ access_log = logging.getLogger("ortdiffusion.serve.access")
 OPEN_PREFIXES = ("/health/", "/metrics", "/v1/images/files/")
 
 
+#: Routes that take multipart uploads (an image, a mask): a larger body, and no JSON to check.
+UPLOAD_PATHS = ("/v1/images/edits", "/v1/images/variations")
+
+
 class BodyGuard:
-    def __init__(self, app, max_bytes: int, max_depth: int):
+    def __init__(self, app, max_bytes: int, max_depth: int, upload_bytes: int | None = None):
         self.app, self.max_bytes, self.max_depth = app, max_bytes, max_depth
+        self.upload_bytes = upload_bytes or max_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        too_large = error_response(413, f"request body exceeds {self.max_bytes} bytes", code=ErrorCode.REQUEST_TOO_LARGE)
+        upload = scope.get("path", "") in UPLOAD_PATHS
+        limit = self.upload_bytes if upload else self.max_bytes
+        too_large = error_response(413, f"request body exceeds {limit} bytes", code=ErrorCode.REQUEST_TOO_LARGE)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await too_large(scope, receive, send)
         chunks, size = [], 0
         while True:
@@ -46,13 +53,13 @@ class BodyGuard:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
+            if size > limit:
                 return await too_large(scope, receive, send)
             chunks.append(chunk)
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
-        if json_depth(body) > self.max_depth:
+        if not upload and json_depth(body) > self.max_depth:
             return await error_response(400, f"JSON nested deeper than {self.max_depth} levels",
                                         code=ErrorCode.INVALID_JSON)(scope, receive, send)
         replayed = False

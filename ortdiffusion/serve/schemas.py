@@ -76,6 +76,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "ortdiffusion"
+    #: What the model does: text-to-image; image-to-image, inpainting, variations where the bundle has
+    #: the image encoder (an extension: the edits and variations routes need those).
+    tasks: list[str] = []
 
 
 class ModelList(BaseModel):

@@ -68,6 +68,8 @@ class ServeConfig:
     # -- the connection: what a client may hold ----------------------------------------------
     max_body_bytes: int = setting(64 * 1024, "request body size at most (413 past it)")
     max_json_depth: int = setting(32, "JSON nesting at most")
+    max_upload_bytes: int = setting(4 * 1024 * 1024, "bytes of one uploaded image at most (edits, variations; "
+                                    "OpenAI's limit is 4 MB)")
     header_timeout_s: float = setting(10.0, "seconds a client has to send a request's headers")
     body_timeout_s: float = setting(30.0, "seconds a client has to send a request's body once its headers came")
     keep_alive_s: float = setting(5.0, "seconds an idle keep-alive connection is kept")
