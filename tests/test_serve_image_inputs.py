@@ -152,3 +152,26 @@ def test_a_bundle_without_the_image_encoder_says_so(bundle_copy):
     with running(Pipeline.load(bundle_copy, providers="cpu")) as url:
         r = post(url, "variations", {"image": ("a.png", png(scene()), "image/png")})
         assert r.status_code == 400 and r.json()["error"]["param"] == "image" and "image encoder" in r.text
+
+
+def test_an_upload_past_starlettes_spool_size_is_not_written_to_disk(service, monkeypatch):
+    """Starlette spools uploads over 1 MiB to a temporary file; ours stay in memory (4 MB limit)."""
+    import tempfile
+
+    created = []
+    real = tempfile.SpooledTemporaryFile
+
+    class Watch(real):
+        def rollover(self):
+            created.append(True)
+            return super().rollover()
+
+    import starlette.formparsers
+
+    monkeypatch.setattr(starlette.formparsers, "SpooledTemporaryFile", Watch)
+    noise = np.random.default_rng(1).integers(0, 255, (700, 700, 3), dtype=np.uint8)
+    big = png(Image.fromarray(noise))
+    assert 1024 * 1024 < len(big) < 4 * 1024 * 1024
+    r = post(service, "variations", {"image": ("big.png", big, "image/png")}, {"size": "64x64", "steps": "2"})
+    assert r.status_code == 200, r.text
+    assert created == []

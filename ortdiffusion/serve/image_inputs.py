@@ -62,6 +62,7 @@ async def read_form(request, max_upload_bytes: int) -> tuple[ImageInputForm, dic
     if not content_type.startswith("multipart/form-data"):
         raise InvalidRequestError("image", f"send multipart/form-data with the image as a file (got "
                                            f"{content_type or 'no content type'}), as OpenAI's images API takes it")
+    _keep_uploads_in_memory(max_upload_bytes)
     try:
         form = await request.form(max_files=3, max_fields=40)
     except Exception as e:  # noqa: BLE001 - python-multipart's and starlette's parse errors differ by version
@@ -90,6 +91,17 @@ async def read_form(request, max_upload_bytes: int) -> tuple[ImageInputForm, dic
         first = e.errors()[0]
         name = ".".join(str(p) for p in first["loc"]) or "body"
         raise InvalidRequestError(name, first["msg"]) from None
+
+
+def _keep_uploads_in_memory(max_upload_bytes: int) -> None:
+    """Starlette spools an uploaded file to a temporary file on disk past 1 MiB
+    (`MultiPartParser.spool_max_size`, a class attribute with no per-request setting): raised to the
+    upload limit, so an upload (bounded by it, and the body by BodyGuard before parsing) stays in
+    memory and nothing of it is written to disk."""
+    from starlette.formparsers import MultiPartParser
+
+    if MultiPartParser.spool_max_size < max_upload_bytes + 1:
+        MultiPartParser.spool_max_size = max_upload_bytes + 1
 
 
 def image_request_args(form: ImageInputForm, files: dict[str, bytes], pipeline, edit: bool) -> dict:
