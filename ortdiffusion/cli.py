@@ -1,4 +1,4 @@
-"""`ortdiffusion export | generate | compare | bench | serve | info` — the command line over export and runtime.
+"""`ortdiffusion export | generate | vary | compare | bench | serve | info` — the command line.
 
 Every command takes a model the same way (`ortdiffusion.models`: `builtin`, a preset, a bundle or a
 checkpoint directory), checks what it can — its extras, its arguments, where it will write — before
@@ -28,8 +28,8 @@ logger = logging.getLogger("ortdiffusion.cli")
 FLAGS = {
     "num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_images_per_prompt": "--num-images",
     "negative_prompt": "--negative-prompt", "seed": "--seed", "scheduler": "--scheduler", "providers": "--provider",
-    "size": "--size", "width": "--size", "height": "--size", "output": "-o", "engines": "--engines",
-}
+    "size": "--size", "width": "--size", "height": "--size", "output": "-o", "engines": "--engines", "image": "--image",
+    "mask_image": "--mask", "strength": "--strength"}
 
 
 def _err(message: str) -> None:

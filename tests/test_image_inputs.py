@@ -268,3 +268,40 @@ def test_torch_is_only_the_reference_here():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     assert torch is not None
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+
+def test_cli_generate_with_an_image_and_a_mask_and_vary(tiny_bundle, tmp_path):
+    from test_cli import run
+
+    from ortdiffusion.runtime.png import read_png_metadata
+
+    picture().save(tmp_path / "in.png")
+    left_half_mask().save(tmp_path / "mask.png")
+    run("generate", PROMPT, "--model", tiny_bundle, "--image", tmp_path / "in.png", "--mask", tmp_path / "mask.png",
+        "--steps", "4", "--seed", "1", "-o", tmp_path / "edit.png")
+    meta = read_png_metadata(tmp_path / "edit.png")
+    assert meta["task"] == "inpainting" and meta["strength"] == "1"
+    proc = run("vary", tmp_path / "in.png", "--model", tiny_bundle, "--steps", "4", "--num-images", "2",
+               "-o", tmp_path / "v.png")
+    assert (tmp_path / "v-0.png").is_file() and (tmp_path / "v-1.png").is_file(), proc.stdout
+    assert read_png_metadata(tmp_path / "v-0.png")["strength"] == "0.7"
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--strength", "1.5"], "--strength"),
+    (["--image", "/nonexistent/in.png"], "--image"),
+    (["--mask", "MASK"], "--mask"),
+])
+def test_cli_image_mistakes_name_the_flag(tiny_bundle, tmp_path, args, flag):
+    from test_cli import run
+
+    picture().save(tmp_path / "in.png")
+    args = [str(tmp_path / "in.png") if a == "MASK" else a for a in args]
+    if "--image" not in args and flag != "--image":
+        args = ["--image", str(tmp_path / "in.png"), *args] if flag == "--strength" else args
+    proc = run("generate", PROMPT, "--model", tiny_bundle, "--steps", "4", *args, "-o", tmp_path / "x.png", check=False)
+    assert proc.returncode == 2 and flag in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "x.png").exists()
