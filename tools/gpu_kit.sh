@@ -11,7 +11,7 @@
 #   there:  tools/gpu_kit.sh receive            # call N carries .whl/pN: parts kept in /tmp/gpu-kit
 #   there:  tools/gpu_kit.sh install            # last part's call: join, verify, install, import check
 #   there:  tools/gpu_kit.sh tests              # the gpu-marked tests
-#   there:  tools/gpu_kit.sh start export|bench|compare|measure   (measure: bench, then compare)
+#   there:  tools/gpu_kit.sh start export|bench|image-tasks|compare|measure   (measure: bench, then compare)
 #                                               # a long step, detached (setsid): it outlives the call
 #                                               # that started it while the machine stays warm
 #   there:  tools/gpu_kit.sh wait STEP SECONDS  # wait for it at most SECONDS, bring its files back in
@@ -103,6 +103,16 @@ bench)
         --runs 3 --warmup 1 --json "$OUT/bench-sd15-512-gpu.json" --markdown "$OUT/bench-sd15-512-gpu.md" \
         2>&1 | tee "$OUT/bench.txt"
     ;;
+image-tasks)
+    # issue 25: img2img and inpainting, ours (CUDA target, fp16) against diffusers' own pipelines
+    env_up
+    for task in image-to-image inpainting; do
+        python3 -m ortdiffusion.cli bench --model sd15-arch --provider cuda --task "$task" \
+            --engines ortdiffusion-cuda,torch --size 512x512 --steps 30 --runs 3 --warmup 1 \
+            --json "$OUT/bench-$task-sd15-512-gpu.json" --markdown "$OUT/bench-$task-sd15-512-gpu.md" \
+            2>&1 | tee "$OUT/bench-$task.txt"
+    done
+    ;;
 compare)
     env_up
     bundle=$(python3 -c "from ortdiffusion.models import resolve_bundle; print(resolve_bundle('sd15-arch', target='cuda', precision='fp16'))")
@@ -115,7 +125,7 @@ measure)
     "$REPO/tools/gpu_kit.sh" compare
     ;;
 start)
-    step=${2:?export, bench, compare or measure}
+    step=${2:?export, bench, image-tasks, compare or measure}
     mkdir -p "$KIT/out/$step"
     rm -f "$KIT/out/$step.rc"
     OUT="$KIT/out/$step" setsid nohup bash -c "'$REPO/tools/gpu_kit.sh' $step > '$KIT/out/$step.log' 2>&1; echo \$? > '$KIT/out/$step.rc'" \
