@@ -198,7 +198,7 @@ def test_unknown_routes_and_methods_answer_in_openais_shape(guarded):
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
     client = OpenAI(base_url=f"{guarded}/v1", api_key="unused", max_retries=0)  # no trailing slash
     with pytest.raises(NotFoundError) as info:
-        client.images.edit(image=("x.png", b"\x89PNG", "image/png"), prompt="x")
+        client.embeddings.create(model="tiny", input="x")  # an OpenAI route this service does not have
     assert info.value.body["code"] == "not_found"
 
 
