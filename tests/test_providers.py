@@ -79,7 +79,7 @@ def test_placement_is_read_from_the_real_session(tiny_bundle):
     """The check reads ONNX Runtime's own record of where each node went: on the CPU provider every
     node is there; the same record held against a CUDA-only preference names the compute nodes."""
     pipe = Pipeline.load(tiny_bundle, providers="cpu")
-    assert set(pipe.placement) == {"text_encoder", "unet", "vae_decoder"}
+    assert set(pipe.placement) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
     assert all(set(counts) == {"cpu"} and counts["cpu"] > 10 for counts in pipe.placement.values())
     import onnxruntime as ort
 
@@ -114,14 +114,14 @@ def test_bad_component_settings_name_the_field(tiny_bundle, value, field, messag
         Pipeline.load(tiny_bundle, providers="cpu", component_settings={"unet": value})
     assert e.value.field == field and str(e.value) == f"{field}: {message}"
     with pytest.raises(InvalidRequestError, match="component_settings: unknown component 'vae'; allowed: "
-                                                  "text_encoder, unet, vae_decoder"):
+                                                  "text_encoder, unet, vae_decoder, vae_encoder"):
         Pipeline.load(tiny_bundle, providers="cpu", component_settings={"vae": {}})
 
 
 def test_component_settings_reach_their_session_only(tiny_bundle):
     pipe = Pipeline.load(tiny_bundle, providers="cpu", component_settings={"text_encoder": {"cpu_memory_arena": False}})
     arena = {name: s._session.get_session_options().enable_cpu_mem_arena for name, s in pipe.sessions.items()}
-    assert arena == {"text_encoder": False, "unet": True, "vae_decoder": True}
+    assert arena == {"text_encoder": False, "unet": True, "vae_decoder": True, "vae_encoder": True}
     assert pipe("a red circle", num_inference_steps=1, seed=0).images[0].size == (64, 64)
 
 
@@ -136,7 +136,7 @@ def test_option_strings_are_onnxruntimes():
 def test_pipeline_reports_providers_that_ran(tiny_bundle):
     assert ProviderKind.CPU in available_providers()
     pipe = Pipeline.load(tiny_bundle, providers=["cpu"])
-    assert pipe.providers == {"text_encoder": "cpu", "unet": "cpu", "vae_decoder": "cpu"}
+    assert pipe.providers == {"text_encoder": "cpu", "unet": "cpu", "vae_decoder": "cpu", "vae_encoder": "cpu"}
     assert pipe("a red circle", num_inference_steps=1, seed=0).providers == pipe.providers
 
 
