@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 from test_serve import running
+from test_serve_api import client, service  # noqa: F401  (the same service fixture and client)
 
 PROMPT = "a blue square on the left"
 
@@ -33,18 +34,6 @@ def alpha_mask(size: int = 64) -> Image.Image:
     mask = Image.new("RGBA", (size, size), (0, 0, 0, 255))
     ImageDraw.Draw(mask).rectangle((0, 0, size // 2 - 1, size - 1), fill=(0, 0, 0, 0))
     return mask
-
-
-@pytest.fixture(scope="module")
-def service(tiny_pipeline):
-    with running(tiny_pipeline) as url:
-        yield url
-
-
-def client(url):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
 
 def decoded(item) -> Image.Image:
@@ -175,3 +164,11 @@ def test_an_upload_past_starlettes_spool_size_is_not_written_to_disk(service, mo
     r = post(service, "variations", {"image": ("big.png", big, "image/png")}, {"size": "64x64", "steps": "2"})
     assert r.status_code == 200, r.text
     assert created == []
+
+
+def test_the_largest_image_allowed_is_read_and_resized(service):
+    """The worst upload the limits admit by pixels: 4096² (a flat PNG, well under 4 MB), resized to the asked size."""
+    big = png(Image.new("RGB", (4096, 4096), (200, 60, 60)))
+    r = post(service, "variations", {"image": ("big.png", big, "image/png")}, {"size": "64x64", "steps": "2"})
+    assert r.status_code == 200, r.text
+    assert r.json()["size"] == "64x64"
