@@ -79,6 +79,15 @@ def require_extra(extra: str, what: str) -> None:
         raise error
 
 
+def _used(path: Path) -> Path:
+    """Mark a cache entry as used now (its mtime): what `ortdiffusion cache prune --older-than` reads."""
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache still serves
+        pass
+    return path
+
+
 def _describe_names() -> str:
     return (f"{BUILTIN!r}, a preset ({', '.join(PRESET_NAMES)}), a bundle directory, a diffusers checkpoint directory, "
             "a Hugging Face hub name (org/name), a single-file checkpoint (.safetensors, .ckpt) or an ONNX export in "
@@ -218,7 +227,7 @@ def imported_bundle(path: Path, progress: Callable[[str], None] | None = None, d
     check_layout(path)
     bundle = cache_dir() / "bundles" / f"onnx-{layout_sha256(path)[:16]}"
     if (bundle / MANIFEST_NAME).is_file() or not do_import:
-        return bundle if (bundle / MANIFEST_NAME).is_file() else None
+        return _used(bundle) if (bundle / MANIFEST_NAME).is_file() else None
     import importlib.util
 
     if importlib.util.find_spec("onnx") is None:
@@ -285,7 +294,7 @@ def cached_bundle(model: str | Path, target: str = "generic", precision: str = "
     from .export.checkpoint import weights_sha256  # the standard library only
 
     bundle = cache_dir() / "bundles" / (weights_sha256(path)[:16] + VARIANTS[target, precision])
-    return bundle if (bundle / MANIFEST_NAME).is_file() else None
+    return _used(bundle) if (bundle / MANIFEST_NAME).is_file() else None
 
 
 def needs_export(model: str | Path | None, target: str = "generic", precision: str = "fp32") -> bool:
@@ -380,7 +389,7 @@ def resolve_bundle(model: str | Path | None, progress: Callable[[str], None] | N
     bundle = cache_dir() / "bundles" / (weights_sha256(path)[:16] + VARIANTS[target, precision])
     if (bundle / MANIFEST_NAME).is_file():  # found without importing torch: it stays out of the process
         logger.info("using cached bundle %s for %s", bundle, path)
-        return bundle
+        return _used(bundle)
     if not allow_export:
         raise BundleError(str(path), f"no cached {target}/{precision} bundle for it in {cache_dir() / 'bundles'}; "
                           "export it first")

@@ -148,6 +148,16 @@ def _rename_uses(graph, old: str, new: str) -> None:
                 node.output[i] = new
 
 
+def _fresh(graph, base: str) -> str:
+    """A tensor name not used in `graph` (a graph adapted twice, there and back, must stay valid)."""
+    used = {n for node in graph.node for n in (*node.input, *node.output)}
+    used |= {v.name for v in (*graph.input, *graph.output, *graph.initializer)}
+    name, n = base, 1
+    while name in used:
+        name, n = f"{base}{n}", n + 1
+    return name
+
+
 def _value_info(name: str, elem: int, shape: tuple[int | str, ...]):
     from onnx import helper
 
@@ -160,13 +170,14 @@ def _replace_input(graph, old_name: str, name: str, elem: int, shape: tuple, inn
     from onnx import helper
 
     index = next(i for i, v in enumerate(graph.input) if v.name == old_name)
-    inner = f"{old_name}__adapted"
+    inner = _fresh(graph, f"{old_name}__adapted")
     _rename_uses(graph, old_name, inner)
     nodes, source = [], name
     if inner_rank == 0 and len(shape) == 1:
-        nodes.append(helper.make_node("Gather", [source, f"{inner}__index"], [f"{inner}__scalar"], axis=0))
-        graph.initializer.append(helper.make_tensor(f"{inner}__index", _elem("int64"), [], [0]))
-        source = f"{inner}__scalar"
+        first, scalar = _fresh(graph, f"{inner}__index"), _fresh(graph, f"{inner}__scalar")
+        nodes.append(helper.make_node("Gather", [source, first], [scalar], axis=0))
+        graph.initializer.append(helper.make_tensor(first, _elem("int64"), [], [0]))
+        source = scalar
     nodes.append(helper.make_node("Cast", [source], [inner], to=inner_elem) if elem != inner_elem
                  else helper.make_node("Identity", [source], [inner]))
     for n, node in enumerate(nodes):
@@ -179,7 +190,7 @@ def _replace_output(graph, old_name: str, name: str, elem: int, shape: tuple, in
     from onnx import helper
 
     index = next(i for i, v in enumerate(graph.output) if v.name == old_name)
-    inner = f"{old_name}__adapted"
+    inner = _fresh(graph, f"{old_name}__adapted")
     _rename_uses(graph, old_name, inner)
     graph.node.append(helper.make_node("Cast", [inner], [name], to=elem) if elem != inner_elem
                       else helper.make_node("Identity", [inner], [name]))
@@ -197,9 +208,10 @@ def _adapt(model, inputs: list[Port], outputs: list[Port], to_ours: bool) -> Non
         old, new = (port.theirs, port.ours) if to_ours else (port.ours, port.theirs)
         new_elem = _elem(port.dtype) if to_ours else elems[old]
         _replace_input(graph, old, new, new_elem, port.shape, elems[old], ranks[old] if to_ours else None)
-    wanted = {(p.theirs if to_ours else p.ours) for p in outputs}
-    for extra in [v for v in graph.output if v.name not in wanted]:
-        graph.output.remove(extra)
+    if to_ours:  # only what the runtime reads: no `hidden_states.N`, no sampled latents
+        wanted = {p.theirs for p in outputs} | {"latent_parameters"}
+        for extra in [v for v in graph.output if v.name not in wanted]:
+            graph.output.remove(extra)
     for port in outputs:
         old, new = (port.theirs, port.ours) if to_ours else (port.ours, port.theirs)
         new_elem = _elem(port.dtype) if to_ours else elems[old]
@@ -216,22 +228,24 @@ def _split_latent_parameters(model, channels: int, shape: tuple) -> None:
     out = next(v for v in graph.output if v.name == "latent_parameters")
     inner_elem = out.type.tensor_type.elem_type
     graph.output.remove(out)
+    for name in ("latent_mean", "latent_std"):  # names the graph may use inside (one we wrote)
+        _rename_uses(graph, name, _fresh(graph, f"{name}__inner"))
     f32 = _elem("float32")
+    t = {k: _fresh(graph, f"latent_parameters__{k}") for k in ("f32", "split", "min", "max", "half", "logvar",
+                                                                "clipped", "halved")}
     graph.initializer.extend([
-        helper.make_tensor("latent_parameters__split", _elem("int64"), [2], [channels, channels]),
-        helper.make_tensor("latent_parameters__min", f32, [], [-30.0]),
-        helper.make_tensor("latent_parameters__max", f32, [], [20.0]),
-        helper.make_tensor("latent_parameters__half", f32, [], [0.5]),
+        helper.make_tensor(t["split"], _elem("int64"), [2], [channels, channels]),
+        helper.make_tensor(t["min"], f32, [], [-30.0]),
+        helper.make_tensor(t["max"], f32, [], [20.0]),
+        helper.make_tensor(t["half"], f32, [], [0.5]),
     ])
     graph.node.extend([
-        helper.make_node("Cast", ["latent_parameters"], ["latent_parameters__f32"], to=f32) if inner_elem != f32
-        else helper.make_node("Identity", ["latent_parameters"], ["latent_parameters__f32"]),
-        helper.make_node("Split", ["latent_parameters__f32", "latent_parameters__split"],
-                         ["latent_mean", "latent_parameters__logvar"], axis=1),
-        helper.make_node("Clip", ["latent_parameters__logvar", "latent_parameters__min", "latent_parameters__max"],
-                         ["latent_parameters__clipped"]),
-        helper.make_node("Mul", ["latent_parameters__clipped", "latent_parameters__half"], ["latent_parameters__halved"]),
-        helper.make_node("Exp", ["latent_parameters__halved"], ["latent_std"]),
+        helper.make_node("Cast", ["latent_parameters"], [t["f32"]], to=f32) if inner_elem != f32
+        else helper.make_node("Identity", ["latent_parameters"], [t["f32"]]),
+        helper.make_node("Split", [t["f32"], t["split"]], ["latent_mean", t["logvar"]], axis=1),
+        helper.make_node("Clip", [t["logvar"], t["min"], t["max"]], [t["clipped"]]),
+        helper.make_node("Mul", [t["clipped"], t["half"]], [t["halved"]]),
+        helper.make_node("Exp", [t["halved"]], ["latent_std"]),
     ])
     graph.output.extend([_value_info("latent_mean", f32, shape), _value_info("latent_std", f32, shape)])
 
@@ -243,10 +257,12 @@ def _join_latent_parameters(model, shape: tuple) -> None:
     graph = model.graph
     for name in ("latent_mean", "latent_std"):
         graph.output.remove(next(v for v in graph.output if v.name == name))
+    _rename_uses(graph, "latent_parameters", _fresh(graph, "latent_parameters__inner"))
+    var, logvar = _fresh(graph, "latent_parameters__var"), _fresh(graph, "latent_parameters__logvar")
     graph.node.extend([
-        helper.make_node("Mul", ["latent_std", "latent_std"], ["latent_parameters__var"]),
-        helper.make_node("Log", ["latent_parameters__var"], ["latent_parameters__logvar"]),
-        helper.make_node("Concat", ["latent_mean", "latent_parameters__logvar"], ["latent_parameters"], axis=1),
+        helper.make_node("Mul", ["latent_std", "latent_std"], [var]),
+        helper.make_node("Log", [var], [logvar]),
+        helper.make_node("Concat", ["latent_mean", logvar], ["latent_parameters"], axis=1),
     ])
     graph.output.append(_value_info("latent_parameters", _elem("float32"), shape))
 
