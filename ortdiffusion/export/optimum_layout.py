@@ -457,6 +457,9 @@ def import_optimum(src: Path | str, out_dir: Path | str, progress: Progress | No
                 shape = ("batch", sizes.latent_channels, "height", "width")
                 _split_latent_parameters(model, sizes.latent_channels, shape)
                 outputs = [Port("latent_mean", "", "float32", shape), Port("latent_std", "", "float32", shape)]
+            # the manifest lists them in the graph's order, which the runtime checks (Optimum's may differ from ours)
+            order = {v.name: n for n, v in enumerate([*model.graph.input, *model.graph.output])}
+            inputs, outputs = sorted(inputs, key=lambda p: order[p.ours]), sorted(outputs, key=lambda p: order[p.ours])
             files = _save_graph(model, src / folder, tmp / f"{name}.onnx", f"{name}.onnx.data")
             components[name] = ComponentManifest(
                 name=name, files=tuple(file_record(tmp, f) for f in files), precision=precision,
