@@ -227,6 +227,13 @@ def test_partial_onnx_folder_names_the_missing_file(cache, optimum_dir, tmp_path
     shutil.copytree(optimum_dir / "vae_decoder", partial / "vae_decoder", dirs_exist_ok=True)
     unet = partial / "unet" / "model.onnx"
     onnx.save(onnx.load(str(unet)), str(unet), save_as_external_data=True, location="model.onnx_data", size_threshold=0)
+    # with its weights beside it, as Optimum keeps a large UNet's, it imports (linked as unet.onnx.data) and runs
+    from ortdiffusion import Pipeline
+    from ortdiffusion.export.optimum_layout import import_optimum
+
+    manifest = import_optimum(partial, tmp_path / "with-data")
+    assert [f.path for f in manifest.components["unet"].files] == ["unet.onnx", "unet.onnx.data"]
+    assert Pipeline.load(tmp_path / "with-data", providers="cpu")("a red circle", num_inference_steps=2).images
     (partial / "unet" / "model.onnx_data").unlink()
     with pytest.raises(BundleError) as e:
         resolve_bundle(str(partial))
@@ -236,11 +243,14 @@ def test_partial_onnx_folder_names_the_missing_file(cache, optimum_dir, tmp_path
         resolve_bundle(str(partial))
 
 
-def test_cli_imports_an_optimum_export_and_lists_and_prunes_the_cache(cache, optimum_dir, tmp_path, capsys):
+def test_cli_imports_compares_and_lists_and_prunes_the_cache(cache, optimum_dir, tiny_checkpoint, tmp_path, capsys):
     from ortdiffusion.cli import main
 
     assert main(["export", str(optimum_dir), str(tmp_path / "imported")]) == 0
     assert (tmp_path / "imported" / "manifest.json").is_file()
+    # the import against the checkpoint it was made from, per component and end to end
+    assert main(["compare", str(tiny_checkpoint), str(optimum_dir), "--steps", "2"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("PASS")
     assert main(["generate", "a red circle", "--model", str(optimum_dir), "--steps", "2", "-q",
                  "-o", str(tmp_path / "out.png")]) == 0
     (cache / "bundles" / ".x.partial-1").mkdir()
