@@ -117,9 +117,13 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-#: What a hub snapshot needs of a diffusers or Optimum repository (not its other weight formats).
+#: What a hub snapshot needs of a diffusers repository, an Optimum export or a bundle: the
+#: components' configs and weights, not a single-file copy at the top (several GB), other weight
+#: formats or variants, the safety checker.
+HUB_ALLOW = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors", "*/*.onnx", "*/*.onnx_data", "*/*.pb",
+             "manifest.json", "tokenizer.json", "*.onnx", "*.onnx.data"]
 HUB_IGNORE = ["*.ckpt", "*.bin", "*.msgpack", "*.h5", "*.fp16.*", "*.non_ema.*", "*.ema.*", "safety_checker/*",
-              "feature_extractor/*", "*.png", "*.jpg", "/*.safetensors"]
+              "feature_extractor/*"]
 
 
 def hub_snapshot(name: str, download: bool = True, revision: str | None = None) -> Path:
@@ -134,7 +138,7 @@ def hub_snapshot(name: str, download: bool = True, revision: str | None = None) 
     local_only = not download or hub_offline()
     try:
         return Path(snapshot_download(name, revision=revision, cache_dir=str(cache), local_files_only=local_only,
-                                      ignore_patterns=HUB_IGNORE))
+                                      allow_patterns=HUB_ALLOW, ignore_patterns=HUB_IGNORE))
     except LocalEntryNotFoundError:
         why = ("HF_HUB_OFFLINE is set" if hub_offline() else "downloading was not allowed") if local_only \
             else "it could not be downloaded"
