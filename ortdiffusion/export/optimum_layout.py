@@ -429,6 +429,7 @@ def import_optimum(src: Path | str, out_dir: Path | str, progress: Progress | No
                           f"text-to-image UNets ({sizes.latent_channels} latent channels), not inpainting ones")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     components: dict[str, Any] = {}
+    scalar_timestep = False
     with staged(out_dir) as tmp:
         for name, folder in FOLDERS.items():
             graph_path = src / folder / MODEL_FILE
@@ -452,6 +453,8 @@ def import_optimum(src: Path | str, out_dir: Path | str, progress: Progress | No
                 and name != "text_encoder" else Precision.FP32
             if name == "text_encoder" and any(i.type.tensor_type.elem_type == _elem("float16") for i in model.graph.output):
                 precision = Precision.FP16
+            if name == "unet" and not theirs_in["timestep"].type.tensor_type.shape.dim:
+                scalar_timestep = True  # newer Optimum exports: one timestep for the batch (the loop's way)
             _adapt(model, inputs, outputs, to_ours=True)
             if name == "vae_encoder":
                 shape = ("batch", sizes.latent_channels, "height", "width")
@@ -496,7 +499,7 @@ def import_optimum(src: Path | str, out_dir: Path | str, progress: Progress | No
             ),
             components=components,
             tokenizer=file_record(tmp, tmp / TOKENIZER_NAME),
-            extra={"imported_from": "optimum-layout"},
+            extra={"imported_from": "optimum-layout", **({"one_timestep_per_batch": True} if scalar_timestep else {})},
         )
         write_manifest(tmp, manifest)
     say(f"imported {src} → {out_dir}")
