@@ -267,6 +267,47 @@ def test_cli_imports_compares_and_lists_and_prunes_the_cache(cache, optimum_dir,
     assert not any((cache / "bundles").iterdir())
 
 
+def test_optimums_dtypes_are_adapted_at_the_edges(cache, optimum_dir, tiny_pipeline, tmp_path):
+    """Optimum's own exports take int32 token ids and (newer ones) an int64 scalar timestep: the
+    import casts ours to theirs inside the graph, and the image is the same."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ortdiffusion import Pipeline
+
+    source = tmp_path / "optimum-dtypes"
+    shutil.copytree(optimum_dir, source)
+
+    def retype(folder: str, name: str, elem: int, shape: list, convert: list) -> None:
+        path = source / folder / "model.onnx"
+        model = onnx.load(str(path))
+        graph = model.graph
+        for node in graph.node:
+            node.input[:] = [f"{name}__ours" if i == name else i for i in node.input]
+        for n, node in enumerate(convert):
+            graph.node.insert(n, node)
+        old = next(v for v in graph.input if v.name == name)
+        graph.input.remove(old)
+        graph.input.append(helper.make_tensor_value_info(name, elem, shape))
+        onnx.save(model, str(path))
+
+    retype("text_encoder", "input_ids", TensorProto.INT32, ["batch_size", "sequence_length"],
+           [helper.make_node("Cast", ["input_ids"], ["input_ids__ours"], to=TensorProto.INT64)])
+    retype("unet", "timestep", TensorProto.INT64, [],
+           [helper.make_node("Cast", ["timestep"], ["timestep__float"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["timestep__float", "timestep__axes"], ["timestep__ours"])])
+    unet = onnx.load(str(source / "unet" / "model.onnx"))
+    unet.graph.initializer.append(helper.make_tensor("timestep__axes", TensorProto.INT64, [1], [0]))
+    onnx.save(unet, str(source / "unet" / "model.onnx"))
+
+    pipe = Pipeline.load(source, providers="cpu")
+    unet = onnx.load(str(pipe.bundle_dir / "unet.onnx"))
+    timestep = next(i for i in unet.graph.input if i.name == "timestep").type.tensor_type
+    assert timestep.elem_type == TensorProto.FLOAT and [d.dim_param for d in timestep.shape.dim] == ["batch"]
+    # DDIM's timesteps are integers: the int64 graph sees exactly what the float one did
+    assert np.array_equal(np.asarray(ours_image(pipe)), np.asarray(ours_image(tiny_pipeline)))
+
+
 # -- Optimum itself, in its own environment -----------------------------------------------------------
 
 
