@@ -58,7 +58,7 @@ def _resolve_bundle(model: str | None, flag: str, config: str | None = None) -> 
     (after checking the export extra is there, so a missing torch is said before any work)."""
     from .models import needs_export, resolve_bundle
 
-    if needs_export(model):
+    if needs_export(model, config=config):
         _require_export(f"{flag} {model} (exported once, then cached)")
     return resolve_bundle(model, progress=_err, config=config)
 

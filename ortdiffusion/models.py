@@ -143,8 +143,8 @@ def hub_snapshot(name: str, download: bool = True, revision: str | None = None) 
         why = ("HF_HUB_OFFLINE is set" if hub_offline() else "downloading was not allowed") if local_only \
             else "it could not be downloaded"
         raise BundleError(name, f"hub model not in the Hugging Face cache {cache / ('models--' + name.replace('/', '--'))} "
-                                f"and {why}; download it where the network is allowed (huggingface-cli download "
-                                f"{name}) or point HF_HOME at a cache that has it") from None
+                                f"and {why}; download it where the network is allowed (`hf download "
+                                f"{name}`) or point HF_HOME at a cache that has it") from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise BundleError(name, f"hub model could not be fetched into {cache}: {e}") from None
 
@@ -301,7 +301,8 @@ def cached_bundle(model: str | Path, target: str = "generic", precision: str = "
     return _used(bundle) if (bundle / MANIFEST_NAME).is_file() else None
 
 
-def needs_export(model: str | Path | None, target: str = "generic", precision: str = "fp32") -> bool:
+def needs_export(model: str | Path | None, target: str = "generic", precision: str = "fp32",
+                 config: str | None = None) -> bool:
     """Whether resolving `model` would build or export something (and so need the export extra)."""
     model = str(model) if model is not None else DEFAULT_MODEL
     if model == BUILTIN and (target, precision) == ("generic", "fp32"):
@@ -315,7 +316,7 @@ def needs_export(model: str | Path | None, target: str = "generic", precision: s
     if (path / MANIFEST_NAME).is_file() or is_optimum_export(path):
         return False
     if is_single_file(path):
-        converted = single_file_checkpoint(path, convert=False)
+        converted = single_file_checkpoint(path, config, convert=False)
         return converted is None or cached_bundle(converted, target, precision) is None
     is_model = model in PRESET_NAMES or model == BUILTIN or (Path(model) / "model_index.json").is_file()
     return is_model and cached_bundle(model, target, precision) is None
