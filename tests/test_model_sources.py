@@ -124,6 +124,7 @@ def test_single_file_checkpoint_exports_and_matches_diffusers(cache, tiny_checkp
         requires_safety_checker=False))
     assert_matches(ours_image(Pipeline.load(bundle, providers="cpu")), ref, "single file")
     assert resolve_bundle(str(single), config=str(tiny_checkpoint), allow_export=False) == bundle  # cached
+    assert not needs_export(str(single), config=str(tiny_checkpoint))
     # without --config it is another conversion (the inferred configs), not this one
     with pytest.raises(BundleError, match="single-file checkpoint"):
         find_bundle(str(single))

@@ -391,119 +391,125 @@ def import_optimum(src: Path | str, out_dir: Path | str, progress: Progress | No
                    overwrite: bool = False):
     """Import an ONNX export in Optimum's layout into a bundle at `out_dir` (torch-free)."""
     from .. import __version__
-    from ..runtime.manifest import (
-        FORMAT_VERSION,
-        TOKENIZER_NAME,
-        ComponentManifest,
-        Manifest,
-        PipelineConstants,
-        Precision,
-        SourceInfo,
-        TensorInfo,
-        file_record,
-        write_manifest,
-    )
-    from ..runtime.schedulers import default_scheduler_for
+    from ..runtime.manifest import FORMAT_VERSION, TOKENIZER_NAME, Manifest, SourceInfo, file_record, write_manifest
     from .staging import staged
 
     say = progress or (lambda msg: logger.info("%s", msg))
     src, out_dir = Path(src), Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise BundleError(str(out_dir), "already exists; choose another output or allow overwriting")
+    # 1. the layout is complete; its configs give the networks' sizes and the pipeline's constants
     check_layout(src)
-    text_config = _read_json(src / "text_encoder" / "config.json")
-    unet_config = _read_json(src / "unet" / "config.json")
-    vae_config = _read_json(src / "vae_decoder" / "config.json")
+    configs = {name: _read_json(src / name / "config.json") for name in ("text_encoder", "unet", "vae_decoder")}
     scheduler_config = _read_json(src / "scheduler" / "scheduler_config.json")
     tokenizer_json, max_length, pad_id = _tokenizer(src / "tokenizer")
-    sizes = Sizes(
-        max_length=max_length, hidden=int(text_config.get("hidden_size", unet_config.get("cross_attention_dim", 768))),
-        latent_channels=int(vae_config.get("latent_channels", 4)), unet_in=int(unet_config.get("in_channels", 4)),
-        unet_out=int(unet_config.get("out_channels", 4)), latent_side=int(unet_config.get("sample_size", 64)),
-        down_blocks=len(unet_config.get("block_out_channels", (0,) * 4)),
-        vae_blocks=len(vae_config.get("block_out_channels", (0,) * 4)),
-        image_channels=int(vae_config.get("out_channels", 3)),
-    )
-    if sizes.unet_in != sizes.latent_channels:
-        raise BundleError(str(src / "unet" / "config.json"), f"in_channels {sizes.unet_in}: the import takes "
-                          f"text-to-image UNets ({sizes.latent_channels} latent channels), not inpainting ones")
+    sizes = _sizes(src, configs, max_length)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    components: dict[str, Any] = {}
-    scalar_timestep = False
     with staged(out_dir) as tmp:
+        # 2. each graph with the bundle's interface at its edges, its weights linked beside it
+        components, extra = {}, {"imported_from": "optimum-layout"}
         for name, folder in FOLDERS.items():
-            graph_path = src / folder / MODEL_FILE
-            if not graph_path.is_file():
-                continue
-            say(f"{name}: importing {folder}/{MODEL_FILE}")
-            model = _load_graph(graph_path)
-            theirs_in = {v.name: v for v in model.graph.input}
-            theirs_out = [v.name for v in model.graph.output]
-            pooled = None
-            if name == "text_encoder" and "pooler_output" in theirs_out:
-                pooled = int(text_config.get("projection_dim", sizes.hidden)) if "text_embeds" in theirs_out else sizes.hidden
-            inputs, outputs = _ports(name, sizes, pooled)
-            if name == "vae_encoder" and "latent_parameters" not in theirs_out:
-                logger.warning("%s: outputs %s, not latent_parameters (a sample drawn inside the graph, as old exports "
-                               "did); the bundle is text-to-image only", graph_path, theirs_out)
-                say(f"{name}: skipped (no latent_parameters output; image inputs need it)")
-                continue
-            _check_ports(graph_path, inputs, outputs, theirs_in, theirs_out)
-            precision = Precision.FP16 if theirs_in[inputs[0].theirs].type.tensor_type.elem_type == _elem("float16") \
-                and name != "text_encoder" else Precision.FP32
-            if name == "text_encoder" and any(i.type.tensor_type.elem_type == _elem("float16") for i in model.graph.output):
-                precision = Precision.FP16
-            if name == "unet" and not theirs_in["timestep"].type.tensor_type.shape.dim:
-                scalar_timestep = True  # newer Optimum exports: one timestep for the batch (the loop's way)
-            _adapt(model, inputs, outputs, to_ours=True)
-            if name == "vae_encoder":
-                shape = ("batch", sizes.latent_channels, "height", "width")
-                _split_latent_parameters(model, sizes.latent_channels, shape)
-                outputs = [Port("latent_mean", "", "float32", shape), Port("latent_std", "", "float32", shape)]
-            # the manifest lists them in the graph's order, which the runtime checks (Optimum's may differ from ours)
-            order = {v.name: n for n, v in enumerate([*model.graph.input, *model.graph.output])}
-            inputs, outputs = sorted(inputs, key=lambda p: order[p.ours]), sorted(outputs, key=lambda p: order[p.ours])
-            files = _save_graph(model, src / folder, tmp / f"{name}.onnx", f"{name}.onnx.data")
-            components[name] = ComponentManifest(
-                name=name, files=tuple(file_record(tmp, f) for f in files), precision=precision,
-                opset=next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0),
-                providers=("tensorrt", "cuda", "cpu"),
-                inputs=tuple(TensorInfo(p.ours, p.dtype, p.shape) for p in inputs),
-                outputs=tuple(TensorInfo(p.ours, p.dtype, p.shape) for p in outputs),
-                dims=_dims(name, sizes),
-            )
+            if (src / folder / MODEL_FILE).is_file():
+                say(f"{name}: importing {folder}/{MODEL_FILE}")
+                component = _import_component(name, src / folder, tmp, sizes, configs["text_encoder"], extra)
+                if component is not None:
+                    components[name] = component
+        # 3. the tokenizer as tokenizer.json, the constants, the manifest
         (tmp / TOKENIZER_NAME).write_text(tokenizer_json, encoding="utf-8")
-        scheduler_class = str(scheduler_config.get("_class_name", "PNDMScheduler"))
-        vae_scale = 2 ** (sizes.vae_blocks - 1)
-        shift = vae_config.get("shift_factor")
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             created_by=_versions(__version__),
             source=SourceInfo(checkpoint=str(src.resolve()), weights_sha256=layout_sha256(src)),
-            pipeline=PipelineConstants(
-                family="stable-diffusion",
-                prediction_type=str(scheduler_config.get("prediction_type", "epsilon")),
-                latent_channels=sizes.latent_channels,
-                vae_scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
-                vae_shift_factor=None if shift is None else float(shift),
-                vae_scale_factor=vae_scale,
-                tokenizer_max_length=max_length,
-                pad_token_id=pad_id,
-                default_width=sizes.latent_side * vae_scale,
-                default_height=sizes.latent_side * vae_scale,
-                scheduler_class=scheduler_class,
-                scheduler_config={k: v for k, v in scheduler_config.items() if not k.startswith("_")},
-                default_scheduler=default_scheduler_for(scheduler_class).value,
-                unet_feeds={"sample": "latents", "timestep": "timestep",
-                            "encoder_hidden_states": "text_encoder/last_hidden_state"},
-            ),
+            pipeline=_constants(sizes, configs["vae_decoder"], scheduler_config, pad_id),
             components=components,
             tokenizer=file_record(tmp, tmp / TOKENIZER_NAME),
-            extra={"imported_from": "optimum-layout", **({"one_timestep_per_batch": True} if scalar_timestep else {})},
+            extra=extra,
         )
         write_manifest(tmp, manifest)
     say(f"imported {src} → {out_dir}")
     return manifest
+
+
+def _sizes(src: Path, configs: dict[str, dict[str, Any]], max_length: int) -> Sizes:
+    text, unet, vae = configs["text_encoder"], configs["unet"], configs["vae_decoder"]
+    sizes = Sizes(
+        max_length=max_length, hidden=int(text.get("hidden_size", unet.get("cross_attention_dim", 768))),
+        latent_channels=int(vae.get("latent_channels", 4)), unet_in=int(unet.get("in_channels", 4)),
+        unet_out=int(unet.get("out_channels", 4)), latent_side=int(unet.get("sample_size", 64)),
+        down_blocks=len(unet.get("block_out_channels", (0,) * 4)), vae_blocks=len(vae.get("block_out_channels", (0,) * 4)),
+        image_channels=int(vae.get("out_channels", 3)),
+    )
+    if sizes.unet_in != sizes.latent_channels:
+        raise BundleError(str(src / "unet" / "config.json"), f"in_channels {sizes.unet_in}: the import takes "
+                          f"text-to-image UNets ({sizes.latent_channels} latent channels), not inpainting ones")
+    return sizes
+
+
+def _import_component(name: str, folder: Path, out: Path, sizes: Sizes, text_config: dict[str, Any],
+                      extra: dict[str, Any]):
+    """One graph of the layout as a bundle component (None: an encoder the runtime cannot use)."""
+    from ..runtime.manifest import ComponentManifest, Precision, TensorInfo, file_record
+
+    graph_path = folder / MODEL_FILE
+    model = _load_graph(graph_path)
+    theirs_in = {v.name: v for v in model.graph.input}
+    theirs_out = [v.name for v in model.graph.output]
+    pooled = None
+    if name == "text_encoder" and "pooler_output" in theirs_out:
+        pooled = int(text_config.get("projection_dim", sizes.hidden)) if "text_embeds" in theirs_out else sizes.hidden
+    inputs, outputs = _ports(name, sizes, pooled)
+    if name == "vae_encoder" and "latent_parameters" not in theirs_out:
+        logger.warning("%s: outputs %s, not latent_parameters (a sample drawn inside the graph, as old exports did); "
+                       "the bundle is text-to-image only", graph_path, theirs_out)
+        return None
+    _check_ports(graph_path, inputs, outputs, theirs_in, theirs_out)
+    fp16 = _elem("float16")
+    edges = [theirs_in[p.theirs] for p in inputs] if name != "text_encoder" else list(model.graph.output)
+    precision = Precision.FP16 if any(v.type.tensor_type.elem_type == fp16 for v in edges) else Precision.FP32
+    if name == "unet" and not theirs_in["timestep"].type.tensor_type.shape.dim:
+        extra["one_timestep_per_batch"] = True  # newer Optimum exports: one timestep for the batch (the loop's way)
+    _adapt(model, inputs, outputs, to_ours=True)
+    if name == "vae_encoder":
+        shape = ("batch", sizes.latent_channels, "height", "width")
+        _split_latent_parameters(model, sizes.latent_channels, shape)
+        outputs = [Port("latent_mean", "", "float32", shape), Port("latent_std", "", "float32", shape)]
+    # the manifest lists them in the graph's order, which the runtime checks (Optimum's may differ from ours)
+    order = {v.name: n for n, v in enumerate([*model.graph.input, *model.graph.output])}
+    inputs, outputs = sorted(inputs, key=lambda p: order[p.ours]), sorted(outputs, key=lambda p: order[p.ours])
+    files = _save_graph(model, folder, out / f"{name}.onnx", f"{name}.onnx.data")
+    return ComponentManifest(
+        name=name, files=tuple(file_record(out, f) for f in files), precision=precision,
+        opset=next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0),
+        providers=("tensorrt", "cuda", "cpu"),  # the plain graph, as a generic export's
+        inputs=tuple(TensorInfo(p.ours, p.dtype, p.shape) for p in inputs),
+        outputs=tuple(TensorInfo(p.ours, p.dtype, p.shape) for p in outputs),
+        dims=_dims(name, sizes),
+    )
+
+
+def _constants(sizes: Sizes, vae_config: dict[str, Any], scheduler_config: dict[str, Any], pad_id: int):
+    from ..runtime.manifest import PipelineConstants
+    from ..runtime.schedulers import default_scheduler_for
+
+    scheduler_class = str(scheduler_config.get("_class_name", "PNDMScheduler"))
+    vae_scale = 2 ** (sizes.vae_blocks - 1)
+    shift = vae_config.get("shift_factor")
+    return PipelineConstants(
+        family="stable-diffusion",
+        prediction_type=str(scheduler_config.get("prediction_type", "epsilon")),
+        latent_channels=sizes.latent_channels,
+        vae_scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
+        vae_shift_factor=None if shift is None else float(shift),
+        vae_scale_factor=vae_scale,
+        tokenizer_max_length=sizes.max_length,
+        pad_token_id=pad_id,
+        default_width=sizes.latent_side * vae_scale,
+        default_height=sizes.latent_side * vae_scale,
+        scheduler_class=scheduler_class,
+        scheduler_config={k: v for k, v in scheduler_config.items() if not k.startswith("_")},
+        default_scheduler=default_scheduler_for(scheduler_class).value,
+        unet_feeds={"sample": "latents", "timestep": "timestep", "encoder_hidden_states": "text_encoder/last_hidden_state"},
+    )
 
 
 def _check_ports(graph_path: Path, inputs: list[Port], outputs: list[Port], theirs_in: dict, theirs_out: list[str]) -> None:
