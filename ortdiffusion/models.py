@@ -142,7 +142,7 @@ def hub_snapshot(name: str, download: bool = True, revision: str | None = None) 
     except LocalEntryNotFoundError:
         why = ("HF_HUB_OFFLINE is set" if hub_offline() else "downloading was not allowed") if local_only \
             else "it could not be downloaded"
-        raise BundleError(name, f"hub model not in the Hugging Face cache {cache / ('models--' + name.replace('/', '--'))} "
+        raise BundleError(name, f"no such directory here, and as a hub model not in the Hugging Face cache {cache / ('models--' + name.replace('/', '--'))} "
                                 f"and {why}; download it where the network is allowed (`hf download "
                                 f"{name}`) or point HF_HOME at a cache that has it") from None
     except (HfHubHTTPError, OSError, ValueError) as e:

@@ -40,7 +40,7 @@ def ours_image(pipeline):
 
 def assert_matches(ours, ref, what: str) -> None:
     assert np.asarray(ours).std() > 5, "a flat image would make the comparison meaningless"
-    print(f"{what}: PSNR {psnr(ours, ref):.1f} dB against diffusers")  # shown with -s
+    print(f"{what}: PSNR {psnr(ours, ref):.1f} dB")  # shown with -s
     assert psnr(ours, ref) >= 40.0, f"{what}: PSNR {psnr(ours, ref):.1f} dB"
 
 
