@@ -1,7 +1,7 @@
-"""`ortdiffusion export | generate | vary | compare | bench | serve | info` — the command line.
+"""`ortdiffusion export | generate | vary | compare | bench | serve | info | cache` — the command line.
 
-Every command takes a model the same way (`ortdiffusion.models`: `builtin`, a preset, a bundle or a
-checkpoint directory), checks what it can — its extras, its arguments, where it will write — before
+Every command takes a model the same way (`ortdiffusion.models`: `builtin`, a preset, a bundle, a
+checkpoint directory, a hub name, a single-file checkpoint or an ONNX export in Optimum's layout), checks what it can — its extras, its arguments, where it will write — before
 any work, and answers a mistake with one line that names the flag the user typed (exit 2), or the
 file or extra at fault (exit 1), never a traceback.
 """
