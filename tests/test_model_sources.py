@@ -309,6 +309,43 @@ def test_optimums_dtypes_are_adapted_at_the_edges(cache, optimum_dir, tiny_pipel
     assert np.array_equal(np.asarray(ours_image(pipe)), np.asarray(ours_image(tiny_pipeline)))
 
 
+def test_fp16_edges_are_cast_and_recorded(cache, optimum_dir, tiny_pipeline, tmp_path):
+    """An fp16 export (Optimum's `--dtype fp16`, ONNX Runtime's published ones) takes and gives
+    float16: the import casts at the edges, records fp16, and the runtime still feeds fp32."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ortdiffusion import Pipeline
+    from ortdiffusion.runtime.manifest import load_manifest
+
+    source = tmp_path / "optimum-fp16"
+    shutil.copytree(optimum_dir, source)
+    for folder in ("unet", "vae_decoder"):
+        path = source / folder / "model.onnx"
+        model = onnx.load(str(path))
+        graph = model.graph
+        for value in [*graph.input, *graph.output]:
+            if value.type.tensor_type.elem_type != TensorProto.FLOAT:
+                continue
+            inner = f"{value.name}__fp32"
+            for node in graph.node:
+                node.input[:] = [inner if i == value.name else i for i in node.input]
+                node.output[:] = [inner if o == value.name else o for o in node.output]
+            if value in graph.input:
+                graph.node.insert(0, helper.make_node("Cast", [value.name], [inner], to=TensorProto.FLOAT))
+            else:
+                graph.node.append(helper.make_node("Cast", [inner], [value.name], to=TensorProto.FLOAT16))
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
+        onnx.save(model, str(path))
+    pipe = Pipeline.load(source, providers="cpu")
+    manifest = load_manifest(pipe.bundle_dir)
+    assert {k: c.precision.value for k, c in manifest.components.items()} == {
+        "text_encoder": "fp32", "unet": "fp16", "vae_decoder": "fp16", "vae_encoder": "fp32"}
+    assert {i.dtype for c in manifest.components.values() for i in (*c.inputs, *c.outputs)} == {"float32", "int64"}
+    # the latents rounded to fp16 at each step's edges: close to the fp32 image, not equal
+    assert psnr(ours_image(pipe), ours_image(tiny_pipeline)) >= 30
+
+
 # -- Optimum itself, in its own environment -----------------------------------------------------------
 
 
