@@ -270,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "parity is checked on the CUDA provider, so export where it runs); tensorrt: the plain graph, "
                    "from which TensorRT builds fp16 engines itself")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
-    p.add_argument("--default-steps", type=int, default=20, help="steps a call that names none gets")
-    p.add_argument("--default-guidance", type=float, default=7.5, help="guidance a call that names none gets")
+    p.add_argument("--default-steps", type=int, help="steps a call that names none gets (default: the family's: "
+                   "20; 4 for LCM; 1 for a *turbo* checkpoint)")
+    p.add_argument("--default-guidance", type=float, help="guidance a call that names none gets (7.5; 8.5 LCM; 0 turbo)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new bundle passed)")
     p.set_defaults(func=cmd_export)
 

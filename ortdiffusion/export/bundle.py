@@ -68,8 +68,9 @@ class ExportOptions:
     overwrite: bool = False
     #: Store weights that fp16 holds exactly as fp16 (compute stays fp32; see export/weights.py).
     compact_weights: bool = True
-    default_steps: int = 20
-    default_guidance: float = 7.5
+    #: What a call that names no step count or guidance scale gets; None: the family's (`family_defaults`).
+    default_steps: int | None = None
+    default_guidance: float | None = None
     target: Target = Target.GENERIC
     #: With precision int8: the prompts and steps the UNet is calibrated on.
     calibration: Calibration = Calibration()
@@ -182,6 +183,7 @@ def pipeline_components(ckpt: Checkpoint) -> list[tuple[ComponentSpec, torch.nn.
 def pipeline_constants(ckpt: Checkpoint, options: ExportOptions, unet: ComponentManifest) -> PipelineConstants:
     vae_scale = 2 ** (len(ckpt.vae.config.block_out_channels) - 1)
     size = int(ckpt.unet.config.sample_size) * vae_scale
+    steps, guidance = family_defaults(ckpt)
     return PipelineConstants(
         family="stable-diffusion",
         prediction_type=str(ckpt.scheduler_config.get("prediction_type", "epsilon")),
@@ -196,10 +198,22 @@ def pipeline_constants(ckpt: Checkpoint, options: ExportOptions, unet: Component
         scheduler_class=ckpt.scheduler_class,
         scheduler_config=ckpt.scheduler_config,
         default_scheduler=default_scheduler_for(ckpt.scheduler_class).value,
-        default_steps=options.default_steps,
-        default_guidance=options.default_guidance,
+        default_steps=options.default_steps if options.default_steps is not None else steps,
+        default_guidance=options.default_guidance if options.default_guidance is not None else guidance,
         unet_feeds={i.name: UNET_FEEDS[i.name] for i in unet.inputs},
     )
+
+
+def family_defaults(ckpt: Checkpoint) -> tuple[int, float]:
+    """(steps, guidance scale) a call that names neither gets: what the model's makers recommend.
+    An LCM UNet (it takes `timestep_cond`): diffusers' LatentConsistencyModelPipeline defaults, 4
+    steps at 8.5. A checkpoint named "…turbo…" (SD-Turbo, SDXL-Turbo: adversarially distilled, no
+    guidance): 1 step at 0, as their model cards say. Anything else: 20 steps at 7.5."""
+    if getattr(ckpt.unet.config, "time_cond_proj_dim", None):
+        return 4, 8.5
+    if "turbo" in str(ckpt.path).lower():
+        return 1, 0.0
+    return 20, 7.5
 
 
 TOKENIZER_PROBES = (

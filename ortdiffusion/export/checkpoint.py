@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REQUIRED_COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+#: The pipelines whose checkpoints export; LCM checkpoints are Stable Diffusion ones with an LCM UNet
+#: (its guidance embedding input, `timestep_cond`) and the LCM scheduler.
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "LatentConsistencyModelPipeline")
 
 
 @dataclass

@@ -32,6 +32,8 @@ class Preset:
     tokenizer_max_length: int = 77
     pad_token: str = EOS
     vocab_words: tuple[str, ...] = field(default_factory=tuple)
+    #: model_index.json's `_class_name`: the diffusers pipeline that loads the checkpoint.
+    pipeline_class: str = "StableDiffusionPipeline"
 
 
 _SD_SCHEDULER = {
@@ -149,7 +151,26 @@ TINY = Preset(
 #: Stable Diffusion's inpainting checkpoints are made.
 TINY_INPAINT = replace(TINY, name="tiny-inpaint", unet={**TINY.unet, "in_channels": 9})
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, TINY_INPAINT, SD15, SD21)}
+#: `tiny` with an LCM UNet (diffusers' `time_cond_proj_dim`: the guidance scale's embedding as an
+#: input) and the LCM scheduler, laid out as LCM checkpoints are (LatentConsistencyModelPipeline).
+TINY_LCM = replace(TINY, name="tiny-lcm", unet={**TINY.unet, "time_cond_proj_dim": 32},
+                   scheduler={**_SD_SCHEDULER, "original_inference_steps": 50}, scheduler_class="LCMScheduler",
+                   pipeline_class="LatentConsistencyModelPipeline")
+
+#: SD-Turbo's and SDXL-Turbo's scheduler: Euler on trailing timesteps (1–4 steps, no guidance).
+_TURBO_SCHEDULER = {**_SD_SCHEDULER, "timestep_spacing": "trailing", "interpolation_type": "linear",
+                    "use_karras_sigmas": False, "prediction_type": "epsilon"}
+
+#: `tiny` laid out as SD-Turbo is: the Euler scheduler on trailing timesteps; the "turbo" in its
+#: name gives it Turbo's defaults at export (1 step, guidance 0: bundle.family_defaults).
+TINY_TURBO = replace(TINY, name="tiny-turbo", scheduler=_TURBO_SCHEDULER, scheduler_class="EulerDiscreteScheduler")
+
+#: SD-Turbo's published configs (stabilityai/sd-turbo: SD 2.1's architecture at 512×512, epsilon
+#: prediction, Euler on trailing timesteps) with random weights, for timing.
+SD_TURBO = replace(SD21, name="sd-turbo-arch", unet={**SD21.unet, "sample_size": 64}, vae={**_SD_VAE, "sample_size": 512},
+                   scheduler=_TURBO_SCHEDULER, scheduler_class="EulerDiscreteScheduler")
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, TINY_INPAINT, TINY_LCM, TINY_TURBO, SD15, SD21, SD_TURBO)}
 
 
 def write_clip_tokenizer(out_dir: Path, words: Iterable[str] = (), max_length: int = 77, pad_token: str = EOS) -> None:
@@ -237,7 +258,7 @@ def build_checkpoint(preset: Preset | str, out_dir: Path | str, seed: int = 0) -
     scheduler_cls = getattr(diffusers_schedulers, preset.scheduler_class)
     scheduler_cls.from_config(preset.scheduler).save_pretrained(out / "scheduler")
     model_index = {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": preset.pipeline_class,
         "_diffusers_version": "0.30.0",
         "feature_extractor": [None, None],
         "image_encoder": [None, None],

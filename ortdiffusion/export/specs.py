@@ -156,6 +156,8 @@ class UNetWrapper(torch.nn.Module):
 
 #: The name of an inpainting UNet's condition input (see `UNetWrapper`).
 INPAINT_CONDITION = "inpaint_condition"
+#: diffusers' name of an LCM UNet's guidance scale embedding input.
+TIMESTEP_COND = "timestep_cond"
 
 
 def unet_class_labels(unet: torch.nn.Module) -> InputSpec | None:
@@ -186,6 +188,9 @@ def unet_component(
     side = DimRange(min=multiple, opt=opt, max=max(opt * 4, multiple), multiple_of=multiple)
     latent_channels = latent_channels or c.in_channels
     extra = tuple(i for i in (unet_class_labels(unet),) if i is not None)
+    if getattr(c, "time_cond_proj_dim", None):  # an LCM UNet: the guidance scale's embedding
+        extra += (InputSpec(_tensor(TIMESTEP_COND, "float32", "batch", int(c.time_cond_proj_dim)),
+                            Distribution.UNIFORM, -1, 1),)
     if c.in_channels > latent_channels:
         extra += (InputSpec(_tensor(INPAINT_CONDITION, "float32", "batch", c.in_channels - latent_channels,
                                     "height", "width"), Distribution.UNIFORM, 0, 1),)
@@ -206,7 +211,7 @@ def unet_component(
 #: Where the UNet inputs the specs above declare come from at run time (the manifest's `unet_feeds`):
 #: the loop's latents and timestep, the text encoder's hidden states, and what the caller gives.
 UNET_FEEDS = {"sample": "latents", "timestep": "timestep", "encoder_hidden_states": "text_encoder/last_hidden_state",
-              "class_labels": "request", INPAINT_CONDITION: "inpaint"}
+              "class_labels": "request", INPAINT_CONDITION: "inpaint", TIMESTEP_COND: "guidance_embedding"}
 
 
 # -- the image decoder (VAE decoder) ------------------------------------------------------------

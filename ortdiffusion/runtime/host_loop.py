@@ -15,7 +15,7 @@ import numpy as np
 from .decoder import ImageDecoder
 from .errors import NumericalError
 from .manifest import UNET
-from .plan import Plan, StepCallback
+from .plan import Plan, StepCallback, rescale_guidance
 from .session import Session
 from .trace import Stage, Trace
 
@@ -57,6 +57,8 @@ class HostLoop:
             if plan.guided:
                 uncond, cond = np.split(prediction, 2)
                 prediction = uncond + np.float32(plan.guidance_scale) * (cond - uncond)
+                if plan.guidance_rescale:
+                    prediction = rescale_guidance(prediction, cond, plan.guidance_rescale)
             noise = plan.noise[i] if plan.noise is not None else None
             latents, previous_x0 = plan.steps[i].apply(prediction, latents, noise, previous_x0)
             latents = plan.blend(latents, i)  # inpainting with a plain UNet: the kept region goes back

@@ -212,6 +212,7 @@ class Pipeline:
         mask_image: ImageSource | None = None,
         strength: float | None = None,
         keep_unmasked: bool = False,
+        guidance_rescale: float | None = None,
     ) -> PipelineResult:
         """diffusers' argument names. `conditioning`: the UNet inputs a bundle's family takes from
         the caller (manifest `unet_feeds` "request", e.g. class labels), one row per image.
@@ -219,11 +220,12 @@ class Pipeline:
         `StableDiffusionImg2ImgPipeline`, with `strength` (default 0.8) of the schedule run on it;
         with `mask_image` (white repaints): inpainting, as `StableDiffusionInpaintPipeline`
         (default strength 1); `keep_unmasked` pastes the input's pixels back outside the mask
-        (OpenAI's edits). Without width and height the image's own size is used."""
+        (OpenAI's edits). Without width and height the image's own size is used.
+        `guidance_rescale` (0–1): diffusers' rescale of the guided prediction (zero-terminal-SNR models)."""
         request = make_request(
             self.manifest, prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
             guidance_scale, scheduler, seed, latents, width, height, conditioning, image, mask_image, strength,
-            keep_unmasked,
+            keep_unmasked, guidance_rescale,
         )
         return self.generate(request, callback)
 
@@ -283,6 +285,8 @@ class Pipeline:
             "size": f"{request.width}x{request.height}", "model_hash": self.model_hash[:16],
             "software": f"ortdiffusion {__version__}",
         }
+        if request.guidance_rescale and request.do_guidance:
+            meta["guidance_rescale"] = f"{request.guidance_rescale:g}"
         if request.image is not None:
             meta["task"] = (Task.INPAINTING if request.mask is not None else Task.IMAGE_TO_IMAGE).value
             meta["strength"] = f"{request.strength:g}"

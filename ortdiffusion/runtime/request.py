@@ -60,6 +60,11 @@ class GenerationRequest:
     #: Inpainting: paste the input's own pixels back outside the mask after decoding (OpenAI's edits
     #: change only the masked area; diffusers' default, False, returns the decoded image everywhere).
     keep_unmasked: bool = False
+    #: diffusers' `guidance_rescale` (0 to 1): the guided prediction pulled back to the conditional
+    #: one's standard deviation (Lin et al. 2023, for zero-terminal-SNR models); 0 leaves it alone.
+    guidance_rescale: float = 0.0
+    #: The UNet takes the guidance scale as an input (LCM): no classifier-free guidance batch.
+    embedded_guidance: bool = False
 
     @property
     def first_step(self) -> int:
@@ -74,8 +79,9 @@ class GenerationRequest:
 
     @property
     def do_guidance(self) -> bool:
-        """Classifier-free guidance runs only when it changes anything: scale > 1 (as diffusers)."""
-        return self.guidance_scale > 1.0
+        """Classifier-free guidance runs only when it changes anything: scale > 1 (as diffusers), and
+        never where the UNet embeds the scale itself (diffusers' LatentConsistencyModelPipeline)."""
+        return self.guidance_scale > 1.0 and not self.embedded_guidance
 
     def image_prompts(self) -> list[tuple[str, str]]:
         """(prompt, negative prompt) for each output image: each prompt's images together."""
@@ -155,6 +161,7 @@ def make_request(
     mask_image: ImageSource | None = None,
     strength: float | None = None,
     keep_unmasked: bool = False,
+    guidance_rescale: float | None = None,
 ) -> GenerationRequest:
     if num_inference_steps is None:
         num_inference_steps = manifest.pipeline.default_steps
@@ -166,6 +173,10 @@ def make_request(
         negatives = ("",) * len(prompts)
     else:
         negatives = _prompts(negative_prompt, "negative_prompt")
+        if manifest.embedded_guidance and any(n.strip() for n in negatives):
+            # diffusers' LCM pipeline takes none: the UNet learned guidance against the empty prompt
+            raise InvalidRequestError("negative_prompt", "this model embeds guidance in its UNet (LCM), which was "
+                                                         "distilled against the empty prompt: leave it empty")
         if len(negatives) == 1:
             negatives = negatives * len(prompts)
         elif len(negatives) != len(prompts):
@@ -183,6 +194,9 @@ def make_request(
         raise InvalidRequestError("guidance_scale", f"must be a number from 0 to {MAX_GUIDANCE:g}, got {guidance_scale!r}")
     if not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= MAX_GUIDANCE:
         raise InvalidRequestError("guidance_scale", f"must be a finite number from 0 to {MAX_GUIDANCE:g}, got {guidance_scale}")
+    rescale = 0.0 if guidance_rescale is None else guidance_rescale
+    if isinstance(rescale, bool) or not isinstance(rescale, (int, float, np.floating)) or not 0 <= rescale <= 1:
+        raise InvalidRequestError("guidance_rescale", f"must be a number from 0 to 1, got {guidance_rescale!r}")
     scheduler_name = SchedulerName.parse(scheduler if scheduler is not None else manifest.pipeline.default_scheduler)
     opened = _image_inputs(manifest, image, mask_image)
     default_w, default_h = manifest.pipeline.default_width, manifest.pipeline.default_height
@@ -213,6 +227,7 @@ def make_request(
         width=w, height=h, latents=latents, conditioning=_conditioning(manifest, conditioning or {}, count),
         image=image_pixels, mask=mask_pixels, strength=strength_value,
         keep_unmasked=bool(keep_unmasked) and mask_pixels is not None,
+        guidance_rescale=float(rescale), embedded_guidance=manifest.embedded_guidance,
     )
 
 
