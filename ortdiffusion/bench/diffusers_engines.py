@@ -144,8 +144,8 @@ def unet_step_gflop(unet, batch: int, width: int, height: int, guidance: float, 
 
 
 class TorchEngine:
-    """diffusers' own pipeline for the task (StableDiffusionPipeline, …Img2ImgPipeline,
-    …InpaintPipeline), eager (fp32 on the CPU; fp16 with SDPA on a GPU)."""
+    """diffusers' own pipeline for the task and the checkpoint's family (StableDiffusionPipeline,
+    …Img2ImgPipeline, …InpaintPipeline, LatentConsistencyModelPipeline, …), eager (fp32 on the CPU; fp16 with SDPA on a GPU)."""
 
     name = "torch"
 
@@ -155,9 +155,11 @@ class TorchEngine:
         import torch
 
         self.task = Task(task)
-        pipeline_class = getattr(diffusers, {Task.TEXT_TO_IMAGE: "StableDiffusionPipeline",
-                                             Task.IMAGE_TO_IMAGE: "StableDiffusionImg2ImgPipeline",
-                                             Task.INPAINTING: "StableDiffusionInpaintPipeline"}[self.task])
+        # diffusers' auto pipelines pick the checkpoint's own family for the task (Stable Diffusion's,
+        # LCM's, SDXL's ...), as a diffusers user's `AutoPipelineFor...` call does
+        pipeline_class = getattr(diffusers, {Task.TEXT_TO_IMAGE: "AutoPipelineForText2Image",
+                                             Task.IMAGE_TO_IMAGE: "AutoPipelineForImage2Image",
+                                             Task.INPAINTING: "AutoPipelineForInpainting"}[self.task])
 
         from ..models import resolve_checkpoint
 

@@ -240,6 +240,38 @@ def vae_decoder_component(
     return spec, VaeDecoderWrapper(vae).eval()
 
 
+# -- the tiny image decoder (AutoencoderTiny, TAESD) ---------------------------------------------
+
+
+class TinyDecoderWrapper(torch.nn.Module):
+    """The VAE decoder's input (latents / the VAE's scaling factor) → pixels in [-1, 1], through an
+    AutoencoderTiny: a drop-in for `vae_decoder`. The tiny decoder reads latents as the UNet sees
+    them, scaled by its own factor (1 for TAESD), so the input is first scaled back: diffusers does
+    the same when `pipe.vae` is an AutoencoderTiny (`latents / vae.config.scaling_factor`)."""
+
+    def __init__(self, tiny: torch.nn.Module, vae_scaling_factor: float):
+        super().__init__()
+        self.tiny = tiny
+        self.scale = float(vae_scaling_factor) / float(tiny.config.scaling_factor)
+
+    def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+        return self.tiny.decode(latent_sample * self.scale, return_dict=False)[0]
+
+
+def tiny_decoder_component(
+    tiny: torch.nn.Module, vae_scaling_factor: float, latent_opt: int, batch: DimRange = DimRange(1, 1, 32)
+) -> tuple[ComponentSpec, torch.nn.Module]:
+    c = tiny.config
+    side = DimRange(min=1, opt=latent_opt, max=latent_opt * 4)
+    spec = ComponentSpec(
+        name="vae_decoder_tiny",
+        inputs=(InputSpec(_tensor("latent_sample", "float32", "batch", c.latent_channels, "height", "width")),),
+        outputs=(_tensor("sample", "float32", "batch", c.out_channels, "image_height", "image_width"),),
+        dims={"batch": batch, "height": side, "width": side},
+    )
+    return spec, TinyDecoderWrapper(tiny, vae_scaling_factor).eval()
+
+
 # -- the image encoder (VAE encoder) ------------------------------------------------------------
 
 

@@ -81,12 +81,13 @@ def coefficient_table(plan: Plan) -> np.ndarray:
 class DeviceLoop:
     """Runs a plan: text encoder(s) → N × (UNet, step graph) → decoder, through IO binding on one device."""
 
-    def __init__(self, sessions: Mapping[str, Session], decoder: ImageDecoder, graphs: GraphCache | None = None):
+    def __init__(self, sessions: Mapping[str, Session], decoders: Mapping[str, ImageDecoder],
+                 graphs: GraphCache | None = None):
         import onnxruntime as ort
 
         #: the pipeline's own mapping: a session replaced there (a test's spy) is the one that runs
         self.sessions = sessions
-        self.decoder = decoder
+        self.decoders = decoders  # "full" and, where the bundle has one, "tiny"
         self.graphs = graphs
         unet = sessions[UNET]
         self.device = unet.device
@@ -200,7 +201,7 @@ class DeviceLoop:
         last = self.step_graphs[(plan.guided, False, False)]  # the decoder's row is never blended nor rescaled
         state = {k: v for k, v in state.items() if k not in ("blend_mask", "known_table")}
         decoder_input = run_bound(last, {"prediction": prediction, **state}, graph_outputs, self.device)["next_sample"]
-        decoder = self.decoder
+        decoder = self.decoders[plan.decoder]
         pixels = decoder.session.run_bound({decoder.input_name: decoder_input}, {decoder.output_name: None}, ("cpu", 0),
                                            release_memory=True)[decoder.output_name]
         pixels = decoder.checked(self._read(pixels, trace), lambda: self._read(decoder_input, trace))

@@ -21,10 +21,11 @@ from .trace import Stage, Trace
 
 
 class HostLoop:
-    def __init__(self, sessions: Mapping[str, Session], decoder: ImageDecoder):
+    def __init__(self, sessions: Mapping[str, Session], decoders: Mapping[str, ImageDecoder]):
         #: the pipeline's own mapping: a session replaced there (a test's spy) is the one that runs
         self.sessions = sessions
-        self.decoder = decoder
+        #: "full" (the VAE's decoder) and, where the bundle has one, "tiny"
+        self.decoders = decoders
 
     def _run(self, component: str, feeds: dict[str, np.ndarray], trace: Trace, release: bool) -> dict[str, np.ndarray]:
         for array in feeds.values():
@@ -72,7 +73,7 @@ class HostLoop:
         latents = latents / np.float32(plan.vae_scaling_factor)
         if plan.vae_shift_factor is not None:
             latents = latents + np.float32(plan.vae_shift_factor)
-        pixels = self.decoder(latents.astype(np.float32), trace.transfers)
+        pixels = self.decoders[plan.decoder](latents.astype(np.float32), trace.transfers)
         trace.lap(Stage.DECODER)
         return pixels
 

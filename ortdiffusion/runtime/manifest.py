@@ -30,6 +30,11 @@ VAE_DECODER_FP32 = "vae_decoder_fp32"
 #: The image encoder (the VAE's encoder half): optional; a bundle with it takes image inputs
 #: (img2img, inpainting, variations), one without it text-to-image only.
 VAE_ENCODER = "vae_encoder"
+#: A tiny image decoder (diffusers' AutoencoderTiny, the TAESD architecture): optional; the same
+#: input and output as `vae_decoder`, a fraction of its work, chosen per call (`decoder="tiny"`).
+VAE_DECODER_TINY = "vae_decoder_tiny"
+#: What a call names as its decoder → the component that decodes.
+DECODERS = {"full": VAE_DECODER, "tiny": VAE_DECODER_TINY}
 
 # Where a UNet input comes from (`PipelineConstants.unet_feeds`): the loop's latents, its timestep,
 # an array the caller gives per image; the inpainting condition (the mask and the masked image's
@@ -186,6 +191,10 @@ class Manifest:
     def embedded_guidance(self) -> bool:
         """The UNet takes the guidance scale as an input (LCM): one UNet row per image, no negative prompt."""
         return FEED_GUIDANCE in self.unet_feeds().values()
+
+    def decoders(self) -> tuple[str, ...]:
+        """The decoders a call may name (`DECODERS`): "full", and "tiny" where the bundle has one."""
+        return tuple(name for name, component in DECODERS.items() if component in self.components)
 
     def tasks(self) -> tuple[Task, ...]:
         """Text-to-image always; image inputs where the bundle has the image encoder. A bundle whose

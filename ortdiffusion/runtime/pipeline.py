@@ -36,6 +36,7 @@ from .manifest import (
     UNET,
     VAE_DECODER,
     VAE_DECODER_FP32,
+    VAE_DECODER_TINY,
     VAE_ENCODER,
     Manifest,
     Task,
@@ -103,6 +104,10 @@ class Pipeline:
                 return Session(bundle_dir, manifest.components[VAE_DECODER_FP32], preference, intra_op_threads,
                                self.model_hash, settings=self.component_settings.get(VAE_DECODER))
         self.image_decoder = ImageDecoder(sessions[VAE_DECODER], load_fp32)
+        #: what a call's `decoder` names → the decoder: the VAE's, and the tiny one where there is one
+        self.decoders = {"full": self.image_decoder}
+        if VAE_DECODER_TINY in sessions:
+            self.decoders["tiny"] = ImageDecoder(sessions[VAE_DECODER_TINY])
         self.providers = {name: s.providers[0].value for name, s in sessions.items()}
         #: where each component's nodes run, provider -> count (checked at load: see providers.check_placement)
         self.placement = {name: dict(s.placement.nodes) for name, s in sessions.items() if s.placement is not None}
@@ -119,8 +124,8 @@ class Pipeline:
                 raise ProviderError("cuda_graphs: needs io_binding (a CUDA graph replays into fixed device buffers)")
             graphs = self._graph_cache(sessions[UNET], preference, intra_op_threads, cuda_graphs, max_cuda_graphs)
         #: what runs the plans: the device loop (IO binding) or the host loop
-        self.executor: Executor = (DeviceLoop(sessions, self.image_decoder, graphs) if io_binding
-                                   else HostLoop(sessions, self.image_decoder))
+        self.executor: Executor = (DeviceLoop(sessions, self.decoders, graphs) if io_binding
+                                   else HostLoop(sessions, self.decoders))
 
     @property
     def device_loop(self) -> DeviceLoop | None:
@@ -213,6 +218,7 @@ class Pipeline:
         strength: float | None = None,
         keep_unmasked: bool = False,
         guidance_rescale: float | None = None,
+        decoder: str | None = None,
     ) -> PipelineResult:
         """diffusers' argument names. `conditioning`: the UNet inputs a bundle's family takes from
         the caller (manifest `unet_feeds` "request", e.g. class labels), one row per image.
@@ -221,11 +227,13 @@ class Pipeline:
         with `mask_image` (white repaints): inpainting, as `StableDiffusionInpaintPipeline`
         (default strength 1); `keep_unmasked` pastes the input's pixels back outside the mask
         (OpenAI's edits). Without width and height the image's own size is used.
-        `guidance_rescale` (0–1): diffusers' rescale of the guided prediction (zero-terminal-SNR models)."""
+        `guidance_rescale` (0–1): diffusers' rescale of the guided prediction (zero-terminal-SNR models).
+        `decoder`: "full" (default, the VAE's) or "tiny" where the bundle has a tiny decoder (TAESD:
+        a fraction of the VAE decoder's work, slightly softer detail)."""
         request = make_request(
             self.manifest, prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
             guidance_scale, scheduler, seed, latents, width, height, conditioning, image, mask_image, strength,
-            keep_unmasked, guidance_rescale,
+            keep_unmasked, guidance_rescale, decoder,
         )
         return self.generate(request, callback)
 
@@ -285,6 +293,8 @@ class Pipeline:
             "size": f"{request.width}x{request.height}", "model_hash": self.model_hash[:16],
             "software": f"ortdiffusion {__version__}",
         }
+        if request.decoder != "full":
+            meta["decoder"] = request.decoder
         if request.guidance_rescale and request.do_guidance:
             meta["guidance_rescale"] = f"{request.guidance_rescale:g}"
         if request.image is not None:

@@ -60,6 +60,8 @@ class Plan:
     #: diffusers' `guidance_rescale` φ (Lin et al. 2023, §3.4): the guided prediction rescaled to the
     #: conditional one's standard deviation, mixed φ : 1 − φ with itself; 0 leaves it as it is.
     guidance_rescale: float = 0.0
+    #: The decoder that turns the final latents into pixels: "full" or "tiny" (`manifest.DECODERS`).
+    decoder: str = "full"
 
     @property
     def guided(self) -> bool:
@@ -177,6 +179,7 @@ def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict
         vae_scaling_factor=c.vae_scaling_factor, vae_shift_factor=c.vae_shift_factor,
         blend_mask=blend_mask, blend_known=blend_known,
         guidance_rescale=request.guidance_rescale if request.do_guidance else 0.0,
+        decoder=request.decoder,
     )
 
 

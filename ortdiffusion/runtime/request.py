@@ -65,6 +65,8 @@ class GenerationRequest:
     guidance_rescale: float = 0.0
     #: The UNet takes the guidance scale as an input (LCM): no classifier-free guidance batch.
     embedded_guidance: bool = False
+    #: The image decoder: "full" (the VAE's) or "tiny" (the bundle's AutoencoderTiny, where it has one).
+    decoder: str = "full"
 
     @property
     def first_step(self) -> int:
@@ -162,6 +164,7 @@ def make_request(
     strength: float | None = None,
     keep_unmasked: bool = False,
     guidance_rescale: float | None = None,
+    decoder: str | None = None,
 ) -> GenerationRequest:
     if num_inference_steps is None:
         num_inference_steps = manifest.pipeline.default_steps
@@ -197,6 +200,11 @@ def make_request(
     rescale = 0.0 if guidance_rescale is None else guidance_rescale
     if isinstance(rescale, bool) or not isinstance(rescale, (int, float, np.floating)) or not 0 <= rescale <= 1:
         raise InvalidRequestError("guidance_rescale", f"must be a number from 0 to 1, got {guidance_rescale!r}")
+    decoder = "full" if decoder is None else decoder
+    if decoder not in manifest.decoders():
+        raise InvalidRequestError("decoder", f"{decoder!r} is not one of this bundle's decoders; allowed: "
+                                             f"{', '.join(manifest.decoders())}"
+                                  + ("" if "tiny" in manifest.decoders() else " (export with --tiny-decoder to add one)"))
     scheduler_name = SchedulerName.parse(scheduler if scheduler is not None else manifest.pipeline.default_scheduler)
     opened = _image_inputs(manifest, image, mask_image)
     default_w, default_h = manifest.pipeline.default_width, manifest.pipeline.default_height
@@ -227,7 +235,7 @@ def make_request(
         width=w, height=h, latents=latents, conditioning=_conditioning(manifest, conditioning or {}, count),
         image=image_pixels, mask=mask_pixels, strength=strength_value,
         keep_unmasked=bool(keep_unmasked) and mask_pixels is not None,
-        guidance_rescale=float(rescale), embedded_guidance=manifest.embedded_guidance,
+        guidance_rescale=float(rescale), embedded_guidance=manifest.embedded_guidance, decoder=decoder,
     )
 
 
