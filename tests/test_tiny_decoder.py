@@ -77,3 +77,14 @@ def test_export_refuses_a_tiny_decoder_that_is_not_one(tmp_path):
 
     with pytest.raises(ExportError, match="not a diffusers AutoencoderTiny directory"):
         check_options(ExportOptions(tiny_decoder=tmp_path))
+
+
+def test_compare_covers_the_tiny_decoder(tiny_bundle_with_taesd, tiny_checkpoint):
+    from ortdiffusion.export.checkpoint import load_checkpoint
+    from ortdiffusion.export.compare import TOLERANCES, compare_components
+    from ortdiffusion.runtime.manifest import Precision, load_manifest
+
+    lines = compare_components(load_checkpoint(tiny_checkpoint), tiny_bundle_with_taesd,
+                               load_manifest(tiny_bundle_with_taesd), TOLERANCES[Precision.FP32], seed=1)
+    tiny = [line for line in lines if line.what.startswith("vae_decoder_tiny.")]
+    assert len(tiny) == 2 and all(line.passed for line in tiny), tiny

@@ -311,6 +311,7 @@ def export_checkpoint(
             say(f"{VAE_DECODER_TINY}: exporting {options.tiny_decoder} and checking parity")
             components[VAE_DECODER_TINY] = _tiny_decoder(options.tiny_decoder, ckpt, tmp, options)
         write_tokenizer(ckpt, tmp)
+        extra = {TINY_DECODER_SOURCE: str(Path(options.tiny_decoder).resolve())} if options.tiny_decoder else {}
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             created_by=_versions(),
@@ -319,6 +320,7 @@ def export_checkpoint(
             components={k: components[k] for k in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_DECODER_FP32, VAE_ENCODER,
                                                    VAE_DECODER_TINY) if k in components},
             tokenizer=file_record(tmp, tmp / TOKENIZER_NAME),
+            extra=extra,
         )
         write_manifest(tmp, manifest)
     return manifest
@@ -347,6 +349,10 @@ def add_image_encoder(checkpoint_dir: Path | str, bundle_dir: Path | str, option
     return manifest
 
 
+#: The manifest's `extra` key that records where the tiny decoder came from (for `compare`).
+TINY_DECODER_SOURCE = "tiny_decoder_source"
+
+
 def add_tiny_decoder(tiny_decoder: Path | str, checkpoint_dir: Path | str, bundle_dir: Path | str,
                      options: ExportOptions = ExportOptions(), progress: Progress | None = None) -> Manifest:
     """Give an existing bundle a tiny decoder (a diffusers AutoencoderTiny directory), leaving every
@@ -364,7 +370,8 @@ def add_tiny_decoder(tiny_decoder: Path | str, checkpoint_dir: Path | str, bundl
         say(f"{VAE_DECODER_TINY}: exporting {tiny_decoder} and checking parity")
         options = replace(options, precision=manifest.components[VAE_DECODER].precision)
         manifest = replace(manifest, components={**manifest.components,
-                                                 VAE_DECODER_TINY: _tiny_decoder(tiny_decoder, ckpt, tmp, options)})
+                                                 VAE_DECODER_TINY: _tiny_decoder(tiny_decoder, ckpt, tmp, options)},
+                           extra={**manifest.extra, TINY_DECODER_SOURCE: str(Path(tiny_decoder).resolve())})
         write_manifest(tmp, manifest)
     return manifest
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..runtime.manifest import DimRange, TensorInfo
+from ..runtime.request import MAX_PROMPT_CHUNKS
 
 
 class Distribution(str, Enum):
@@ -199,11 +200,13 @@ def unet_component(
         inputs=(
             InputSpec(_tensor("sample", "float32", "batch", latent_channels, "height", "width")),
             InputSpec(_tensor("timestep", "float32", "batch"), Distribution.UNIFORM, 0, 1000),
-            InputSpec(_tensor("encoder_hidden_states", "float32", "batch", text_length, c.cross_attention_dim)),
+            InputSpec(_tensor("encoder_hidden_states", "float32", "batch", "sequence", c.cross_attention_dim)),
             *extra,
         ),
         outputs=(_tensor("out_sample", "float32", "batch", c.out_channels, "height", "width"),),
-        dims={"batch": batch, "height": side, "width": side},
+        # the text length: one window of tokens, or up to MAX_PROMPT_CHUNKS of them (long prompts)
+        dims={"batch": batch, "height": side, "width": side,
+              "sequence": DimRange(text_length, text_length, text_length * MAX_PROMPT_CHUNKS, text_length)},
     )
     return spec, UNetWrapper(unet, tuple(i.info.name for i in extra)).eval()
 

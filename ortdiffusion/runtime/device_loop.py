@@ -110,7 +110,8 @@ class DeviceLoop:
         images = plan.images
         f = self.graphs.vae_scale_factor if self.graphs else 1
         height, width = (d * f for d in plan.latents.shape[2:])
-        padded = self.graphs.pick(images, height, width) if self.graphs else None
+        # a CUDA-graph bucket's buffers hold one window of text: long prompts run without one
+        padded = self.graphs.pick(images, height, width) if self.graphs and plan.text_chunks == 1 else None
         if padded is None:
             return self._run(plan, trace, callback, None)
         # a CUDA-graph bucket: the plan padded to the bucket's batch with copies of its last image
@@ -149,6 +150,11 @@ class DeviceLoop:
         conditioning = {name: put(name, array) for name, array in plan.conditioning.items()}
         text_feeds = plan.text_feeds()
         for component, feeds in plan.text_inputs.items():
+            if plan.text_chunks > 1:  # long prompts: the windows are joined on the host, once, before the loop
+                outputs = plan.join_chunks(self.sessions[component].run({n: a for n, a in feeds.items()}, release_memory=True))
+                conditioning.update({name: put(name, outputs[output])
+                                     for name, (c, output) in text_feeds.items() if c == component})
+                continue
             wanted = {output: fixed.get(name) for name, (c, output) in text_feeds.items() if c == component}
             outputs = self.sessions[component].run_bound({n: self._send(a, trace) for n, a in feeds.items()},
                                                          wanted, self.device, release_memory=True)

@@ -37,7 +37,7 @@ class HostLoop:
 
     def __call__(self, plan: Plan, trace: Trace, callback: StepCallback | None = None) -> np.ndarray:
         # 1. text encoder(s) → the UNet's conditioning (one batch for both halves when guided)
-        encoded = {component: self._run(component, feeds, trace, release=True)
+        encoded = {component: plan.join_chunks(self._run(component, feeds, trace, release=True))
                    for component, feeds in plan.text_inputs.items()}
         conditioning = dict(plan.conditioning)
         for name, (component, output) in plan.text_feeds().items():

@@ -46,7 +46,7 @@ from .manifest import (
 from .plan import Executor, ImageLatents, StepCallback, build_plan
 from .png import encode_pngs, write_atomically
 from .providers import ComponentSettings, CudaOptions, ProviderKind, ProviderPreference, default_preference
-from .request import GenerationRequest, make_request
+from .request import MAX_PROMPT_CHUNKS, GenerationRequest, make_request
 from .schedulers import SchedulerName
 from .session import Session
 from .tokenizer import PromptTokenizer
@@ -152,8 +152,9 @@ class Pipeline:
             return Session(self.bundle_dir, component, preference, threads, self.model_hash, fixed_dims=dims,
                            settings=self.component_settings.get(UNET))
 
+        text_dims = {d: r.min for d, r in component.dims.items() if d not in ("batch", "height", "width")}
         return GraphCache(sizes, max_graphs, make_session, component.inputs, component.outputs,
-                          c.vae_scale_factor, unet.device)
+                          c.vae_scale_factor, unet.device, text_dims)
 
     @classmethod
     def load(
@@ -219,6 +220,7 @@ class Pipeline:
         keep_unmasked: bool = False,
         guidance_rescale: float | None = None,
         decoder: str | None = None,
+        long_prompts: bool = False,
     ) -> PipelineResult:
         """diffusers' argument names. `conditioning`: the UNet inputs a bundle's family takes from
         the caller (manifest `unet_feeds` "request", e.g. class labels), one row per image.
@@ -229,11 +231,13 @@ class Pipeline:
         (OpenAI's edits). Without width and height the image's own size is used.
         `guidance_rescale` (0–1): diffusers' rescale of the guided prediction (zero-terminal-SNR models).
         `decoder`: "full" (default, the VAE's) or "tiny" where the bundle has a tiny decoder (TAESD:
-        a fraction of the VAE decoder's work, slightly softer detail)."""
+        a fraction of the VAE decoder's work, slightly softer detail). `long_prompts`: prompts past the
+        tokenizer's 77 tokens are encoded in windows and concatenated, as the well-known web UIs do,
+        instead of truncated (bundles exported with a text length range: `request.long_prompt_capable`)."""
         request = make_request(
             self.manifest, prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
             guidance_scale, scheduler, seed, latents, width, height, conditioning, image, mask_image, strength,
-            keep_unmasked, guidance_rescale, decoder,
+            keep_unmasked, guidance_rescale, decoder, long_prompts,
         )
         return self.generate(request, callback)
 
@@ -247,7 +251,16 @@ class Pipeline:
         # 1. tokenize: the negative prompts first, as diffusers stacks [uncond; cond]
         pairs = request.image_prompts()
         prompts, negatives = [p for p, _ in pairs], [n for _, n in pairs]
-        ids = self.tokenizer(negatives + prompts if request.do_guidance else prompts)
+        texts = negatives + prompts if request.do_guidance else prompts
+        chunks = 1
+        if request.long_prompts:
+            ids, chunks = self.tokenizer.chunked(texts, MAX_PROMPT_CHUNKS)
+            batch = self.manifest.components[TEXT_ENCODER].dims["batch"].max
+            if len(ids) > batch:
+                raise InvalidRequestError("num_images_per_prompt", f"{len(texts)} prompts × {chunks} windows of a long "
+                                          f"prompt pass the text encoder's batch of {batch}; ask for fewer images")
+        else:
+            ids = self.tokenizer(texts)
         trace.lap(Stage.TOKENIZE)
 
         # 2. an input image (and, when inpainting, its masked copy) → the image encoder's latents
@@ -255,7 +268,7 @@ class Pipeline:
 
         # 3. the plan: timesteps, step coefficients, seeded noise, starting latents, conditioning
         text_input = self.manifest.components[TEXT_ENCODER].inputs[0].name
-        plan = build_plan(self.manifest, request, {TEXT_ENCODER: {text_input: ids}}, encoded)
+        plan = build_plan(self.manifest, request, {TEXT_ENCODER: {text_input: ids}}, encoded, chunks)
         trace.lap(Stage.SCHEDULER)
 
         # 4–6. text encoder → denoising loop → image decoder, on the host or on the device
@@ -293,6 +306,8 @@ class Pipeline:
             "size": f"{request.width}x{request.height}", "model_hash": self.model_hash[:16],
             "software": f"ortdiffusion {__version__}",
         }
+        if request.long_prompts:
+            meta["long_prompts"] = "true"
         if request.decoder != "full":
             meta["decoder"] = request.decoder
         if request.guidance_rescale and request.do_guidance:

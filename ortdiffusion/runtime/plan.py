@@ -62,6 +62,9 @@ class Plan:
     guidance_rescale: float = 0.0
     #: The decoder that turns the final latents into pixels: "full" or "tiny" (`manifest.DECODERS`).
     decoder: str = "full"
+    #: Long prompts: each prompt's windows of tokens on this many consecutive text-encoder rows,
+    #: joined after the text encoder (`join_chunks`); 1 for ordinary prompts.
+    text_chunks: int = 1
 
     @property
     def guided(self) -> bool:
@@ -78,6 +81,20 @@ class Plan:
     def text_feeds(self) -> dict[str, tuple[str, str]]:
         """UNet input → (text encoder component, its output) for the inputs a text encoder feeds."""
         return {n: tuple(s.split("/", 1)) for n, s in self.feeds.items() if s not in SPECIAL_FEEDS}
+
+    def join_chunks(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A text encoder's outputs with each prompt's windows joined: hidden states (rows × chunks,
+        L, d) → (rows, chunks × L, d), concatenated along the sequence; a pooled output (rows ×
+        chunks, d) → the first window's (as the web UIs do)."""
+        k = self.text_chunks
+        if k == 1:
+            return outputs
+        joined = {}
+        for name, a in outputs.items():
+            a = np.asarray(a)
+            rows = a.reshape(a.shape[0] // k, k, *a.shape[1:])
+            joined[name] = rows.reshape(rows.shape[0], k * a.shape[1], *a.shape[2:]) if a.ndim == 3 else rows[:, 0]
+        return joined
 
     def model_input(self, latents: np.ndarray, step: int) -> np.ndarray:
         """The UNet's latent input at `step`: scaled by the scheduler, doubled when guided."""
@@ -125,9 +142,10 @@ class Executor(Protocol):
 
 
 def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict[str, dict[str, np.ndarray]],
-               encoded: dict[str, ImageLatents] | None = None) -> Plan:
-    """The plan of `request`; `text_inputs`: each text encoder's feeds, tokenized by the caller;
-    `encoded`: the image encoder's output for "image" and, when inpainting, "masked_image"."""
+               encoded: dict[str, ImageLatents] | None = None, text_chunks: int = 1) -> Plan:
+    """The plan of `request`; `text_inputs`: each text encoder's feeds, tokenized by the caller
+    (`text_chunks` windows per prompt for long prompts); `encoded`: the image encoder's output for
+    "image" and, when inpainting, "masked_image"."""
     c = manifest.pipeline
     # 1. timesteps and each step's coefficients, from the first step the request runs (an input
     #    image's strength skips the noisiest ones: diffusers' `get_timesteps`)
@@ -179,7 +197,7 @@ def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict
         vae_scaling_factor=c.vae_scaling_factor, vae_shift_factor=c.vae_shift_factor,
         blend_mask=blend_mask, blend_known=blend_known,
         guidance_rescale=request.guidance_rescale if request.do_guidance else 0.0,
-        decoder=request.decoder,
+        decoder=request.decoder, text_chunks=text_chunks,
     )
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import InvalidRequestError
 from .image_input import ImageSource, default_size, image_array, mask_array, open_image
-from .manifest import FEED_INPAINT, FEED_REQUEST, UNET, VAE_ENCODER, Manifest
+from .manifest import FEED_INPAINT, FEED_REQUEST, SPECIAL_FEEDS, UNET, VAE_ENCODER, Manifest
 from .schedulers import SchedulerName
 
 # The one set of limits: the CLI, the Python API and the HTTP service all validate through
@@ -35,6 +35,9 @@ DEFAULT_STRENGTH_IMAGE, DEFAULT_STRENGTH_INPAINT = 0.8, 1.0
 #: A variation (`ortdiffusion vary`, `/v1/images/variations`) of an SD-family bundle is image-to-image
 #: with the empty prompt at this strength: the composition and colours stay, the details change.
 VARIATION_STRENGTH = 0.7
+#: Long prompts (`long_prompts=True`): at most this many windows of the tokenizer's length (4 × 75
+#: tokens for CLIP); the export gives the UNet a text length from one window to this many.
+MAX_PROMPT_CHUNKS = 4
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class GenerationRequest:
     embedded_guidance: bool = False
     #: The image decoder: "full" (the VAE's) or "tiny" (the bundle's AutoencoderTiny, where it has one).
     decoder: str = "full"
+    #: Prompts past the tokenizer's length are encoded in windows and concatenated (opt-in).
+    long_prompts: bool = False
 
     @property
     def first_step(self) -> int:
@@ -165,6 +170,7 @@ def make_request(
     keep_unmasked: bool = False,
     guidance_rescale: float | None = None,
     decoder: str | None = None,
+    long_prompts: bool = False,
 ) -> GenerationRequest:
     if num_inference_steps is None:
         num_inference_steps = manifest.pipeline.default_steps
@@ -205,6 +211,10 @@ def make_request(
         raise InvalidRequestError("decoder", f"{decoder!r} is not one of this bundle's decoders; allowed: "
                                              f"{', '.join(manifest.decoders())}"
                                   + ("" if "tiny" in manifest.decoders() else " (export with --tiny-decoder to add one)"))
+    if long_prompts and not long_prompt_capable(manifest):
+        raise InvalidRequestError("long_prompts", "this bundle's UNet takes one window of "
+                                                  f"{manifest.pipeline.tokenizer_max_length} tokens; export it again "
+                                                  "with this ortdiffusion (`ortdiffusion export`) for long prompts")
     scheduler_name = SchedulerName.parse(scheduler if scheduler is not None else manifest.pipeline.default_scheduler)
     opened = _image_inputs(manifest, image, mask_image)
     default_w, default_h = manifest.pipeline.default_width, manifest.pipeline.default_height
@@ -236,7 +246,15 @@ def make_request(
         image=image_pixels, mask=mask_pixels, strength=strength_value,
         keep_unmasked=bool(keep_unmasked) and mask_pixels is not None,
         guidance_rescale=float(rescale), embedded_guidance=manifest.embedded_guidance, decoder=decoder,
+        long_prompts=bool(long_prompts),
     )
+
+
+def long_prompt_capable(manifest: Manifest) -> bool:
+    """Whether the UNet's text inputs take more than one window of tokens (a symbolic length)."""
+    feeds = manifest.unet_feeds()
+    text = [i for i in manifest.components[UNET].inputs if feeds[i.name] not in SPECIAL_FEEDS]
+    return bool(text) and all(len(i.shape) == 3 and isinstance(i.shape[1], str) for i in text)
 
 
 def _image_inputs(manifest: Manifest, image: ImageSource | None, mask_image: ImageSource | None):
