@@ -127,7 +127,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                            num_images_per_prompt=args.num_images, num_inference_steps=args.steps,
                            guidance_scale=args.guidance, scheduler=args.scheduler, seed=args.seed,
                            width=width, height=height, image=args.image, mask_image=args.mask, strength=args.strength,
-                           guidance_rescale=args.guidance_rescale, decoder=args.decoder)
+                           guidance_rescale=args.guidance_rescale, decoder=args.decoder,
+                           long_prompts=args.long_prompt)
     for warning in prompt_warnings(bundle, request.prompts, request.width, request.height):
         _err(f"warning: {warning}")
     # 3. load (1–2 s), generate, write
@@ -361,6 +362,8 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="default: the model's (manifest)")
     p.add_argument("--guidance-rescale", type=float, default=None, help="0–1, diffusers' guidance_rescale (default 0)")
     p.add_argument("--decoder", default=None, help="full (default) or tiny: the bundle's tiny decoder, where it has one")
+    p.add_argument("--long-prompt", action="store_true", help="encode a prompt past the tokenizer's length in windows "
+                   "(as the web UIs do) instead of truncating it")
     p.add_argument("--scheduler", default=None, help=", ".join(s.value for s in SchedulerName))
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's native size)")

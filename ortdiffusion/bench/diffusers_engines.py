@@ -150,7 +150,9 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, model: str, provider: str | None, compile_unet: bool = False, scheduler: str | None = None,
-                 task: str = "text-to-image"):
+                 task: str = "text-to-image", tiny_decoder: bool = False):
+        """`tiny_decoder`: decode with the checkpoint's AutoencoderTiny (`<checkpoint>/taesd`, as the
+        presets carry one), as a diffusers user does with `pipe.vae = AutoencoderTiny...`."""
         import diffusers
         import torch
 
@@ -169,6 +171,12 @@ class TorchEngine:
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = pipeline_class.from_pretrained(str(resolve_checkpoint(model)), torch_dtype=dtype,
                                                            safety_checker=None, requires_safety_checker=False)
+        if tiny_decoder:
+            from ..export.presets import TINY_DECODER_DIR
+
+            pipe.vae = diffusers.AutoencoderTiny.from_pretrained(str(resolve_checkpoint(model) / TINY_DECODER_DIR),
+                                                                 torch_dtype=dtype)
+            self.name = "torch-tiny"
         pipe = pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         if compile_unet:

@@ -8,6 +8,7 @@ pass or fail per line.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -160,7 +161,9 @@ def compare_components(ckpt, bundle_dir: Path, manifest, tol: Tolerances, seed: 
 def compare_end_to_end(ckpt_dir: Path, bundle_dir: Path, prompt: str, steps: int, guidance: float,
                        scheduler: str, seed: int, tol: Tolerances,
                        provider: str = "cpu") -> tuple[list[Line], list[dict], np.ndarray, np.ndarray]:
-    from diffusers import StableDiffusionPipeline
+    import inspect
+
+    from diffusers import DiffusionPipeline
 
     from ..runtime.pipeline import Pipeline
     from .reference import ancestral_noise_from_seeds, reference_scheduler
@@ -176,7 +179,13 @@ def compare_end_to_end(ckpt_dir: Path, bundle_dir: Path, prompt: str, steps: int
     # fp32 whatever dtype the weights were saved in: a checkpoint saved in fp16 (the built-in one)
     # otherwise loads its text encoder in fp16 (transformers 5 keeps the saved dtype) beside an fp32
     # UNet, and the first cross-attention fails with "c10::Half != float".
-    ref = StableDiffusionPipeline.from_pretrained(str(ckpt_dir), safety_checker=None, requires_safety_checker=False)
+    # the checkpoint's own pipeline class (StableDiffusionPipeline, LatentConsistencyModelPipeline,
+    # LDMTextToImagePipeline, …), as model_index.json names it
+    kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    index = json.loads((Path(ckpt_dir) / "model_index.json").read_text(encoding="utf-8"))
+    if index.get("_class_name") == "LDMTextToImagePipeline":
+        kwargs = {}
+    ref = DiffusionPipeline.from_pretrained(str(ckpt_dir), **kwargs)
     ref.to(torch.float32)  # positional: every diffusers version takes it (the keyword was renamed)
     ref.set_progress_bar_config(disable=True)
     ref.scheduler = reference_scheduler(scheduler, ref.scheduler.config)
@@ -186,9 +195,11 @@ def compare_end_to_end(ckpt_dir: Path, bundle_dir: Path, prompt: str, steps: int
         ref_steps.append(kwargs["latents"].numpy().copy())
         return kwargs
 
-    with ancestral_noise_from_seeds([seed]):
+    # per-step latents where the pipeline hands them out (LDM's has no step callback)
+    per_step = {"callback_on_step_end": keep} if "callback_on_step_end" in inspect.signature(ref.__call__).parameters else {}
+    with ancestral_noise_from_seeds([seed], where=("ancestral", "lcm")):
         image_ref = ref(prompt, latents=torch.from_numpy(latents), num_inference_steps=steps, guidance_scale=guidance,
-                        callback_on_step_end=keep).images[0]
+                        **per_step).images[0]
     a, b = np.asarray(image_ref), np.asarray(result.images[0])
     divergence = []
     for i, (x, y) in enumerate(zip(ref_steps, ours_steps)):
@@ -270,7 +281,9 @@ def compare(checkpoint: Path | str, bundle: Path | str, prompt: str = "a red cir
         provider)
     report.lines += lines
     report.latent_divergence = divergence
-    if "vae_encoder" in manifest.components:  # the image tasks, on diffusers' own image as the input
+    # the image tasks, on diffusers' own image as the input, where diffusers has the Stable Diffusion
+    # family's img2img and inpainting pipelines to judge them by
+    if "vae_encoder" in manifest.components and manifest.pipeline.family == "stable-diffusion":
         report.lines += compare_image_tasks(checkpoint, bundle, a, prompt, steps, guidance,
                                             scheduler or manifest.pipeline.default_scheduler, seed, tol, provider)
     if image_path is not None:
