@@ -120,14 +120,18 @@ class Previewer:
         rgb = self.latent_rgb(latents)
         return (np.clip(rgb / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
 
-    def __call__(self, latents: np.ndarray) -> list[Image.Image]:
-        """One preview per image, scaled up to the image's size (the browser shows it as it will be)."""
+    def upscale(self, pixels: np.ndarray) -> list[Image.Image]:
+        """`pixels`' images scaled up to the image's size, so a page shows a preview as the image will be."""
         images = []
-        for array in self.pixels(latents):
+        for array in pixels:
             small = Image.fromarray(array)
             images.append(small.resize((small.width * self.scale_factor, small.height * self.scale_factor),
                                        Image.Resampling.BILINEAR))
         return images
+
+    def __call__(self, latents: np.ndarray) -> list[Image.Image]:
+        """One preview image per row of `latents`, at the image's size."""
+        return self.upscale(self.pixels(latents))
 
 
 __all__ = ["KNOWN_LATENT_RGB", "LatentRGB", "Previewer", "fit_latent_rgb", "sample_latents"]

@@ -12,7 +12,7 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..runtime.errors import DeadlineExceededError, ErrorCode
@@ -38,6 +38,7 @@ from .schemas import (
     ModelList,
 )
 from .settings import ServeConfig
+from .stream import EDIT, GENERATION, StepEvents, StreamOptions, stream_events
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,40 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
                                   param="model", code=ErrorCode.MODEL_NOT_FOUND)
         fmt = ImageFormat.parse(body.output_format)
         compression = check_compression(body.output_compression)
-        return await answer(validated(body, body.n), request, fmt, compression, body.response_format)
+        generation = validated(body, body.n)
+        if body.stream:
+            return streamed(generation, StreamOptions(
+                GENERATION, body.partial_images or 0, bool(body.progress), fmt, compression,
+                f"{generation.width}x{generation.height}", quality=body.quality or "auto"))
+        return await answer(generation, request, fmt, compression, body.response_format)
+
+    def warnings_for(generation: GenerationRequest) -> list[str]:
+        prompts = [p for p in generation.prompts if p]
+        return prompt_warnings(pipeline.bundle_dir, prompts, generation.width, generation.height,
+                               vocabulary) if vocabulary is not None and prompts else []
+
+    def streamed(generation: GenerationRequest, options: StreamOptions) -> StreamingResponse:
+        """Queue the generation and answer with its event stream (stream.py). A full queue is refused
+        here, before the stream begins, as a plain 429."""
+        events = StepEvents(asyncio.get_running_loop(), pipeline.previewer, options)
+        job = batcher_holder["b"].submit(generation, config.request_timeout_s, on_step=events)
+        events.watch(job)
+
+        async def finish(result: PipelineResult) -> tuple[list[bytes], dict]:
+            queue_s = (job.started or job.enqueued) - job.enqueued
+            metrics.queue_seconds.observe(queue_s)
+            metrics.compute_seconds.observe(result.timings.total)
+            extra = {"providers": result.providers, "queue_ms": round(queue_s * 1e3, 1),
+                     "timings": {stage.value: round(seconds, 4) for stage, seconds in result.timings.stages.items()}
+                     | {"total": round(result.timings.total, 4)}}
+            warnings = warnings_for(generation)
+            if warnings:
+                extra["warnings"] = warnings
+            return await encoded(result, options.fmt, options.compression), extra
+
+        return StreamingResponse(stream_events(job, events, config.request_timeout_s, finish),
+                                 media_type="text/event-stream",
+                                 headers={"x-ortdiffusion-instance": instance, "x-accel-buffering": "no"})
 
     async def answer(generation: GenerationRequest, request: Request, fmt: ImageFormat, compression: int | None,
                      response_format: str):
@@ -170,9 +204,7 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
                 data.append(ImageData(b64_json=base64.b64encode(image).decode(), seed=seed))
             else:
                 data.append(ImageData(url=await image_url(request, image, fmt), seed=seed))
-        prompts = [p for p in generation.prompts if p]
-        warnings = prompt_warnings(pipeline.bundle_dir, prompts, generation.width, generation.height,
-                                   vocabulary) if vocabulary is not None and prompts else []
+        warnings = warnings_for(generation)
         payload = ImagesResponse(created=int(time.time()), data=data, providers=result.providers,
                                  output_format=fmt.value, size=f"{generation.width}x{generation.height}",
                                  warnings=warnings or None)
@@ -190,6 +222,10 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
         generation = make_request(pipeline.manifest, args.pop("prompt"), form.negative_prompt, form.n, form.steps,
                                   form.guidance_scale, form.scheduler, form.seed, None, **args)
         admit(generation, config)
+        if form.stream:
+            return streamed(generation, StreamOptions(
+                EDIT, form.partial_images or 0, bool(form.progress), fmt, compression,
+                f"{generation.width}x{generation.height}", quality=form.quality or "auto"))
         return await answer(generation, request, fmt, compression, form.response_format)
 
     @app.post("/v1/images/edits", response_model=ImagesResponse, tags=["images"])
