@@ -18,7 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..runtime.errors import DeadlineExceededError, ErrorCode
 from ..runtime.pipeline import Pipeline, PipelineResult
 from ..runtime.png import ImageFormat, check_compression, encode_images
-from ..runtime.request import GenerationRequest, make_request, parse_size
+from ..runtime.request import GenerationRequest, make_request, parse_size, size_limits
+from ..runtime.schedulers import SchedulerName
 from ..runtime.vocabulary import load_vocabulary, prompt_warnings
 from .batcher import Batcher, Cancelled
 from .budget import admit, chunk_size
@@ -27,6 +28,7 @@ from .image_inputs import image_request_args, read_form
 from .images import ImageStore
 from .metrics import Metrics
 from .middleware import BodyGuard, Gate
+from .page import page_file
 from .schemas import (
     ErrorResponse,
     GenerateImageRequest,
@@ -262,8 +264,22 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
 
     @app.get("/v1/models", response_model=ModelList, tags=["models"])
     async def models():
+        c = pipeline.manifest.pipeline
+        low, high, multiple = size_limits(pipeline.manifest)
+        defaults = {"width": c.default_width, "height": c.default_height, "steps": c.default_steps,
+                    "guidance_scale": c.default_guidance, "scheduler": c.default_scheduler,
+                    "size_min": low, "size_max": high, "size_multiple": multiple, "max_images": config.max_images}
         return ModelList(data=[ModelCard(id=model_name, created=int(time.time()),
-                                         tasks=[t.value for t in pipeline.manifest.tasks()])])
+                                         tasks=[t.value for t in pipeline.manifest.tasks()],
+                                         defaults=defaults, schedulers=[s.value for s in SchedulerName])])
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return page_file("index.html")
+
+    @app.get("/page/{name}", include_in_schema=False)
+    async def page_asset(name: str):
+        return page_file(name)
 
     @app.get("/health/live", tags=["health"])
     async def live():

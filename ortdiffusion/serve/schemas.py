@@ -82,6 +82,10 @@ class ModelCard(BaseModel):
     #: What the model does: text-to-image; image-to-image, inpainting, variations where the bundle has
     #: the image encoder (an extension: the edits and variations routes need those).
     tasks: list[str] = []
+    #: What a request that names nothing gets, and what it may name (an extension, for the page):
+    #: width, height, steps, guidance_scale, scheduler; schedulers; size_min, size_max, size_multiple.
+    defaults: dict[str, int | float | str] | None = None
+    schedulers: list[str] | None = None
 
 
 class ModelList(BaseModel):
