@@ -14,6 +14,8 @@ the same load (this machine's cores are shared: only within-run ratios mean anyt
 2. pipeline: `Pipeline.__call__` in this process with no callback and with a callback that does
    the worker thread's preview work (the latent → RGB projection at the three preview steps), to
    isolate the share of the denoising loop itself.
+3. the preview work alone (projection, upscale, PNG encoding), timed in a loop, as a share of the
+   run without previews: the least noisy of the three where the machine is shared.
 
 Reported: medians per variant, the ratio of medians and the median of the per-round ratios (with
 previews / without; `overhead_pct` is from the latter).
@@ -103,7 +105,22 @@ def pipeline_rounds(model: str, rounds: int, steps: int, size: str) -> dict:
     for k in range(rounds):
         for name in (["no_callback", "preview_callback"] if k % 2 == 0 else ["preview_callback", "no_callback"]):
             seconds[name].append(run(callback if name == "preview_callback" else None))
-    return summarize(seconds, with_="preview_callback", without="no_callback") | {"previews_made": len(previews)}
+    # 3. the preview work itself, timed alone: the projection (worker thread) and the upscale and
+    # PNG encoding (event loop) of one preview, 3 per image; against the run without previews.
+    from ortdiffusion.runtime.png import encode_images
+
+    kept = []
+    pipe(PROMPT, seed=11, num_inference_steps=steps, width=width, height=height,
+         callback=lambda i, n, x: i in preview_steps(n, 3) and kept.append(x.copy()))
+    repeats, start = 50, time.perf_counter()
+    for _ in range(repeats):
+        for latents in kept:
+            encode_images(pipe.previewer.upscale(pipe.previewer.pixels(latents)), [{}])
+    per_preview = (time.perf_counter() - start) / (repeats * len(kept))
+    summary = summarize(seconds, with_="preview_callback", without="no_callback")
+    alone = {"seconds_per_preview": per_preview, "previews_per_image": len(kept),
+             "share_of_run_pct": 100 * per_preview * len(kept) / summary["median_s"]["no_callback"]}
+    return summary | {"previews_made": len(previews), "preview_work_alone": alone}
 
 
 def summarize(seconds: dict[str, list[float]], with_: str, without: str) -> dict:
@@ -131,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline": pipeline_rounds(args.model, args.rounds, args.steps, args.size),
     }
     result["machine"]["load_average_at_end"] = os.getloadavg()
+    alone = result["pipeline"]["preview_work_alone"]
+    print(f"preview work alone: {alone['seconds_per_preview'] * 1e3:.2f} ms a preview, "
+          f"{alone['share_of_run_pct']:.2f} % of the run for {alone['previews_per_image']}")
     for part in ("service", "pipeline"):
         print(f"{part}: medians {({k: round(v, 3) for k, v in result[part]['median_s'].items()})} "
               f"→ previews cost {result[part]['overhead_pct']:+.1f} % (median of per-round ratios)")

@@ -40,7 +40,7 @@ PROMPT = "a red circle on the left"
 #: Flags that keep chromium off the network (this machine has none) and out of the user's profile.
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1000,1000")
+         "--disable-dev-shm-usage", "--window-size=1000,1250")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,8 @@ def test_type_a_prompt_watch_it_form_and_get_the_apis_pixels(builtin, browser):
             if text.startswith("Step") and (not seen or seen[-1] != text):
                 seen.append(text)
             nonlocal shot_taken
-            if not shot_taken and browser.find_elements(By.CSS_SELECTOR, "#previews img[src]") and len(seen) >= 8:
+            step = int(text.split()[1]) if text.startswith("Step") else 0
+            if not shot_taken and step >= 8 and browser.find_elements(By.CSS_SELECTOR, "#previews img[src]"):
                 save(browser, shots, "page-progress.png")
                 shot_taken = True
             return browser.find_elements(By.CSS_SELECTOR, "#gallery img.result")

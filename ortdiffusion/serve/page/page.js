@@ -128,7 +128,7 @@ $("image").addEventListener("change", async () => {
   Object.assign(mask, { width: image.naturalWidth, height: image.naturalHeight });
   edit = { image, mask, painted: false };
   const canvas = $("mask-canvas");
-  Object.assign(canvas, { width: image.naturalWidth, height: image.naturalHeight });
+  Object.assign(canvas, { width: image.naturalWidth, height: image.naturalHeight, hidden: false });
   const d = card.defaults || {};
   if (image.naturalWidth >= d.size_min && image.naturalWidth <= d.size_max) $("width").value = image.naturalWidth;
   if (image.naturalHeight >= d.size_min && image.naturalHeight <= d.size_max) $("height").value = image.naturalHeight;
@@ -138,7 +138,7 @@ $("image").addEventListener("change", async () => {
 function clearImage() {
   edit = null;
   $("image").value = "";
-  Object.assign($("mask-canvas"), { width: 0, height: 0 });
+  Object.assign($("mask-canvas"), { width: 0, height: 0, hidden: true });
 }
 
 function drawMask() {
