@@ -192,3 +192,30 @@ def hold(url: str, seed: int) -> None:
         for _ in r.iter_lines():
             if stop.is_set():
                 return
+
+
+def test_an_edit_from_the_page_input_image_and_mask(builtin, browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    scene = builtin("a red circle on the right", seed=3).images[0]
+    scene.save(tmp_path / "scene.png")
+    with running(builtin, model_name="builtin") as url:
+        open_page(browser, url)
+        assert element(browser, "edit").is_displayed()  # the model has the image encoder
+        element(browser, "image").send_keys(str(tmp_path / "scene.png"))
+        canvas = wait_for(lambda: element(browser, "mask-canvas").is_displayed() and element(browser, "mask-canvas"), 30)
+        # paint a stroke down the left side with the pointer (the canvas shows 64 px as 256)
+        browser.execute_script("document.getElementById('brush').value = 64")
+        ActionChains(browser).move_to_element_with_offset(canvas, -90, -120).click_and_hold() \
+            .move_by_offset(0, 240).release().perform()
+        type_into(browser, "prompt", "a blue square on the left")
+        type_into(browser, "steps", "8")
+        element(browser, "prompt").send_keys(Keys.ENTER)
+        (result,) = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#gallery img.result"))
+        assert "inpainting" in browser.find_element(By.CSS_SELECTOR, "#gallery figcaption").text
+        edited = np.asarray(Image.open(io.BytesIO(base64.b64decode(result.get_attribute("src").split(",", 1)[1]))))
+        original = np.asarray(scene)
+        assert np.array_equal(edited[:, 40:], original[:, 40:])  # unpainted: kept exactly (OpenAI's edits)
+        assert not np.array_equal(edited[:, :20], original[:, :20])  # painted: redrawn
