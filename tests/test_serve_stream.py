@@ -180,3 +180,19 @@ def test_bundles_without_a_map_use_sd_vaes_known_one_or_fit_one(builtin):
     assert fitted.source == "fitted"
     pixels = fitted.pixels(np.zeros((2, 4, 16, 16), np.float32))
     assert pixels.shape == (2, 16, 16, 3) and pixels.dtype == np.uint8
+
+
+from test_tiny_decoder import taesd_dir, tiny_bundle_with_taesd  # noqa: E402,F401 - fixtures
+
+
+def test_a_bundle_with_a_tiny_decoder_previews_with_it(tiny_bundle_with_taesd):
+    from ortdiffusion import Pipeline
+
+    pipe = Pipeline.load(tiny_bundle_with_taesd, providers="cpu")
+    assert pipe.previewer.source == "tiny decoder"
+    latents = []
+    result = pipe(PROMPT, seed=2, num_inference_steps=3, decoder="tiny", callback=lambda i, n, x: latents.append(x))
+    (preview,) = pipe.previewer(latents[-1])
+    # the last step's preview is the tiny decoder's image itself, at the image's size
+    assert preview.size == result.images[0].size
+    assert np.abs(np.asarray(preview, np.int16) - np.asarray(result.images[0], np.int16)).max() <= 1

@@ -133,16 +133,17 @@ class Pipeline:
     def previewer(self) -> Previewer:
         """Latents of the loop (a step callback's) → preview images (runtime/preview.py); made on first use."""
         if self._previewer is None:
-            self._previewer = Previewer(self.manifest, self._decode_scaled)
+            tiny = (lambda latents: self._decode_scaled(latents, "tiny")) if "tiny" in self.decoders else None
+            self._previewer = Previewer(self.manifest, self._decode_scaled, tiny)
         return self._previewer
 
-    def _decode_scaled(self, latents: np.ndarray) -> np.ndarray:
-        """The real decoder on the loop's latents (for fitting a preview map)."""
+    def _decode_scaled(self, latents: np.ndarray, decoder: str = "full") -> np.ndarray:
+        """A decoder on the loop's latents (previews, and fitting a preview map)."""
         c = self.manifest.pipeline
         latents = latents / np.float32(c.vae_scaling_factor)
         if c.vae_shift_factor is not None:
             latents = latents + np.float32(c.vae_shift_factor)
-        return self.image_decoder(latents.astype(np.float32), Transfers())
+        return self.decoders[decoder](latents.astype(np.float32), Transfers())
 
     @property
     def device_loop(self) -> DeviceLoop | None:

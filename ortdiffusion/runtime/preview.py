@@ -3,8 +3,8 @@
 Decoding every few steps with the real image decoder would cost as much as the decoder stage each
 time; a preview needs only the colours and layout. Where the previews come from, first found:
 
-1. a tiny decoder component in the bundle (TAESD) — not in any bundle yet; `Previewer.__init__`
-   is where it plugs in (a session over the latents, like `ImageDecoder`);
+1. the bundle's tiny decoder (TAESD, `vae_decoder_tiny`) where it has one: a real decode at the
+   image's size, for a fraction of the VAE decoder's work;
 2. the manifest's `pipeline.latent_rgb`: a (channels + 1) × 3 linear map (the last row the bias),
    fitted by least squares against the bundle's own decoder (`fit_latent_rgb`; the built-in
    bundle has one, written by `tools/fit_latent_rgb.py`);
@@ -91,14 +91,18 @@ def sample_latents(manifest: Manifest, images: int = 4, seed: int = 0) -> np.nda
 class Previewer:
     """Latents → preview images for one pipeline; thread-safe; a fitted map is fitted once."""
 
-    def __init__(self, manifest: Manifest, decode: Callable[[np.ndarray], np.ndarray]):
-        """`decode`: the loop's (scaled) latents → pixels in [-1, 1] by the bundle's real decoder."""
-        # (1. a tiny decoder goes here, before the linear map, once bundles carry one.)
+    def __init__(self, manifest: Manifest, decode: Callable[[np.ndarray], np.ndarray],
+                 tiny_decode: Callable[[np.ndarray], np.ndarray] | None = None):
+        """`decode`: the loop's (scaled) latents → pixels in [-1, 1] by the bundle's real decoder;
+        `tiny_decode`: the same by its tiny decoder, where it has one (then previews use it)."""
         c = manifest.pipeline
         self.scale_factor = c.vae_scale_factor
         self.source = "manifest"
         self._map: LatentRGB | None = None
-        if c.latent_rgb:
+        self._tiny = tiny_decode
+        if tiny_decode is not None:
+            self.source = "tiny decoder"
+        elif c.latent_rgb:
             self._map = LatentRGB.from_rows(c.latent_rgb)
         else:
             known = KNOWN_LATENT_RGB.get((c.latent_channels, round(c.vae_scaling_factor, 5)))
@@ -116,8 +120,8 @@ class Previewer:
             return self._map
 
     def pixels(self, latents: np.ndarray) -> np.ndarray:
-        """(N, C, h, w) → (N, h, w, 3) uint8 at the latents' resolution."""
-        rgb = self.latent_rgb(latents)
+        """(N, C, h, w) → (N, H, W, 3) uint8: at the image's size from a tiny decoder, else at the latents'."""
+        rgb = self._tiny(latents) if self._tiny is not None else self.latent_rgb(latents)
         return (np.clip(rgb / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
 
     def upscale(self, pixels: np.ndarray) -> list[Image.Image]:
@@ -125,6 +129,9 @@ class Previewer:
         images = []
         for array in pixels:
             small = Image.fromarray(array)
+            if self._tiny is not None:  # already at the image's size
+                images.append(small)
+                continue
             images.append(small.resize((small.width * self.scale_factor, small.height * self.scale_factor),
                                        Image.Resampling.BILINEAR))
         return images
