@@ -144,20 +144,24 @@ def unet_step_gflop(unet, batch: int, width: int, height: int, guidance: float, 
 
 
 class TorchEngine:
-    """diffusers' own pipeline for the task (StableDiffusionPipeline, …Img2ImgPipeline,
-    …InpaintPipeline), eager (fp32 on the CPU; fp16 with SDPA on a GPU)."""
+    """diffusers' own pipeline for the task and the checkpoint's family (StableDiffusionPipeline,
+    …Img2ImgPipeline, …InpaintPipeline, LatentConsistencyModelPipeline, …), eager (fp32 on the CPU; fp16 with SDPA on a GPU)."""
 
     name = "torch"
 
     def __init__(self, model: str, provider: str | None, compile_unet: bool = False, scheduler: str | None = None,
-                 task: str = "text-to-image"):
+                 task: str = "text-to-image", tiny_decoder: bool = False):
+        """`tiny_decoder`: decode with the checkpoint's AutoencoderTiny (`<checkpoint>/taesd`, as the
+        presets carry one), as a diffusers user does with `pipe.vae = AutoencoderTiny...`."""
         import diffusers
         import torch
 
         self.task = Task(task)
-        pipeline_class = getattr(diffusers, {Task.TEXT_TO_IMAGE: "StableDiffusionPipeline",
-                                             Task.IMAGE_TO_IMAGE: "StableDiffusionImg2ImgPipeline",
-                                             Task.INPAINTING: "StableDiffusionInpaintPipeline"}[self.task])
+        # diffusers' auto pipelines pick the checkpoint's own family for the task (Stable Diffusion's,
+        # LCM's, SDXL's ...), as a diffusers user's `AutoPipelineFor...` call does
+        pipeline_class = getattr(diffusers, {Task.TEXT_TO_IMAGE: "AutoPipelineForText2Image",
+                                             Task.IMAGE_TO_IMAGE: "AutoPipelineForImage2Image",
+                                             Task.INPAINTING: "AutoPipelineForInpainting"}[self.task])
 
         from ..models import resolve_checkpoint
 
@@ -167,6 +171,12 @@ class TorchEngine:
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = pipeline_class.from_pretrained(str(resolve_checkpoint(model)), torch_dtype=dtype,
                                                            safety_checker=None, requires_safety_checker=False)
+        if tiny_decoder:
+            from ..export.presets import TINY_DECODER_DIR
+
+            pipe.vae = diffusers.AutoencoderTiny.from_pretrained(str(resolve_checkpoint(model) / TINY_DECODER_DIR),
+                                                                 torch_dtype=dtype)
+            self.name = "torch-tiny"
         pipe = pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         if compile_unet:

@@ -7,6 +7,7 @@ alone is ~190 MB resident in a serving or benchmarked process). Loading the mode
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 from dataclasses import dataclass
@@ -21,7 +22,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REQUIRED_COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+#: The pipelines whose checkpoints export; LCM checkpoints are Stable Diffusion ones with an LCM UNet
+#: (its guidance embedding input, `timestep_cond`) and the LCM scheduler.
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "LatentConsistencyModelPipeline", "LDMTextToImagePipeline")
+#: Where a family's checkpoint keeps each role's folder, where it is not the role's own name:
+#: latent diffusion (LDMTextToImagePipeline) calls its text encoder `bert` (LDMBert) and its VAE
+#: `vqvae` (a VQModel or an AutoencoderKL).
+FOLDERS = {"LDMTextToImagePipeline": {"text_encoder": "bert", "vae": "vqvae"}}
+
+
+def folder(index: dict[str, Any], role: str) -> str:
+    """The checkpoint folder of `role` ("text_encoder", "vae", …) in the family `index` names."""
+    return FOLDERS.get(index.get("_class_name"), {}).get(role, role)
 
 
 @dataclass
@@ -34,6 +46,8 @@ class Checkpoint:
     scheduler_class: str
     scheduler_config: dict[str, Any]
     weights_sha256: str
+    #: model_index.json's `_class_name`: the diffusers pipeline, which names the family.
+    pipeline_class: str = "StableDiffusionPipeline"
 
 
 def read_model_index(path: Path) -> dict[str, Any]:
@@ -51,7 +65,8 @@ def read_model_index(path: Path) -> dict[str, Any]:
         raise BundleError(
             str(index_path), f"_class_name {pipeline_class!r} is not supported; allowed: {', '.join(SUPPORTED_PIPELINES)}"
         )
-    for name in REQUIRED_COMPONENTS:
+    for role in REQUIRED_COMPONENTS:
+        name = folder(index, role)
         entry = index.get(name)
         if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
             raise BundleError(str(index_path), f"no {name} entry; a Stable Diffusion checkpoint needs {', '.join(REQUIRED_COMPONENTS)}")
@@ -63,8 +78,9 @@ def read_model_index(path: Path) -> dict[str, Any]:
 def weights_sha256(path: Path) -> str:
     """One hash over the configs and weights of every component: the checkpoint's identity."""
     h = hashlib.sha256()
+    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
     files = [path / "model_index.json"] + sorted(
-        f for name in REQUIRED_COMPONENTS for f in (path / name).rglob("*") if f.is_file()
+        f for role in REQUIRED_COMPONENTS for f in (path / folder(index, role)).rglob("*") if f.is_file()
     )
     for f in files:
         h.update(f.relative_to(path).as_posix().encode() + b"\0")
@@ -81,15 +97,18 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     path = Path(path)
     index = read_model_index(path)
 
-    def load(name: str, library: Any) -> Any:
-        class_name = index[name][1]
+    def load(role: str, library: Any) -> Any:
+        name = folder(index, role)
+        package, class_name = index[name]
+        if package not in ("diffusers", "transformers"):  # a class of a diffusers pipeline's own module (LDMBert)
+            library = importlib.import_module(f"diffusers.pipelines.{package}")
         cls = getattr(library, class_name, None)
         if cls is None:
             raise BundleError(str(path / name), f"unknown class {class_name!r} in model_index.json")
         # Export runs and compares in fp32 whatever dtype the weights were saved in (transformers 5
         # would otherwise keep a checkpoint's fp16); the tokenizer takes no dtype.
-        kwargs = {"torch_dtype": torch.float32} if name in ("unet", "vae") else {}
-        if name == "text_encoder":
+        kwargs = {"torch_dtype": torch.float32} if role in ("unet", "vae") else {}
+        if role == "text_encoder":
             kwargs = {"dtype": torch.float32}
         try:
             return cls.from_pretrained(str(path / name), **kwargs)
@@ -101,13 +120,19 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
         raise BundleError(str(scheduler_file), "missing")
     scheduler_config = json.loads(scheduler_file.read_text(encoding="utf-8"))
     text_encoder = load("text_encoder", transformers).eval()
+    tokenizer = load("tokenizer", transformers)
+    # the text encoder takes no more positions than it has (a BERT tokenizer says 512; LDMBert has 77)
+    positions = getattr(text_encoder.config, "max_position_embeddings", None)
+    if positions and tokenizer.model_max_length > positions:
+        tokenizer.model_max_length = int(positions)
     return Checkpoint(
         path=path,
         text_encoder=text_encoder,
-        tokenizer=load("tokenizer", transformers),
+        tokenizer=tokenizer,
         unet=load("unet", diffusers).eval(),
         vae=load("vae", diffusers).eval(),
         scheduler_class=str(scheduler_config.get("_class_name", index["scheduler"][1])),
         scheduler_config={k: v for k, v in scheduler_config.items() if not k.startswith("_")},
         weights_sha256=weights_sha256(path),
+        pipeline_class=str(index["_class_name"]),
     )

@@ -8,8 +8,9 @@ pass or fail per line.
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -109,14 +110,38 @@ def default_provider(manifest) -> str:
     return next(iter(components)).providers[0]
 
 
+def as_exported(spec, component):
+    """`spec` with the input shapes and dims the bundle's component was exported with."""
+    shapes = {i.name: i for i in component.inputs}
+    inputs = tuple(replace(i, info=shapes.get(i.info.name, i.info)) for i in spec.inputs)
+    return replace(spec, inputs=inputs, dims={d: r for d, r in component.dims.items()})
+
+
+def _tiny_decoder_component(ckpt, manifest) -> list:
+    """The tiny decoder's spec and module where the bundle has one and its source is on this machine."""
+    from ..runtime.manifest import VAE_DECODER_TINY
+    from .bundle import TINY_DECODER_SOURCE
+    from .specs import tiny_decoder_component
+
+    source = manifest.extra.get(TINY_DECODER_SOURCE)
+    if VAE_DECODER_TINY not in manifest.components or not source or not Path(source).is_dir():
+        return []
+    from diffusers import AutoencoderTiny
+
+    tiny = AutoencoderTiny.from_pretrained(source).eval()
+    return [tiny_decoder_component(tiny, float(ckpt.vae.config.scaling_factor), int(ckpt.unet.config.sample_size))]
+
+
 def compare_components(ckpt, bundle_dir: Path, manifest, tol: Tolerances, seed: int, provider: str = "cpu") -> list[Line]:
     from ..runtime.providers import ProviderPreference
 
     lines = []
     preference = ProviderPreference.parse(provider)
-    for spec, module in pipeline_components(ckpt):
+    for spec, module in pipeline_components(ckpt) + _tiny_decoder_component(ckpt, manifest):
         if spec.name not in manifest.components:  # a bundle from before the image encoder
             continue
+        # at the shapes the bundle takes: one exported before a dim became symbolic keeps it fixed
+        spec = as_exported(spec, manifest.components[spec.name])
         session = Session(bundle_dir, manifest.components[spec.name], preference)
         for k, dims in enumerate(spec.parity_points()):
             inputs = spec.sample_inputs(dims, seed=seed + k)
@@ -139,7 +164,9 @@ def compare_components(ckpt, bundle_dir: Path, manifest, tol: Tolerances, seed: 
 def compare_end_to_end(ckpt_dir: Path, bundle_dir: Path, prompt: str, steps: int, guidance: float,
                        scheduler: str, seed: int, tol: Tolerances,
                        provider: str = "cpu") -> tuple[list[Line], list[dict], np.ndarray, np.ndarray]:
-    from diffusers import StableDiffusionPipeline
+    import inspect
+
+    from diffusers import DiffusionPipeline
 
     from ..runtime.pipeline import Pipeline
     from .reference import ancestral_noise_from_seeds, reference_scheduler
@@ -155,7 +182,13 @@ def compare_end_to_end(ckpt_dir: Path, bundle_dir: Path, prompt: str, steps: int
     # fp32 whatever dtype the weights were saved in: a checkpoint saved in fp16 (the built-in one)
     # otherwise loads its text encoder in fp16 (transformers 5 keeps the saved dtype) beside an fp32
     # UNet, and the first cross-attention fails with "c10::Half != float".
-    ref = StableDiffusionPipeline.from_pretrained(str(ckpt_dir), safety_checker=None, requires_safety_checker=False)
+    # the checkpoint's own pipeline class (StableDiffusionPipeline, LatentConsistencyModelPipeline,
+    # LDMTextToImagePipeline, …), as model_index.json names it
+    kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    index = json.loads((Path(ckpt_dir) / "model_index.json").read_text(encoding="utf-8"))
+    if index.get("_class_name") == "LDMTextToImagePipeline":
+        kwargs = {}
+    ref = DiffusionPipeline.from_pretrained(str(ckpt_dir), **kwargs)
     ref.to(torch.float32)  # positional: every diffusers version takes it (the keyword was renamed)
     ref.set_progress_bar_config(disable=True)
     ref.scheduler = reference_scheduler(scheduler, ref.scheduler.config)
@@ -165,9 +198,11 @@ def compare_end_to_end(ckpt_dir: Path, bundle_dir: Path, prompt: str, steps: int
         ref_steps.append(kwargs["latents"].numpy().copy())
         return kwargs
 
-    with ancestral_noise_from_seeds([seed]):
+    # per-step latents where the pipeline hands them out (LDM's has no step callback)
+    per_step = {"callback_on_step_end": keep} if "callback_on_step_end" in inspect.signature(ref.__call__).parameters else {}
+    with ancestral_noise_from_seeds([seed], where=("ancestral", "lcm")):
         image_ref = ref(prompt, latents=torch.from_numpy(latents), num_inference_steps=steps, guidance_scale=guidance,
-                        callback_on_step_end=keep).images[0]
+                        **per_step).images[0]
     a, b = np.asarray(image_ref), np.asarray(result.images[0])
     divergence = []
     for i, (x, y) in enumerate(zip(ref_steps, ours_steps)):
@@ -251,7 +286,9 @@ def compare(checkpoint: Path | str, bundle: Path | str, prompt: str = "a red cir
         provider)
     report.lines += lines
     report.latent_divergence = divergence
-    if "vae_encoder" in manifest.components:  # the image tasks, on diffusers' own image as the input
+    # the image tasks, on diffusers' own image as the input, where diffusers has the Stable Diffusion
+    # family's img2img and inpainting pipelines to judge them by
+    if "vae_encoder" in manifest.components and manifest.pipeline.family == "stable-diffusion":
         report.lines += compare_image_tasks(checkpoint, bundle, a, prompt, steps, guidance,
                                             scheduler or manifest.pipeline.default_scheduler, seed, tol, provider)
     if image_path is not None:

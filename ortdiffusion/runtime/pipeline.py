@@ -36,6 +36,7 @@ from .manifest import (
     UNET,
     VAE_DECODER,
     VAE_DECODER_FP32,
+    VAE_DECODER_TINY,
     VAE_ENCODER,
     Manifest,
     Task,
@@ -43,9 +44,10 @@ from .manifest import (
     verify_files,
 )
 from .plan import Executor, ImageLatents, StepCallback, build_plan
+from .preview import Previewer
 from .png import encode_pngs, write_atomically
 from .providers import ComponentSettings, CudaOptions, ProviderKind, ProviderPreference, default_preference
-from .request import GenerationRequest, make_request
+from .request import MAX_PROMPT_CHUNKS, GenerationRequest, make_request
 from .schedulers import SchedulerName
 from .session import Session
 from .tokenizer import PromptTokenizer
@@ -103,6 +105,10 @@ class Pipeline:
                 return Session(bundle_dir, manifest.components[VAE_DECODER_FP32], preference, intra_op_threads,
                                self.model_hash, settings=self.component_settings.get(VAE_DECODER))
         self.image_decoder = ImageDecoder(sessions[VAE_DECODER], load_fp32)
+        #: what a call's `decoder` names → the decoder: the VAE's, and the tiny one where there is one
+        self.decoders = {"full": self.image_decoder}
+        if VAE_DECODER_TINY in sessions:
+            self.decoders["tiny"] = ImageDecoder(sessions[VAE_DECODER_TINY])
         self.providers = {name: s.providers[0].value for name, s in sessions.items()}
         #: where each component's nodes run, provider -> count (checked at load: see providers.check_placement)
         self.placement = {name: dict(s.placement.nodes) for name, s in sessions.items() if s.placement is not None}
@@ -118,9 +124,26 @@ class Pipeline:
             if not io_binding:
                 raise ProviderError("cuda_graphs: needs io_binding (a CUDA graph replays into fixed device buffers)")
             graphs = self._graph_cache(sessions[UNET], preference, intra_op_threads, cuda_graphs, max_cuda_graphs)
+        self._previewer: Previewer | None = None
         #: what runs the plans: the device loop (IO binding) or the host loop
-        self.executor: Executor = (DeviceLoop(sessions, self.image_decoder, graphs) if io_binding
-                                   else HostLoop(sessions, self.image_decoder))
+        self.executor: Executor = (DeviceLoop(sessions, self.decoders, graphs) if io_binding
+                                   else HostLoop(sessions, self.decoders))
+
+    @property
+    def previewer(self) -> Previewer:
+        """Latents of the loop (a step callback's) → preview images (runtime/preview.py); made on first use."""
+        if self._previewer is None:
+            tiny = (lambda latents: self._decode_scaled(latents, "tiny")) if "tiny" in self.decoders else None
+            self._previewer = Previewer(self.manifest, self._decode_scaled, tiny)
+        return self._previewer
+
+    def _decode_scaled(self, latents: np.ndarray, decoder: str = "full") -> np.ndarray:
+        """A decoder on the loop's latents (previews, and fitting a preview map)."""
+        c = self.manifest.pipeline
+        latents = latents / np.float32(c.vae_scaling_factor)
+        if c.vae_shift_factor is not None:
+            latents = latents + np.float32(c.vae_shift_factor)
+        return self.decoders[decoder](latents.astype(np.float32), Transfers())
 
     @property
     def device_loop(self) -> DeviceLoop | None:
@@ -147,8 +170,9 @@ class Pipeline:
             return Session(self.bundle_dir, component, preference, threads, self.model_hash, fixed_dims=dims,
                            settings=self.component_settings.get(UNET))
 
+        text_dims = {d: r.min for d, r in component.dims.items() if d not in ("batch", "height", "width")}
         return GraphCache(sizes, max_graphs, make_session, component.inputs, component.outputs,
-                          c.vae_scale_factor, unet.device)
+                          c.vae_scale_factor, unet.device, text_dims)
 
     @classmethod
     def load(
@@ -212,6 +236,9 @@ class Pipeline:
         mask_image: ImageSource | None = None,
         strength: float | None = None,
         keep_unmasked: bool = False,
+        guidance_rescale: float | None = None,
+        decoder: str | None = None,
+        long_prompts: bool = False,
     ) -> PipelineResult:
         """diffusers' argument names. `conditioning`: the UNet inputs a bundle's family takes from
         the caller (manifest `unet_feeds` "request", e.g. class labels), one row per image.
@@ -219,11 +246,16 @@ class Pipeline:
         `StableDiffusionImg2ImgPipeline`, with `strength` (default 0.8) of the schedule run on it;
         with `mask_image` (white repaints): inpainting, as `StableDiffusionInpaintPipeline`
         (default strength 1); `keep_unmasked` pastes the input's pixels back outside the mask
-        (OpenAI's edits). Without width and height the image's own size is used."""
+        (OpenAI's edits). Without width and height the image's own size is used.
+        `guidance_rescale` (0–1): diffusers' rescale of the guided prediction (zero-terminal-SNR models).
+        `decoder`: "full" (default, the VAE's) or "tiny" where the bundle has a tiny decoder (TAESD:
+        a fraction of the VAE decoder's work, slightly softer detail). `long_prompts`: prompts past the
+        tokenizer's 77 tokens are encoded in windows and concatenated, as the well-known web UIs do,
+        instead of truncated (bundles exported with a text length range: `request.long_prompt_capable`)."""
         request = make_request(
             self.manifest, prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
             guidance_scale, scheduler, seed, latents, width, height, conditioning, image, mask_image, strength,
-            keep_unmasked,
+            keep_unmasked, guidance_rescale, decoder, long_prompts,
         )
         return self.generate(request, callback)
 
@@ -237,7 +269,16 @@ class Pipeline:
         # 1. tokenize: the negative prompts first, as diffusers stacks [uncond; cond]
         pairs = request.image_prompts()
         prompts, negatives = [p for p, _ in pairs], [n for _, n in pairs]
-        ids = self.tokenizer(negatives + prompts if request.do_guidance else prompts)
+        texts = negatives + prompts if request.do_guidance else prompts
+        chunks = 1
+        if request.long_prompts:
+            ids, chunks = self.tokenizer.chunked(texts, MAX_PROMPT_CHUNKS)
+            batch = self.manifest.components[TEXT_ENCODER].dims["batch"].max
+            if len(ids) > batch:
+                raise InvalidRequestError("num_images_per_prompt", f"{len(texts)} prompts × {chunks} windows of a long "
+                                          f"prompt pass the text encoder's batch of {batch}; ask for fewer images")
+        else:
+            ids = self.tokenizer(texts)
         trace.lap(Stage.TOKENIZE)
 
         # 2. an input image (and, when inpainting, its masked copy) → the image encoder's latents
@@ -245,7 +286,7 @@ class Pipeline:
 
         # 3. the plan: timesteps, step coefficients, seeded noise, starting latents, conditioning
         text_input = self.manifest.components[TEXT_ENCODER].inputs[0].name
-        plan = build_plan(self.manifest, request, {TEXT_ENCODER: {text_input: ids}}, encoded)
+        plan = build_plan(self.manifest, request, {TEXT_ENCODER: {text_input: ids}}, encoded, chunks)
         trace.lap(Stage.SCHEDULER)
 
         # 4–6. text encoder → denoising loop → image decoder, on the host or on the device
@@ -283,6 +324,12 @@ class Pipeline:
             "size": f"{request.width}x{request.height}", "model_hash": self.model_hash[:16],
             "software": f"ortdiffusion {__version__}",
         }
+        if request.long_prompts:
+            meta["long_prompts"] = "true"
+        if request.decoder != "full":
+            meta["decoder"] = request.decoder
+        if request.guidance_rescale and request.do_guidance:
+            meta["guidance_rescale"] = f"{request.guidance_rescale:g}"
         if request.image is not None:
             meta["task"] = (Task.INPAINTING if request.mask is not None else Task.IMAGE_TO_IMAGE).value
             meta["strength"] = f"{request.strength:g}"

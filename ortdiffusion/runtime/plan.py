@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .manifest import FEED_INPAINT, FEED_LATENTS, FEED_REQUEST, FEED_TIMESTEP, Manifest
+from .manifest import FEED_GUIDANCE, FEED_INPAINT, FEED_LATENTS, FEED_REQUEST, FEED_TIMESTEP, SPECIAL_FEEDS, Manifest
 from .request import GenerationRequest
 from .schedulers import make_scheduler
 from .schedulers.linear_step import LinearStep
@@ -57,6 +57,14 @@ class Plan:
     #: blend_mask · latents + blend_known[i] (the kept region, noised to the next step's level).
     blend_mask: np.ndarray | None = None  # (images, 1, h, w): 1 where the image is repainted
     blend_known: np.ndarray | None = None  # (steps, images, C, h, w)
+    #: diffusers' `guidance_rescale` φ (Lin et al. 2023, §3.4): the guided prediction rescaled to the
+    #: conditional one's standard deviation, mixed φ : 1 − φ with itself; 0 leaves it as it is.
+    guidance_rescale: float = 0.0
+    #: The decoder that turns the final latents into pixels: "full" or "tiny" (`manifest.DECODERS`).
+    decoder: str = "full"
+    #: Long prompts: each prompt's windows of tokens on this many consecutive text-encoder rows,
+    #: joined after the text encoder (`join_chunks`); 1 for ordinary prompts.
+    text_chunks: int = 1
 
     @property
     def guided(self) -> bool:
@@ -72,8 +80,21 @@ class Plan:
 
     def text_feeds(self) -> dict[str, tuple[str, str]]:
         """UNet input → (text encoder component, its output) for the inputs a text encoder feeds."""
-        special = (FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST, FEED_INPAINT)
-        return {n: tuple(s.split("/", 1)) for n, s in self.feeds.items() if s not in special}
+        return {n: tuple(s.split("/", 1)) for n, s in self.feeds.items() if s not in SPECIAL_FEEDS}
+
+    def join_chunks(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A text encoder's outputs with each prompt's windows joined: hidden states (rows × chunks,
+        L, d) → (rows, chunks × L, d), concatenated along the sequence; a pooled output (rows ×
+        chunks, d) → the first window's (as the web UIs do)."""
+        k = self.text_chunks
+        if k == 1:
+            return outputs
+        joined = {}
+        for name, a in outputs.items():
+            a = np.asarray(a)
+            rows = a.reshape(a.shape[0] // k, k, *a.shape[1:])
+            joined[name] = rows.reshape(rows.shape[0], k * a.shape[1], *a.shape[2:]) if a.ndim == 3 else rows[:, 0]
+        return joined
 
     def model_input(self, latents: np.ndarray, step: int) -> np.ndarray:
         """The UNet's latent input at `step`: scaled by the scheduler, doubled when guided."""
@@ -121,9 +142,10 @@ class Executor(Protocol):
 
 
 def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict[str, dict[str, np.ndarray]],
-               encoded: dict[str, ImageLatents] | None = None) -> Plan:
-    """The plan of `request`; `text_inputs`: each text encoder's feeds, tokenized by the caller;
-    `encoded`: the image encoder's output for "image" and, when inpainting, "masked_image"."""
+               encoded: dict[str, ImageLatents] | None = None, text_chunks: int = 1) -> Plan:
+    """The plan of `request`; `text_inputs`: each text encoder's feeds, tokenized by the caller
+    (`text_chunks` windows per prompt for long prompts); `encoded`: the image encoder's output for
+    "image" and, when inpainting, "masked_image"."""
     c = manifest.pipeline
     # 1. timesteps and each step's coefficients, from the first step the request runs (an input
     #    image's strength skips the noisiest ones: diffusers' `get_timesteps`)
@@ -156,11 +178,16 @@ def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict
             else:  # any other UNet: the kept region's latents go back in after every step
                 blend_mask, blend_known = mask, _known_region(scheduler, run, image_latents, start_noise, mask)
     noise = np.stack([draw(generators, shape) for _ in run]) if scheduler.needs_noise else None
-    # 3. the UNet's conditioning: what the request gives, repeated for the unconditional half
+    # 3. the UNet's conditioning: what the request gives, repeated for the unconditional half; an
+    #    LCM UNet's guidance scale embedding (diffusers' w = scale − 1)
     for name, source in feeds.items():
         if source == FEED_REQUEST:
             value = request.conditioning[name]
             conditioning[name] = np.concatenate([value, value]) if request.do_guidance else value
+        elif source == FEED_GUIDANCE:
+            dim = next(i.shape[-1] for i in manifest.components["unet"].inputs if i.name == name)
+            w = np.full(request.num_images, request.guidance_scale - 1.0, dtype=np.float32)
+            conditioning[name] = guidance_embedding(w, dim)
     return Plan(
         images=request.num_images,
         guidance_scale=request.guidance_scale if request.do_guidance else None,
@@ -169,7 +196,29 @@ def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict
         text_inputs=text_inputs, feeds=feeds, conditioning=conditioning,
         vae_scaling_factor=c.vae_scaling_factor, vae_shift_factor=c.vae_shift_factor,
         blend_mask=blend_mask, blend_known=blend_known,
+        guidance_rescale=request.guidance_rescale if request.do_guidance else 0.0,
+        decoder=request.decoder, text_chunks=text_chunks,
     )
+
+
+def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
+    """(len(w), dim) float32: the sinusoidal embedding of the guidance scale an LCM UNet reads as
+    `timestep_cond` (diffusers' `get_guidance_scale_embedding`, after VDM), in float32 as diffusers."""
+    half = dim // 2
+    frequencies = np.exp(np.arange(half, dtype=np.float32) * -(np.log(np.float32(10000.0)) / np.float32(half - 1)))
+    angles = (w.astype(np.float32) * np.float32(1000.0))[:, None] * frequencies[None, :]
+    embedding = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    if dim % 2:
+        embedding = np.pad(embedding, ((0, 0), (0, 1)))
+    return embedding.astype(np.float32)
+
+
+def rescale_guidance(guided: np.ndarray, cond: np.ndarray, rescale: float) -> np.ndarray:
+    """diffusers' `rescale_noise_cfg`: the guided prediction at the conditional one's standard
+    deviation (per image), mixed `rescale` : 1 − `rescale` with itself."""
+    axes = tuple(range(1, guided.ndim))
+    rescaled = guided * (cond.std(axis=axes, keepdims=True) / guided.std(axis=axes, keepdims=True))
+    return (np.float32(rescale) * rescaled + np.float32(1 - rescale) * guided).astype(guided.dtype, copy=False)
 
 
 def _image_start(manifest: Manifest, request: GenerationRequest, scheduler, encoded: dict[str, ImageLatents],
@@ -238,4 +287,5 @@ def _pad_halves(array: np.ndarray, images: int, to: int, guided: bool, axis: int
     return np.concatenate([_pad(array[:images], to, axis), _pad(array[images:], to, axis)], axis=axis)
 
 
-__all__ = ["Executor", "ImageLatents", "Plan", "StepCallback", "build_plan", "draw"]
+__all__ = ["Executor", "ImageLatents", "Plan", "StepCallback", "build_plan", "draw", "guidance_embedding",
+           "rescale_guidance"]
