@@ -403,14 +403,14 @@ def resolve_bundle(model: str | Path | None, progress: Callable[[str], None] | N
 
     (progress or logger.info)(f"exporting {path} ({target}, {precision}) once into {bundle}")
     try:
-        export_checkpoint(path, bundle, _variant_options(model, target, precision, defaults), progress=progress)
+        export_checkpoint(path, bundle, _variant_options(model, target, precision, defaults, path), progress=progress)
     except ExportError:
         if not (bundle / MANIFEST_NAME).is_file():  # not a concurrent export that won the race
             raise
     return bundle
 
 
-def _variant_options(model: str, target: str, precision: str, defaults: tuple[int, float] | None):
+def _variant_options(model: str, target: str, precision: str, defaults: tuple[int, float] | None, checkpoint: Path):
     from .export.bundle import ExportOptions
     from .export.optimize import Target
     from .export.quantize import Calibration
@@ -424,7 +424,7 @@ def _variant_options(model: str, target: str, precision: str, defaults: tuple[in
     # a preset's checkpoint may carry a random-weight tiny decoder: its bundles get it
     from .export.presets import TINY_DECODER_DIR
 
-    tiny = resolve_checkpoint(model) / TINY_DECODER_DIR
+    tiny = checkpoint / TINY_DECODER_DIR  # the resolved checkpoint (a single file's conversion, a hub snapshot)
     return ExportOptions(target=Target(target), precision=Precision(precision), calibration=calibration,
                          default_steps=steps, default_guidance=guidance,
                          tiny_decoder=tiny if (tiny / "config.json").is_file() else None)
