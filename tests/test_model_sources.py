@@ -387,19 +387,10 @@ def test_optimum_loads_our_optimum_layout(optimum_dir, tiny_pipeline, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint_for_optimum(tiny_checkpoint, tmp_path_factory) -> Path:
-    """The tiny checkpoint with its text encoder's weights under `text_model.`, as transformers < 5.6
-    (Optimum's environment pins 4.x) saves and reads them: it would load the flattened keys
-    transformers 5 writes as missing and export a randomly initialised text encoder."""
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path_factory.mktemp("for-optimum") / "tiny"
-    shutil.copytree(tiny_checkpoint, out)
-    weights = out / "text_encoder" / "model.safetensors"
-    state = load_file(str(weights))
-    save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}, str(weights),
-              metadata={"format": "pt"})
-    return out
+def tiny_checkpoint_for_optimum(tiny_checkpoint) -> Path:
+    """The tiny checkpoint keeps its text encoder's weights under `text_model.` (presets._nest_clip_keys),
+    which Optimum's transformers 4 needs to read them."""
+    return tiny_checkpoint
 
 
 @needs_optimum

@@ -279,6 +279,17 @@ def _build_ldm_checkpoint(preset: Preset, out: Path) -> Path:
     return out
 
 
+def _nest_clip_keys(weights: Path) -> None:
+    """Store CLIP's weights under `text_model.`, as the published checkpoints and transformers < 5.6
+    do (transformers 5 reads both; it writes them flattened, which Optimum's pinned transformers 4
+    reads as missing keys, exporting a randomly initialised text encoder)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(weights))
+    save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}, str(weights),
+              metadata={"format": "pt"})
+
+
 def _byte_order(symbol: str) -> int:
     """CLIP's `bytes_to_unicode` order: the printable bytes first, then the remapped ones."""
     code = ord(symbol)
@@ -310,6 +321,7 @@ def build_checkpoint(preset: Preset | str, out_dir: Path | str, seed: int = 0) -
         pad_token_id=tokenizer.pad_token_id,
     )
     CLIPTextModel(CLIPTextConfig(**text_config)).eval().save_pretrained(out / "text_encoder")
+    _nest_clip_keys(out / "text_encoder" / "model.safetensors")
     UNet2DConditionModel(**preset.unet).eval().save_pretrained(out / "unet")
     AutoencoderKL(**preset.vae).eval().save_pretrained(out / "vae")
     if preset.tiny_decoder is not None:
