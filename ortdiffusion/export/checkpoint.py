@@ -21,7 +21,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REQUIRED_COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+#: SDXL: the second text encoder and tokenizer; the refiner has only these (no text_encoder/tokenizer).
+SDXL_REQUIRED = ("text_encoder_2", "tokenizer_2", "unet", "vae", "scheduler")
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", *SDXL_PIPELINES)
+#: Every folder that may hold a checkpoint's weights or vocabulary (hashed where the index names it).
+ALL_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae", "scheduler")
 
 
 @dataclass
@@ -34,6 +39,17 @@ class Checkpoint:
     scheduler_class: str
     scheduler_config: dict[str, Any]
     weights_sha256: str
+    #: SDXL (export/sdxl.py): the second text encoder and tokenizer, diffusers' pipeline class and
+    #: its config (force_zeros_for_empty_prompt, requires_aesthetics_score). text_encoder and
+    #: tokenizer are None in a refiner.
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: Any = None
+    pipeline_class: str = "StableDiffusionPipeline"
+    pipeline_config: dict[str, Any] | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.pipeline_class in SDXL_PIPELINES
 
 
 def read_model_index(path: Path) -> dict[str, Any]:
@@ -51,7 +67,7 @@ def read_model_index(path: Path) -> dict[str, Any]:
         raise BundleError(
             str(index_path), f"_class_name {pipeline_class!r} is not supported; allowed: {', '.join(SUPPORTED_PIPELINES)}"
         )
-    for name in REQUIRED_COMPONENTS:
+    for name in SDXL_REQUIRED if pipeline_class in SDXL_PIPELINES else REQUIRED_COMPONENTS:
         entry = index.get(name)
         if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
             raise BundleError(str(index_path), f"no {name} entry; a Stable Diffusion checkpoint needs {', '.join(REQUIRED_COMPONENTS)}")
@@ -63,8 +79,11 @@ def read_model_index(path: Path) -> dict[str, Any]:
 def weights_sha256(path: Path) -> str:
     """One hash over the configs and weights of every component: the checkpoint's identity."""
     h = hashlib.sha256()
+    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    # the folders the index names (an SD checkpoint's five hash as they always did)
+    names = [n for n in ALL_COMPONENTS if isinstance(index.get(n), list) and index[n][-1] is not None]
     files = [path / "model_index.json"] + sorted(
-        f for name in REQUIRED_COMPONENTS for f in (path / name).rglob("*") if f.is_file()
+        f for name in names for f in (path / name).rglob("*") if f.is_file()
     )
     for f in files:
         h.update(f.relative_to(path).as_posix().encode() + b"\0")
@@ -89,7 +108,7 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
         # Export runs and compares in fp32 whatever dtype the weights were saved in (transformers 5
         # would otherwise keep a checkpoint's fp16); the tokenizer takes no dtype.
         kwargs = {"torch_dtype": torch.float32} if name in ("unet", "vae") else {}
-        if name == "text_encoder":
+        if name.startswith("text_encoder"):
             kwargs = {"dtype": torch.float32}
         try:
             return cls.from_pretrained(str(path / name), **kwargs)
@@ -100,11 +119,20 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     if not scheduler_file.is_file():
         raise BundleError(str(scheduler_file), "missing")
     scheduler_config = json.loads(scheduler_file.read_text(encoding="utf-8"))
-    text_encoder = load("text_encoder", transformers).eval()
+    def optional(name: str, library: Any) -> Any:
+        entry = index.get(name)
+        return load(name, library) if isinstance(entry, list) and entry[-1] is not None else None
+
+    text_encoder, text_encoder_2 = optional("text_encoder", transformers), optional("text_encoder_2", transformers)
+    pipeline_class = index["_class_name"]
     return Checkpoint(
         path=path,
-        text_encoder=text_encoder,
-        tokenizer=load("tokenizer", transformers),
+        text_encoder=text_encoder.eval() if text_encoder is not None else None,
+        text_encoder_2=text_encoder_2.eval() if text_encoder_2 is not None else None,
+        tokenizer=optional("tokenizer", transformers),
+        tokenizer_2=optional("tokenizer_2", transformers),
+        pipeline_class=pipeline_class,
+        pipeline_config={k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)},
         unet=load("unet", diffusers).eval(),
         vae=load("vae", diffusers).eval(),
         scheduler_class=str(scheduler_config.get("_class_name", index["scheduler"][1])),

@@ -32,7 +32,6 @@ from .graph_cache import GraphCache
 from .host_loop import HostLoop
 from .image_input import ImageSource
 from .manifest import (
-    TEXT_ENCODER,
     UNET,
     VAE_DECODER,
     VAE_DECODER_FP32,
@@ -65,6 +64,8 @@ class PipelineResult:
     metadata: list[dict[str, str]]
     #: Arrays that crossed between host and device (trace.Transfers).
     transfers: Transfers = field(default_factory=Transfers)
+    #: output_type="latent": the final latents (images, C, h, w) as the UNet sees them, and no images.
+    latents: np.ndarray | None = None
 
     def save(self, path: Path | str) -> list[Path]:
         """Save as PNG with parameters; several images get `-0`, `-1`, … before the suffix."""
@@ -87,7 +88,14 @@ class Pipeline:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         c = manifest.pipeline
-        self.tokenizer = PromptTokenizer(bundle_dir / manifest.tokenizer.path, c.tokenizer_max_length, c.pad_token_id)
+        #: one tokenizer per text encoder (SDXL: two; its second pads with another token)
+        self.tokenizers = {
+            component: PromptTokenizer(bundle_dir / record.path, c.tokenizer_max_length, pad)
+            for component, (record, pad) in ((n, manifest.tokenizer_of(n)) for n in manifest.prompt_sources())
+        }
+        self.tokenizer = next(iter(self.tokenizers.values()))
+        #: diffusers' ensemble of experts: the SDXL refiner this base hands its latents to (`load(refiner=)`)
+        self.refiner: Pipeline | None = None
         self.model_hash = manifest.bundle_sha256
         self.component_settings = dict(component_settings or {})
         #: one session per component (the fp32 decoder is loaded only if the NaN guard needs it)
@@ -161,6 +169,7 @@ class Pipeline:
         cuda_graphs: Sequence[tuple[int, int, int]] = (),
         max_cuda_graphs: int = 2,
         component_settings: Mapping[str, ComponentSettings | Mapping] | None = None,
+        refiner: Path | str | Pipeline | None = None,
     ) -> Pipeline:
         """Load a bundle directory; `providers` is an ordered preference ("cuda,cpu"), None to choose.
         `io_binding`: keep the denoising loop on the device (device_loop.py); None: where the UNet
@@ -169,7 +178,9 @@ class Pipeline:
         `component_settings`: per component ("text_encoder", "unet", "vae_decoder") session settings
         over the preference's — CPU arena on or off, the CUDA arena's extend strategy and memory
         limit (providers.ComponentSettings, or a mapping of its fields). `path` is a bundle directory
-        or a model name (`builtin`, a cached preset or checkpoint: ortdiffusion.models.find_bundle)."""
+        or a model name (`builtin`, a cached preset or checkpoint: ortdiffusion.models.find_bundle).
+        `refiner`: an SDXL refiner (a bundle, model name or loaded Pipeline) that every call of this
+        one hands its latents to: diffusers' ensemble of experts (see `__call__`)."""
         from ..models import find_bundle  # lazily: models imports the runtime; torch-free
 
         path = find_bundle(path)
@@ -192,6 +203,14 @@ class Pipeline:
             settings[name] = ComponentSettings.parse(value, f"component_settings.{name}")
         pipe = cls(path, manifest, preference, intra_op_threads, io_binding, cuda_graphs, max_cuda_graphs, settings)
         logger.info("loaded %s on %s", path, pipe.providers)
+        if refiner is not None:
+            pipe.refiner = refiner if isinstance(refiner, Pipeline) else cls.load(
+                refiner, providers, allow_fallback, intra_op_threads, io_binding)
+            a, b = manifest.pipeline, pipe.refiner.manifest.pipeline
+            if (a.latent_channels, a.vae_scale_factor) != (b.latent_channels, b.vae_scale_factor):
+                raise BundleError(str(pipe.refiner.bundle_dir), f"a refiner must share the base's latent space: it has "
+                                  f"{b.latent_channels} channels at 1/{b.vae_scale_factor}, the base "
+                                  f"{a.latent_channels} at 1/{a.vae_scale_factor}")
         return pipe
 
     def __call__(
@@ -212,6 +231,12 @@ class Pipeline:
         mask_image: ImageSource | None = None,
         strength: float | None = None,
         keep_unmasked: bool = False,
+        prompt_2: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None,
+        denoising_end: float | None = None,
+        denoising_start: float | None = None,
+        output_type: str = "pil",
+        **added_conditions: object,
     ) -> PipelineResult:
         """diffusers' argument names. `conditioning`: the UNet inputs a bundle's family takes from
         the caller (manifest `unet_feeds` "request", e.g. class labels), one row per image.
@@ -219,13 +244,52 @@ class Pipeline:
         `StableDiffusionImg2ImgPipeline`, with `strength` (default 0.8) of the schedule run on it;
         with `mask_image` (white repaints): inpainting, as `StableDiffusionInpaintPipeline`
         (default strength 1); `keep_unmasked` pastes the input's pixels back outside the mask
-        (OpenAI's edits). Without width and height the image's own size is used."""
+        (OpenAI's edits). Without width and height the image's own size is used.
+
+        SDXL, by diffusers' names: `prompt_2` / `negative_prompt_2` (the second text encoder's;
+        default: the first's), `added_conditions` (original_size, crops_coords_top_left, target_size,
+        their negative_ forms, aesthetic_score, negative_aesthetic_score: `request.AddedConditions`),
+        `image` may be latents (the base's, for a refiner), `denoising_end` / `denoising_start`
+        (the ensemble of experts' hand-off) and output_type="latent" (`PipelineResult.latents`).
+        With a refiner loaded (`load(..., refiner=)`) one call runs both, as diffusers' two calls
+        `base(..., denoising_end=f, output_type="latent")` and `refiner(..., image=latents,
+        denoising_start=f)`; without `denoising_end` the refiner refines the base's finished latents
+        at `strength` (its default 0.3), diffusers' other documented use."""
+        schedule = {"denoising_start": denoising_start, "denoising_end": denoising_end, "output_type": output_type}
+        if self.refiner is not None and output_type != "latent":
+            return self._ensemble(locals(), added_conditions, callback)
         request = make_request(
             self.manifest, prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
             guidance_scale, scheduler, seed, latents, width, height, conditioning, image, mask_image, strength,
-            keep_unmasked,
+            keep_unmasked, prompt_2, negative_prompt_2, added_conditions, schedule,
         )
         return self.generate(request, callback)
+
+    def _ensemble(self, a: dict, added: Mapping[str, object], callback: StepCallback | None) -> PipelineResult:
+        """The base to `denoising_end` (its latents), then the refiner from there on them: one call."""
+        base = make_request(
+            self.manifest, a["prompt"], a["negative_prompt"], a["num_images_per_prompt"], a["num_inference_steps"],
+            a["guidance_scale"], a["scheduler"], a["seed"], a["latents"], a["width"], a["height"], a["conditioning"],
+            a["image"], a["mask_image"], a["strength"], False, a["prompt_2"], a["negative_prompt_2"], added,
+            {"denoising_start": a["denoising_start"], "denoising_end": a["denoising_end"], "output_type": "latent"})
+        first = self.generate(base, callback)
+        refiner = self.refiner
+        end = a["denoising_end"]
+        refine = make_request(
+            refiner.manifest, a["prompt"], a["negative_prompt"], a["num_images_per_prompt"], base.steps,
+            base.guidance_scale, base.scheduler.value, list(base.seeds), image=first.latents,
+            strength=a["strength"] if end is None and a["image"] is None else None,
+            prompt_2=a["prompt_2"], negative_prompt_2=a["negative_prompt_2"], added=added,
+            schedule={"denoising_start": end})
+        result = refiner.generate(refine, callback)
+        for stage, seconds in first.timings.stages.items():
+            result.timings.add(stage, seconds)
+        result.timings.total += first.timings.total
+        for meta in result.metadata:
+            meta.update(model_hash=self.model_hash[:16], refiner_hash=refiner.model_hash[:16])
+            if end is not None:
+                meta["denoising_end"] = f"{end:g}"
+        return result
 
     @property
     def tasks(self) -> tuple[Task, ...]:
@@ -234,22 +298,29 @@ class Pipeline:
 
     def generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> PipelineResult:
         trace = Trace()
-        # 1. tokenize: the negative prompts first, as diffusers stacks [uncond; cond]
+        # 1. tokenize for each text encoder its prompts (SDXL: `prompt_2` for the second), the
+        #    negative prompts first, as diffusers stacks [uncond; cond]
         pairs = request.image_prompts()
-        prompts, negatives = [p for p, _ in pairs], [n for _, n in pairs]
-        ids = self.tokenizer(negatives + prompts if request.do_guidance else prompts)
+        text_inputs = {}
+        for component, source in self.manifest.prompt_sources().items():
+            prompts, negatives = request.texts(source)
+            ids = self.tokenizers[component](negatives + prompts if request.do_guidance else prompts)
+            text_inputs[component] = {self.manifest.components[component].inputs[0].name: ids}
         trace.lap(Stage.TOKENIZE)
 
         # 2. an input image (and, when inpainting, its masked copy) → the image encoder's latents
         encoded = self._encode_images(request, trace) if request.image is not None else None
 
         # 3. the plan: timesteps, step coefficients, seeded noise, starting latents, conditioning
-        text_input = self.manifest.components[TEXT_ENCODER].inputs[0].name
-        plan = build_plan(self.manifest, request, {TEXT_ENCODER: {text_input: ids}}, encoded)
+        plan = build_plan(self.manifest, request, text_inputs, encoded)
         trace.lap(Stage.SCHEDULER)
 
         # 4–6. text encoder → denoising loop → image decoder, on the host or on the device
         pixels = self.executor(plan, trace, callback)
+        if not plan.decode:  # output_type="latent": the latents, for a refiner
+            return PipelineResult([], list(request.seeds), trace.finish(), dict(self.providers),
+                                  [self._metadata(request, p, n, s) for (p, n), s in zip(pairs, request.seeds)],
+                                  trace.transfers, latents=pixels)
 
         # 7. pixels → 8-bit images (diffusers' VaeImageProcessor.postprocess, to the rounding)
         array = (np.clip(pixels / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
@@ -283,7 +354,7 @@ class Pipeline:
             "size": f"{request.width}x{request.height}", "model_hash": self.model_hash[:16],
             "software": f"ortdiffusion {__version__}",
         }
-        if request.image is not None:
+        if request.has_image:
             meta["task"] = (Task.INPAINTING if request.mask is not None else Task.IMAGE_TO_IMAGE).value
             meta["strength"] = f"{request.strength:g}"
         return meta

@@ -24,7 +24,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .manifest import FEED_INPAINT, FEED_LATENTS, FEED_REQUEST, FEED_TIMESTEP, Manifest
+from .manifest import FEED_INPAINT, FEED_LATENTS, FEED_REQUEST, FEED_TIME_IDS, FEED_TIMESTEP, Manifest
+from .errors import InvalidRequestError
 from .request import GenerationRequest
 from .schedulers import make_scheduler
 from .schedulers.linear_step import LinearStep
@@ -57,6 +58,12 @@ class Plan:
     #: blend_mask · latents + blend_known[i] (the kept region, noised to the next step's level).
     blend_mask: np.ndarray | None = None  # (images, 1, h, w): 1 where the image is repainted
     blend_known: np.ndarray | None = None  # (steps, images, C, h, w)
+    #: SDXL's `force_zeros_for_empty_prompt`: the unconditional rows of every text encoder output the
+    #: UNet reads are zeros (the executors zero them after the text encoders run).
+    zero_uncond: bool = False
+    #: False: the executor returns the final latents (as the UNet sees them), not pixels (diffusers'
+    #: output_type="latent": an SDXL base handing over to its refiner).
+    decode: bool = True
 
     @property
     def guided(self) -> bool:
@@ -72,7 +79,7 @@ class Plan:
 
     def text_feeds(self) -> dict[str, tuple[str, str]]:
         """UNet input → (text encoder component, its output) for the inputs a text encoder feeds."""
-        special = (FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST, FEED_INPAINT)
+        special = (FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST, FEED_INPAINT, FEED_TIME_IDS)
         return {n: tuple(s.split("/", 1)) for n, s in self.feeds.items() if s not in special}
 
     def model_input(self, latents: np.ndarray, step: int) -> np.ndarray:
@@ -129,8 +136,9 @@ def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict
     #    image's strength skips the noisiest ones: diffusers' `get_timesteps`)
     scheduler = make_scheduler(request.scheduler, c.scheduler_config)
     scheduler.set_timesteps(request.steps)
-    first = scheduler.begin_index = request.first_step
-    run = range(first, request.steps)
+    first, stop = _window(request, scheduler.timesteps, int(c.scheduler_config.get("num_train_timesteps", 1000)))
+    scheduler.begin_index = first
+    run = range(first, stop)
     steps = tuple(scheduler.linear_step(i) for i in run)
     scales = tuple(scheduler.input_scale(i) for i in run)
     # 2. all noise, one generator per image, so that an image depends only on its own seed, drawn
@@ -141,7 +149,7 @@ def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict
     feeds = manifest.unet_feeds()
     blend_mask = blend_known = None
     conditioning = {}
-    if request.image is None:
+    if not request.has_image:
         start = request.latents if request.latents is not None else draw(generators, shape)
         latents = start * np.float32(scheduler.init_noise_sigma)
     else:
@@ -156,20 +164,46 @@ def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict
             else:  # any other UNet: the kept region's latents go back in after every step
                 blend_mask, blend_known = mask, _known_region(scheduler, run, image_latents, start_noise, mask)
     noise = np.stack([draw(generators, shape) for _ in run]) if scheduler.needs_noise else None
-    # 3. the UNet's conditioning: what the request gives, repeated for the unconditional half
+    # 3. the UNet's conditioning: what the request gives, repeated for the unconditional half; SDXL's
+    #    time ids from the request's sizes (the refiner's: and aesthetic scores), their own per half
     for name, source in feeds.items():
         if source == FEED_REQUEST:
             value = request.conditioning[name]
             conditioning[name] = np.concatenate([value, value]) if request.do_guidance else value
+        elif source == FEED_TIME_IDS:
+            negative, positive = request.added.time_ids(request.height, request.width, c.requires_aesthetics_score,
+                                                        request.has_image)
+            rows = [negative] * request.num_images * request.do_guidance + [positive] * request.num_images
+            conditioning[name] = np.asarray(rows, dtype=np.float32)
     return Plan(
         images=request.num_images,
         guidance_scale=request.guidance_scale if request.do_guidance else None,
-        timesteps=scheduler.timesteps[first:], steps=steps, input_scales=scales,
+        timesteps=scheduler.timesteps[first:stop], steps=steps, input_scales=scales,
         latents=latents.astype(np.float32), noise=noise,
         text_inputs=text_inputs, feeds=feeds, conditioning=conditioning,
         vae_scaling_factor=c.vae_scaling_factor, vae_shift_factor=c.vae_shift_factor,
         blend_mask=blend_mask, blend_known=blend_known,
+        zero_uncond=request.do_guidance and c.force_zeros_for_empty_prompt and not request.negative_prompt_given,
+        decode=request.output_type != "latent",
     )
+
+
+def _window(request: GenerationRequest, timesteps: np.ndarray, train_steps: int) -> tuple[int, int]:
+    """(first, stop): the steps of the schedule the request runs. An input image's strength skips the
+    noisiest (diffusers' `get_timesteps`); diffusers' ensemble of experts cuts the schedule at a
+    timestep: the base runs the steps at or above it (`denoising_end`), the refiner the ones below
+    (`denoising_start`)."""
+    first, stop = request.first_step, len(timesteps)
+    if request.denoising_start is not None:
+        cutoff = int(round(train_steps - request.denoising_start * train_steps))
+        first = len(timesteps) - int((timesteps < cutoff).sum())
+    if request.denoising_end is not None:
+        cutoff = int(round(train_steps - request.denoising_end * train_steps))
+        stop = int((timesteps >= cutoff).sum())
+    if stop <= first:
+        raise InvalidRequestError("denoising_end" if request.denoising_end is not None else "denoising_start",
+                                  f"leaves no denoising step of the {request.steps} to run")
+    return first, stop
 
 
 def _image_start(manifest: Manifest, request: GenerationRequest, scheduler, encoded: dict[str, ImageLatents],
@@ -181,7 +215,12 @@ def _image_start(manifest: Manifest, request: GenerationRequest, scheduler, enco
     inpaint_unet = FEED_INPAINT in manifest.unet_feeds().values()
     pure_noise = request.mask is not None and request.strength == 1.0
     # a 9-channel UNet starting from noise never needs the image's own latents (diffusers skips it)
-    image_latents = None if inpaint_unet and pure_noise else _sample(manifest, encoded["image"], generators)
+    if request.image_latents is not None:  # latents given as the image (SDXL's refiner): no sample drawn
+        image_latents = request.image_latents
+    else:
+        image_latents = None if inpaint_unet and pure_noise else _sample(manifest, encoded["image"], generators)
+    if request.denoising_start is not None:  # the ensemble's hand-off: the latents as they are, no noise
+        return image_latents, image_latents, None, None
     start_noise = draw(generators, shape)
     if pure_noise:
         latents = start_noise * np.float32(scheduler.init_noise_sigma)
