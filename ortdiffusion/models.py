@@ -237,8 +237,11 @@ def resolve_checkpoint(model: str | Path | None) -> Path:
     raise BundleError(str(path), f"not a diffusers checkpoint, a bundle or a model name; a model is {_describe_names()}")
 
 
-def load_pipeline(model: str | Path | None = None, progress: Callable[[str], None] | None = None, **load_options):
-    """`Pipeline.load` for any model `resolve_bundle` accepts."""
+def load_pipeline(model: str | Path | None = None, progress: Callable[[str], None] | None = None,
+                  refiner: str | Path | None = None, **load_options):
+    """`Pipeline.load` for any model `resolve_bundle` accepts; `refiner`: an SDXL refiner, the same."""
     from .runtime.pipeline import Pipeline
 
+    if refiner is not None:
+        load_options["refiner"] = resolve_bundle(refiner, progress)
     return Pipeline.load(resolve_bundle(model, progress), **load_options)

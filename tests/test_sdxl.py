@@ -99,6 +99,9 @@ def test_base_matches_diffusers(base, ref_base, scheduler, negative):
     ours = base(latents=latents, seed=SEED, num_inference_steps=STEPS, scheduler=scheduler, **kw).images[0]
     assert np.asarray(ours).std() > 5, "a flat image would make the comparison meaningless"
     assert psnr(ours, ref) >= 40.0, f"{scheduler}: PSNR {psnr(ours, ref):.1f} dB"
+    if negative is None:  # the zeroed negative embeddings are not the empty prompt's
+        empty = base(latents=latents, num_inference_steps=STEPS, scheduler=scheduler, **{**kw, "negative_prompt": ""})
+        assert psnr(ours, empty.images[0]) < 40.0
 
 
 def test_prompt_2_and_added_conditions_match_diffusers(base, ref_base):
@@ -130,6 +133,25 @@ def test_img2img_matches_diffusers(base, ref_img2img, scheduler, strength):
     ref = run(ref_img2img, scheduler, ("vae", "sdxl_img2img"), **kw)[0]
     ours = base(seed=SEED, num_inference_steps=STEPS, scheduler=scheduler, **kw).images[0]
     assert np.asarray(ours).std() > 5
+    assert psnr(ours, ref) >= 40.0, f"{scheduler} strength {strength}: PSNR {psnr(ours, ref):.1f} dB"
+
+
+@pytest.fixture(scope="module")
+def ref_inpaint(sdxl):
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    return _reference(StableDiffusionXLInpaintPipeline, sdxl["tiny-sdxl"][0])
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler-ancestral"])
+@pytest.mark.parametrize("strength", [1.0, 0.75])
+def test_inpainting_matches_diffusers(base, ref_inpaint, scheduler, strength):
+    """SDXL's plain UNet inpaints by blending, as `StableDiffusionXLInpaintPipeline`."""
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, 31, 63), fill=255)
+    kw = dict(prompt=PROMPT, image=picture(), mask_image=mask, strength=strength, guidance_scale=5.0)
+    ref = run(ref_inpaint, scheduler, ("vae", "sdxl_inpaint"), **kw)[0]
+    ours = base(seed=SEED, num_inference_steps=STEPS, scheduler=scheduler, **kw).images[0]
     assert psnr(ours, ref) >= 40.0, f"{scheduler} strength {strength}: PSNR {psnr(ours, ref):.1f} dB"
 
 
@@ -218,3 +240,14 @@ def test_bad_sdxl_arguments_are_refused_by_name(base, kwargs, field):
     with pytest.raises(InvalidRequestError) as e:
         base(PROMPT, num_inference_steps=4, **kwargs)
     assert field in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["tiny-sdxl", "tiny-sdxl-refiner"])
+def test_compare_covers_sdxl(sdxl, name):
+    from ortdiffusion.export.compare import compare
+
+    report = compare(*sdxl[name], steps=4)
+    whats = " ".join(line.what for line in report.lines)
+    assert report.passed, [line for line in report.lines if not line.passed]
+    assert "text_encoder_2.text_embeds" in whats and "StableDiffusionXLImg2ImgPipeline" in whats
+    assert "StableDiffusionXLInpaintPipeline" in whats

@@ -251,13 +251,8 @@ class Pipeline:
         their negative_ forms, aesthetic_score, negative_aesthetic_score: `request.AddedConditions`),
         `image` may be latents (the base's, for a refiner), `denoising_end` / `denoising_start`
         (the ensemble of experts' hand-off) and output_type="latent" (`PipelineResult.latents`).
-        With a refiner loaded (`load(..., refiner=)`) one call runs both, as diffusers' two calls
-        `base(..., denoising_end=f, output_type="latent")` and `refiner(..., image=latents,
-        denoising_start=f)`; without `denoising_end` the refiner refines the base's finished latents
-        at `strength` (its default 0.3), diffusers' other documented use."""
+        With a refiner loaded (`load(..., refiner=)`) one call runs both (`generate`)."""
         schedule = {"denoising_start": denoising_start, "denoising_end": denoising_end, "output_type": output_type}
-        if self.refiner is not None and output_type != "latent":
-            return self._ensemble(locals(), added_conditions, callback)
         request = make_request(
             self.manifest, prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
             guidance_scale, scheduler, seed, latents, width, height, conditioning, image, mask_image, strength,
@@ -265,38 +260,47 @@ class Pipeline:
         )
         return self.generate(request, callback)
 
-    def _ensemble(self, a: dict, added: Mapping[str, object], callback: StepCallback | None) -> PipelineResult:
-        """The base to `denoising_end` (its latents), then the refiner from there on them: one call."""
-        base = make_request(
-            self.manifest, a["prompt"], a["negative_prompt"], a["num_images_per_prompt"], a["num_inference_steps"],
-            a["guidance_scale"], a["scheduler"], a["seed"], a["latents"], a["width"], a["height"], a["conditioning"],
-            a["image"], a["mask_image"], a["strength"], False, a["prompt_2"], a["negative_prompt_2"], added,
-            {"denoising_start": a["denoising_start"], "denoising_end": a["denoising_end"], "output_type": "latent"})
-        first = self.generate(base, callback)
-        refiner = self.refiner
-        end = a["denoising_end"]
-        refine = make_request(
-            refiner.manifest, a["prompt"], a["negative_prompt"], a["num_images_per_prompt"], base.steps,
-            base.guidance_scale, base.scheduler.value, list(base.seeds), image=first.latents,
-            strength=a["strength"] if end is None and a["image"] is None else None,
-            prompt_2=a["prompt_2"], negative_prompt_2=a["negative_prompt_2"], added=added,
-            schedule={"denoising_start": end})
-        result = refiner.generate(refine, callback)
-        for stage, seconds in first.timings.stages.items():
-            result.timings.add(stage, seconds)
-        result.timings.total += first.timings.total
-        for meta in result.metadata:
-            meta.update(model_hash=self.model_hash[:16], refiner_hash=refiner.model_hash[:16])
-            if end is not None:
-                meta["denoising_end"] = f"{end:g}"
-        return result
-
     @property
     def tasks(self) -> tuple[Task, ...]:
         """What this bundle can do: text-to-image, and image inputs where it has the image encoder."""
         return self.manifest.tasks()
 
     def generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> PipelineResult:
+        """Run `request`; with a refiner loaded, diffusers' ensemble of experts in one call: this
+        base to `denoising_end` (its latents), then the refiner from there (`denoising_start`) on
+        them, as diffusers' `base(..., denoising_end=f, output_type="latent")` and
+        `refiner(..., image=latents, denoising_start=f)`. Without `denoising_end` the refiner refines
+        the base's finished latents at its default strength (0.3), diffusers' other documented use."""
+        if self.refiner is not None and request.output_type != "latent":
+            return self._ensemble(request, callback)
+        return self._generate(request, callback)
+
+    def _ensemble(self, request: GenerationRequest, callback: StepCallback | None) -> PipelineResult:
+        first = self._generate(replace(request, output_type="latent", keep_unmasked=False), callback)
+        refiner = self.refiner
+        refine = make_request(
+            refiner.manifest, list(request.prompts),
+            list(request.negative_prompts) if request.negative_prompt_given else None,
+            request.num_images_per_prompt, request.steps, request.guidance_scale, request.scheduler.value,
+            list(request.seeds), image=first.latents,
+            **({"prompt_2": request.prompts_2, "negative_prompt_2": request.negative_prompts_2}
+               if "prompt_2" in refiner.manifest.prompt_sources().values() else {}),  # the refiner has one encoder
+            added={k: v for k, v in vars(request.added).items() if v is not None},
+            schedule={"denoising_start": request.denoising_end})
+        result = refiner._generate(refine, callback)
+        for stage, seconds in first.timings.stages.items():  # both runs' stages, the base's steps first
+            result.timings.stages[stage] += seconds
+        result.timings.unet_steps[:0] = first.timings.unet_steps
+        result.timings.total += first.timings.total
+        result.providers = {**first.providers, **{f"refiner.{k}": v for k, v in result.providers.items()}}
+        for meta, base_meta in zip(result.metadata, first.metadata):  # what the caller asked, and both models
+            meta.clear()
+            meta.update(base_meta, refiner_hash=refiner.model_hash[:16])
+            if request.denoising_end is not None:
+                meta["denoising_end"] = f"{request.denoising_end:g}"
+        return result
+
+    def _generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> PipelineResult:
         trace = Trace()
         # 1. tokenize for each text encoder its prompts (SDXL: `prompt_2` for the second), the
         #    negative prompts first, as diffusers stacks [uncond; cond]

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import InvalidRequestError
 from .image_input import ImageSource, default_size, image_array, mask_array, open_image
-from .manifest import FEED_INPAINT, FEED_REQUEST, UNET, VAE_ENCODER, Manifest
+from .manifest import FEED_INPAINT, FEED_REQUEST, FEED_TIME_IDS, UNET, VAE_ENCODER, Manifest
 from .schedulers import SchedulerName
 
 # The one set of limits: the CLI, the Python API and the HTTP service all validate through
@@ -300,6 +300,8 @@ def make_request(
         image_pixels = image_array(opened[0], w, h)
         mask_pixels = mask_array(opened[1], w, h) if opened[1] is not None else None
     timing = _schedule(schedule or {}, opened is not None or image_latents is not None)
+    if timing["denoising_start"] is not None and mask_image is not None:
+        raise InvalidRequestError("denoising_start", "not with a mask_image: inpainting runs the image's own schedule")
     strength_value = _strength(strength, opened or image_latents is not None, mask_pixels is not None, steps,
                                manifest.pipeline.default_strength, timing["denoising_start"] is not None)
     count = len(prompts) * per_prompt
@@ -320,17 +322,27 @@ def make_request(
         width=w, height=h, latents=latents, conditioning=_conditioning(manifest, conditioning or {}, count),
         image=image_pixels, mask=mask_pixels, strength=strength_value,
         keep_unmasked=bool(keep_unmasked) and mask_pixels is not None,
-        prompts_2=_second(prompt_2, "prompt_2", len(prompts)),
-        negative_prompts_2=_second(negative_prompt_2, "negative_prompt_2", len(prompts)),
-        negative_prompt_given=negative_prompt is not None, added=AddedConditions.parse(added or {}),
+        prompts_2=_second(manifest, prompt_2, "prompt_2", len(prompts)),
+        negative_prompts_2=_second(manifest, negative_prompt_2, "negative_prompt_2", len(prompts)),
+        negative_prompt_given=negative_prompt is not None, added=_added(manifest, added or {}),
         image_latents=image_latents, **timing,
     )
 
 
-def _second(value: object, field_name: str, count: int) -> tuple[str, ...] | None:
+def _added(manifest: Manifest, given: Mapping[str, object]) -> AddedConditions:
+    added = AddedConditions.parse(given)
+    if added != AddedConditions() and FEED_TIME_IDS not in manifest.unet_feeds().values():
+        name = next(k for k, v in given.items() if v is not None)
+        raise InvalidRequestError(name, "this model's UNet takes no added conditions (SDXL's time_ids)")
+    return added
+
+
+def _second(manifest: Manifest, value: object, field_name: str, count: int) -> tuple[str, ...] | None:
     """A second text encoder's prompts: one, or one per prompt; None: the first's."""
     if value is None:
         return None
+    if "prompt_2" not in manifest.prompt_sources().values():
+        raise InvalidRequestError(field_name, "this model has no second text encoder that reads it (SDXL's)")
     prompts = _prompts(value, field_name)
     if len(prompts) == 1:
         return prompts * count
