@@ -251,3 +251,48 @@ def test_compare_covers_sdxl(sdxl, name):
     assert report.passed, [line for line in report.lines if not line.passed]
     assert "text_encoder_2.text_embeds" in whats and "StableDiffusionXLImg2ImgPipeline" in whats
     assert "StableDiffusionXLInpaintPipeline" in whats
+
+
+def test_service_takes_prompt_2_and_denoising_end_with_a_refiner(ensemble):
+    """The HTTP service's extensions (diffusers' names), merged batches included: each image is the
+    one the Python API draws for the same arguments."""
+    import base64
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from test_serve import running
+
+    bodies = [{"prompt": PROMPT, "prompt_2": "a blue square", "denoising_end": 0.8, "seed": 3},
+              {"prompt": "a green star", "seed": 4, "negative_prompt": "blurry"}]
+    with running(ensemble, model_name="tiny-sdxl") as url, ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda b: httpx.post(f"{url}/v1/images/generations", timeout=300, json={
+            "steps": 4, "response_format": "b64_json", **b}), bodies))
+    for body, answer in zip(bodies, answers):
+        assert answer.status_code == 200, answer.text
+        got = Image.open(io.BytesIO(base64.b64decode(answer.json()["data"][0]["b64_json"])))
+        want = ensemble(num_inference_steps=4, **body).images[0]
+        assert psnr(got.convert("RGB"), want) >= 50.0
+        assert got.text["refiner_hash"] == ensemble.refiner.model_hash[:16]
+
+
+def test_chunks_and_merges_carry_prompt_2(base):
+    from ortdiffusion.runtime.request import make_request
+    from ortdiffusion.serve.budget import chunks
+
+    request = make_request(base.manifest, ["a", "b", "c"], prompt_2=["x", "y", "z"], seed=1, num_inference_steps=2)
+    parts = chunks(request, 2)
+    assert [p.prompts_2 for p in parts] == [("x", "y"), ("z",)]
+    assert [p.negative_prompts_2 for p in parts] == [("", ""), ("",)]
+
+
+def test_cli_generate_takes_the_refiner_and_sdxl_names(sdxl, tmp_path):
+    from ortdiffusion.cli import main
+
+    out = tmp_path / "x.png"
+    code = main(["generate", PROMPT, "--model", str(sdxl["tiny-sdxl"][1]), "--refiner", str(sdxl["tiny-sdxl-refiner"][1]),
+                 "--denoising-end", "0.75", "--prompt-2", "a blue square", "--original-size", "128x96",
+                 "--aesthetic-score", "7", "--steps", "4", "--seed", "2", "-q", "-o", str(out)])
+    assert code == 0
+    meta = Image.open(out).text
+    assert meta["denoising_end"] == "0.75" and meta["refiner_hash"]
