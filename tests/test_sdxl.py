@@ -296,3 +296,39 @@ def test_cli_generate_takes_the_refiner_and_sdxl_names(sdxl, tmp_path):
     assert code == 0
     meta = Image.open(out).text
     assert meta["denoising_end"] == "0.75" and meta["refiner_hash"]
+
+
+def test_sdxl_arch_is_sdxl_base_sized():
+    """The `sdxl-arch` preset's configs make SDXL base's networks (built on the meta device: no
+    memory), with its 6 time ids and the two encoders' 768 + 1280 hidden states feeding 2048."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ortdiffusion.export.presets import PRESETS
+    from ortdiffusion.export.sdxl import time_id_count
+
+    preset = PRESETS["sdxl-arch"]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**preset.unet)
+        te = CLIPTextModel(CLIPTextConfig(**preset.text_encoder))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**preset.text_encoder_2))
+    millions = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (unet, te, te2)]
+    assert 2560 < millions[0] < 2580 and 120 < millions[1] < 125 and 690 < millions[2] < 700, millions
+    assert time_id_count(unet, te2.config.projection_dim) == 6
+    assert te.config.hidden_size + te2.config.hidden_size == unet.config.cross_attention_dim
+
+
+def test_an_fp16_export_keeps_sdxls_vae_fp32():
+    """diffusers upcasts SDXL's VAE (`force_upcast`): it overflows fp16 (the black image)."""
+    from types import SimpleNamespace
+
+    from ortdiffusion.export.bundle import ExportOptions, _component_options
+    from ortdiffusion.runtime.manifest import Precision
+
+    fp16 = ExportOptions(precision=Precision.FP16)
+    vae = SimpleNamespace(config=SimpleNamespace(force_upcast=True))
+    sdxl_ckpt = SimpleNamespace(is_sdxl=True, vae=vae)
+    assert _component_options(sdxl_ckpt, "vae_decoder", fp16).precision is Precision.FP32
+    assert _component_options(sdxl_ckpt, "vae_encoder", fp16).precision is Precision.FP32
+    assert _component_options(sdxl_ckpt, "unet", fp16).precision is Precision.FP16
+    assert _component_options(SimpleNamespace(is_sdxl=False, vae=vae), "vae_decoder", fp16).precision is Precision.FP16

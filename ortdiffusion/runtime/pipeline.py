@@ -44,7 +44,7 @@ from .manifest import (
 from .plan import Executor, ImageLatents, StepCallback, build_plan
 from .png import encode_pngs, write_atomically
 from .providers import ComponentSettings, CudaOptions, ProviderKind, ProviderPreference, default_preference
-from .request import GenerationRequest, make_request
+from .request import DEFAULT_STRENGTH_IMAGE, GenerationRequest, make_request
 from .schedulers import SchedulerName
 from .session import Session
 from .tokenizer import PromptTokenizer
@@ -270,7 +270,8 @@ class Pipeline:
         base to `denoising_end` (its latents), then the refiner from there (`denoising_start`) on
         them, as diffusers' `base(..., denoising_end=f, output_type="latent")` and
         `refiner(..., image=latents, denoising_start=f)`. Without `denoising_end` the refiner refines
-        the base's finished latents at its default strength (0.3), diffusers' other documented use."""
+        the base's finished latents at its default strength (0.3; at least one step), diffusers' other
+        documented use."""
         if self.refiner is not None and request.output_type != "latent":
             return self._ensemble(request, callback)
         return self._generate(request, callback)
@@ -282,7 +283,8 @@ class Pipeline:
             refiner.manifest, list(request.prompts),
             list(request.negative_prompts) if request.negative_prompt_given else None,
             request.num_images_per_prompt, request.steps, request.guidance_scale, request.scheduler.value,
-            list(request.seeds), image=first.latents,
+            list(request.seeds), image=first.latents, strength=None if request.denoising_end is not None else max(
+                refiner.manifest.pipeline.default_strength or DEFAULT_STRENGTH_IMAGE, 1 / request.steps),  # ≥ 1 step
             **({"prompt_2": request.prompts_2, "negative_prompt_2": request.negative_prompts_2}
                if "prompt_2" in refiner.manifest.prompt_sources().values() else {}),  # the refiner has one encoder
             added={k: v for k, v in vars(request.added).items() if v is not None},
