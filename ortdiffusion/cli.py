@@ -96,6 +96,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     options = ExportOptions(
         opset=args.opset, precision=Precision(args.precision), exporter=Exporter(args.exporter), overwrite=args.overwrite,
         default_steps=args.default_steps, default_guidance=args.default_guidance, target=Target(args.target),
+        tiny_decoder=args.tiny_decoder,
     )
     checkpoint = resolve_checkpoint(str(args.checkpoint))
     start = time.perf_counter()
@@ -126,6 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                            num_images_per_prompt=args.num_images, num_inference_steps=args.steps,
                            guidance_scale=args.guidance, scheduler=args.scheduler, seed=args.seed,
                            width=width, height=height, image=args.image, mask_image=args.mask, strength=args.strength,
+                           guidance_rescale=args.guidance_rescale, decoder=args.decoder,
                            prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2,
                            added=_added_conditions(args), schedule={"denoising_end": args.denoising_end})
     for warning in prompt_warnings(bundle, request.prompts, request.width, request.height):
@@ -273,8 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "parity is checked on the CUDA provider, so export where it runs); tensorrt: the plain graph, "
                    "from which TensorRT builds fp16 engines itself")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
-    p.add_argument("--default-steps", type=int, default=20, help="steps a call that names none gets")
-    p.add_argument("--default-guidance", type=float, default=7.5, help="guidance a call that names none gets")
+    p.add_argument("--default-steps", type=int, help="steps a call that names none gets (default: the family's: "
+                   "20; 4 for LCM; 1 for a *turbo* checkpoint)")
+    p.add_argument("--default-guidance", type=float, help="guidance a call that names none gets (7.5; 8.5 LCM; 0 turbo)")
+    p.add_argument("--tiny-decoder", type=Path, default=None, help="a diffusers AutoencoderTiny directory (TAESD) to add "
+                   "as a fast decoder, chosen per call with --decoder tiny")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new bundle passed)")
     p.set_defaults(func=cmd_export)
 
@@ -358,6 +363,8 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None, help="default: the model's (manifest)")
     p.add_argument("--guidance", type=float, default=None, help="default: the model's (manifest)")
+    p.add_argument("--guidance-rescale", type=float, default=None, help="0–1, diffusers' guidance_rescale (default 0)")
+    p.add_argument("--decoder", default=None, help="full (default) or tiny: the bundle's tiny decoder, where it has one")
     p.add_argument("--scheduler", default=None, help=", ".join(s.value for s in SchedulerName))
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's native size)")

@@ -13,6 +13,7 @@ import pytest
 from conftest import psnr
 from ortdiffusion import Pipeline
 from ortdiffusion.runtime import NumericalError, SchedulerName
+from ortdiffusion.runtime.device_loop import STEP_GRAPHS
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,17 @@ def test_device_loop_draws_what_the_host_loop_draws(tiny_pipeline, device_pipeli
     assert host.transfers.in_loop > 0 and device.transfers.in_loop == 0
     # the same float32 arithmetic in another order: at most a rounding step apart
     a, b = np.asarray(host.images[0], np.int16), np.asarray(device.images[0], np.int16)
+    assert np.abs(a - b).max() <= 1, psnr(a, b)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler-ancestral"])
+def test_device_loop_rescales_guidance_as_the_host_loop(tiny_pipeline, device_pipeline, scheduler):
+    kwargs = dict(seed=5, num_inference_steps=6, scheduler=scheduler, guidance_scale=40.0, negative_prompt="blue")
+    plain = tiny_pipeline("a red circle", **kwargs).images[0]
+    host = tiny_pipeline("a red circle", guidance_rescale=1.0, **kwargs).images[0]
+    device = device_pipeline("a red circle", guidance_rescale=1.0, **kwargs).images[0]
+    assert psnr(host, plain) < 40, "the rescale must change the picture for the comparison to mean anything"
+    a, b = np.asarray(host, np.int16), np.asarray(device, np.int16)
     assert np.abs(a - b).max() <= 1, psnr(a, b)
 
 
@@ -73,7 +85,7 @@ def test_device_loop_nan_guard_names_the_unet(device_pipeline, monkeypatch):
 def test_step_graphs_placement_is_checked(device_pipeline):
     """The step graphs get the networks' per-node check: on the provider the UNet runs on, every node."""
     placement = device_pipeline.device_loop.step_graph_placement
-    assert set(placement) == {(guided, blended) for guided in (True, False) for blended in (True, False)}
+    assert set(placement) == set(STEP_GRAPHS) and len(placement) == 6  # rescaled only where guided
     for p in placement.values():
         assert set(p.nodes) == {"cpu"} and p.nodes["cpu"] > 10 and p.off_provider == ()
 
@@ -82,8 +94,8 @@ def test_shipped_step_graphs_are_what_the_exporter_builds():
     from ortdiffusion.export import step_graph
     from ortdiffusion.runtime.device_loop import GRAPHS, STEP_GRAPHS
 
-    for (guided, blended), name in STEP_GRAPHS.items():
-        fresh = step_graph.build(guided, blended).SerializeToString(deterministic=True)
+    for (guided, blended, rescaled), name in STEP_GRAPHS.items():
+        fresh = step_graph.build(guided, blended, rescaled).SerializeToString(deterministic=True)
         assert (GRAPHS / name).read_bytes() == fresh, f"{name} is stale: python -m ortdiffusion.export.step_graph"
 
 

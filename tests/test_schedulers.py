@@ -10,6 +10,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
 )
 
 from ortdiffusion.runtime.errors import InvalidRequestError
@@ -35,6 +36,7 @@ REFERENCE = {
     SchedulerName.EULER_ANCESTRAL: (EulerAncestralDiscreteScheduler, {}),
     SchedulerName.DPMPP_2M: (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
     SchedulerName.DPMPP_2M_KARRAS: (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    SchedulerName.LCM: (LCMScheduler, {}),
 }
 
 
@@ -84,7 +86,9 @@ def test_trajectory_matches_diffusers(name, config, steps, request):
         out = fake_model(in_ref.numpy(), float(t))
         if ours.needs_noise:
             # diffusers draws the ancestral noise itself; hand it the same draw as ours.
-            import diffusers.schedulers.scheduling_euler_ancestral_discrete as mod
+            import importlib
+
+            mod = importlib.import_module(ref_cls.__module__)
 
             orig = mod.randn_tensor
             mod.randn_tensor = lambda *a, **k: torch.from_numpy(noise)

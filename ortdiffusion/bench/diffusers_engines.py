@@ -163,8 +163,8 @@ def unet_step_gflop(unet, batch: int, width: int, height: int, guidance: float, 
 
 
 class TorchEngine:
-    """diffusers' own pipeline for the task (StableDiffusionPipeline, …Img2ImgPipeline,
-    …InpaintPipeline), eager (fp32 on the CPU; fp16 with SDPA on a GPU)."""
+    """diffusers' own pipeline for the task and the checkpoint's family (StableDiffusionPipeline,
+    …Img2ImgPipeline, …InpaintPipeline, LatentConsistencyModelPipeline, …), eager (fp32 on the CPU; fp16 with SDPA on a GPU)."""
 
     name = "torch"
 
@@ -173,14 +173,18 @@ class TorchEngine:
         import diffusers
         import torch
 
+        self.task = Task(task)
+        # diffusers' auto pipelines pick the checkpoint's own family for the task (Stable Diffusion's,
+        # LCM's, SDXL's ...), as a diffusers user's `AutoPipelineFor...` call does
+        pipeline_class = getattr(diffusers, {Task.TEXT_TO_IMAGE: "AutoPipelineForText2Image",
+                                             Task.IMAGE_TO_IMAGE: "AutoPipelineForImage2Image",
+                                             Task.INPAINTING: "AutoPipelineForInpainting"}[self.task])
+
         from ..models import resolve_checkpoint
 
-        self.task = Task(task)
         checkpoint = resolve_checkpoint(model)
-        family = "StableDiffusionXL" if sdxl_checkpoint(checkpoint) else "StableDiffusion"
-        pipeline_class = getattr(diffusers, family + {Task.TEXT_TO_IMAGE: "Pipeline", Task.IMAGE_TO_IMAGE: "Img2ImgPipeline",
-                                                      Task.INPAINTING: "InpaintPipeline"}[self.task])
-        extra = {} if family == "StableDiffusionXL" else {"safety_checker": None, "requires_safety_checker": False}
+        # SDXL's pipelines have no safety checker to switch off
+        extra = {} if sdxl_checkpoint(checkpoint) else {"safety_checker": None, "requires_safety_checker": False}
 
         self.device = "cuda" if torch.cuda.is_available() and provider != "cpu" else "cpu"
         dtype = torch.float16 if self.device == "cuda" else torch.float32

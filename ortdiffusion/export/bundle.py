@@ -28,6 +28,7 @@ from ..runtime.manifest import (
     UNET,
     VAE_DECODER,
     VAE_DECODER_FP32,
+    VAE_DECODER_TINY,
     VAE_ENCODER,
     ComponentManifest,
     Manifest,
@@ -49,6 +50,7 @@ from .specs import (
     UNET_FEEDS,
     ComponentSpec,
     text_encoder_component,
+    tiny_decoder_component,
     unet_component,
     vae_decoder_component,
     vae_encoder_component,
@@ -69,14 +71,18 @@ class ExportOptions:
     overwrite: bool = False
     #: Store weights that fp16 holds exactly as fp16 (compute stays fp32; see export/weights.py).
     compact_weights: bool = True
-    default_steps: int = 20
-    default_guidance: float = 7.5
+    #: What a call that names no step count or guidance scale gets; None: the family's (`family_defaults`).
+    default_steps: int | None = None
+    default_guidance: float | None = None
     target: Target = Target.GENERIC
     #: With precision int8: the prompts and steps the UNet is calibrated on.
     calibration: Calibration = Calibration()
     #: A component whose weights pass this many bytes keeps them in `<component>.onnx.data`, which
     #: ONNX Runtime memory-maps instead of copying (export/weights.py).
     external_weights_min_bytes: int = EXTERNAL_WEIGHTS_MIN_BYTES
+    #: A diffusers AutoencoderTiny directory (TAESD for SD 1/2, TAESDXL for SDXL) to add as the
+    #: bundle's tiny decoder (`decoder="tiny"` per call), or None.
+    tiny_decoder: Path | None = None
 
 
 def export_component(
@@ -188,6 +194,7 @@ def pipeline_components(ckpt: Checkpoint) -> list[tuple[ComponentSpec, torch.nn.
 def pipeline_constants(ckpt: Checkpoint, options: ExportOptions, unet: ComponentManifest) -> PipelineConstants:
     vae_scale = 2 ** (len(ckpt.vae.config.block_out_channels) - 1)
     size = int(ckpt.unet.config.sample_size) * vae_scale
+    steps, guidance = family_defaults(ckpt)
     tokenizer = ckpt.tokenizer or ckpt.tokenizer_2  # an SDXL refiner has only the second
     constants = PipelineConstants(
         family="stable-diffusion",
@@ -203,8 +210,8 @@ def pipeline_constants(ckpt: Checkpoint, options: ExportOptions, unet: Component
         scheduler_class=ckpt.scheduler_class,
         scheduler_config=ckpt.scheduler_config,
         default_scheduler=default_scheduler_for(ckpt.scheduler_class).value,
-        default_steps=options.default_steps,
-        default_guidance=options.default_guidance,
+        default_steps=options.default_steps if options.default_steps is not None else steps,
+        default_guidance=options.default_guidance if options.default_guidance is not None else guidance,
         unet_feeds={i.name: UNET_FEEDS.get(i.name, "") for i in unet.inputs},
     )
     if ckpt.is_sdxl:
@@ -212,6 +219,18 @@ def pipeline_constants(ckpt: Checkpoint, options: ExportOptions, unet: Component
 
         return sdxl.pipeline_constants(ckpt, constants)
     return constants
+
+
+def family_defaults(ckpt: Checkpoint) -> tuple[int, float]:
+    """(steps, guidance scale) a call that names neither gets: what the model's makers recommend.
+    An LCM UNet (it takes `timestep_cond`): diffusers' LatentConsistencyModelPipeline defaults, 4
+    steps at 8.5. A checkpoint named "…turbo…" (SD-Turbo, SDXL-Turbo: adversarially distilled, no
+    guidance): 1 step at 0, as their model cards say. Anything else: 20 steps at 7.5."""
+    if getattr(ckpt.unet.config, "time_cond_proj_dim", None):
+        return 4, 8.5
+    if "turbo" in str(ckpt.path).lower():
+        return 1, 0.0
+    return 20, 7.5
 
 
 TOKENIZER_PROBES = (
@@ -262,6 +281,9 @@ def check_options(options: ExportOptions) -> None:
             f"target {options.target.value}: export checks parity on {provider}, which this onnxruntime "
             f"({ort.__version__}) lacks (it offers {', '.join(ort.get_available_providers())}); export on a "
             "machine with onnxruntime-gpu and a GPU, or choose --target generic")
+    if options.tiny_decoder is not None and not (Path(options.tiny_decoder) / "config.json").is_file():
+        raise ExportError(f"{options.tiny_decoder}: not a diffusers AutoencoderTiny directory (no config.json); "
+                          "--tiny-decoder takes one, e.g. a local copy of madebyollin/taesd")
     if options.precision is Precision.FP16 and not options.target.onnx_fp16:
         logger.info("target %s: the graph stays fp32; TensorRT builds fp16 engines from it (trt_fp16_enable)",
                     options.target.value)
@@ -301,7 +323,11 @@ def export_checkpoint(
                 say(f"[{n}/{len(specs)}] {spec.name}: keeping an fp32 copy for the NaN guard's retry")
                 components[VAE_DECODER_FP32] = export_component(replace(spec, name=VAE_DECODER_FP32), module, tmp,
                                                                 replace(options, precision=Precision.FP32))
+        if options.tiny_decoder is not None:
+            say(f"{VAE_DECODER_TINY}: exporting {options.tiny_decoder} and checking parity")
+            components[VAE_DECODER_TINY] = _tiny_decoder(options.tiny_decoder, ckpt, tmp, options)
         write_tokenizer(ckpt, tmp)
+        extra = {TINY_DECODER_SOURCE: str(Path(options.tiny_decoder).resolve())} if options.tiny_decoder else {}
         tokenizers = {}
         if ckpt.is_sdxl and ckpt.text_encoder is not None:  # the refiner's one tokenizer is tokenizer.json
             from .sdxl import write_tokenizer_2
@@ -313,8 +339,9 @@ def export_checkpoint(
             source=SourceInfo(checkpoint=str(Path(checkpoint_dir).resolve()), weights_sha256=ckpt.weights_sha256),
             pipeline=pipeline_constants(ckpt, options, components[UNET]),
             components={k: components[k] for k in (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_DECODER_FP32,
-                                                   VAE_ENCODER) if k in components},
+                                                   VAE_ENCODER, VAE_DECODER_TINY) if k in components},
             tokenizer=file_record(tmp, tmp / TOKENIZER_NAME),
+            extra=extra,
             tokenizers=tokenizers,
         )
         write_manifest(tmp, manifest)
@@ -350,6 +377,52 @@ def add_image_encoder(checkpoint_dir: Path | str, bundle_dir: Path | str, option
         manifest = replace(manifest, components={**manifest.components, VAE_ENCODER: component})
         write_manifest(tmp, manifest)
     return manifest
+
+
+#: The manifest's `extra` key that records where the tiny decoder came from (for `compare`).
+TINY_DECODER_SOURCE = "tiny_decoder_source"
+
+
+def add_tiny_decoder(tiny_decoder: Path | str, checkpoint_dir: Path | str, bundle_dir: Path | str,
+                     options: ExportOptions = ExportOptions(), progress: Progress | None = None) -> Manifest:
+    """Give an existing bundle a tiny decoder (a diffusers AutoencoderTiny directory), leaving every
+    other file as it is; published like an export."""
+    say = progress or (lambda msg: logger.info("%s", msg))
+    from ..runtime.manifest import load_manifest
+
+    bundle_dir = Path(bundle_dir)
+    manifest = load_manifest(bundle_dir)
+    ckpt = load_checkpoint(checkpoint_dir)
+    with staged(bundle_dir) as tmp:
+        shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
+        for f in tmp.glob(f"{VAE_DECODER_TINY}.onnx*"):
+            f.unlink()
+        say(f"{VAE_DECODER_TINY}: exporting {tiny_decoder} and checking parity")
+        options = replace(options, precision=manifest.components[VAE_DECODER].precision)
+        manifest = replace(manifest, components={**manifest.components,
+                                                 VAE_DECODER_TINY: _tiny_decoder(tiny_decoder, ckpt, tmp, options)},
+                           extra={**manifest.extra, TINY_DECODER_SOURCE: str(Path(tiny_decoder).resolve())})
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def _tiny_decoder(path: Path | str, ckpt: Checkpoint, out: Path, options: ExportOptions) -> ComponentManifest:
+    """Export the AutoencoderTiny at `path` as the tiny decoder of `ckpt`'s bundle."""
+    from diffusers import AutoencoderTiny
+
+    path = Path(path)
+    try:
+        tiny = AutoencoderTiny.from_pretrained(str(path)).eval()
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ExportError(f"{path}: not a diffusers AutoencoderTiny directory ({e})") from None
+    if int(tiny.config.latent_channels) != int(ckpt.vae.config.latent_channels):
+        raise ExportError(f"{path}: its latent_channels ({tiny.config.latent_channels}) are not the checkpoint VAE's "
+                          f"({ckpt.vae.config.latent_channels}): a tiny decoder made for another model family")
+    if getattr(ckpt.vae.config, "shift_factor", None):
+        raise ExportError(f"{path}: the checkpoint's VAE has a shift_factor; tiny decoders are supported for "
+                          "Stable Diffusion 1/2 and SDXL VAEs only")
+    spec, module = tiny_decoder_component(tiny, float(ckpt.vae.config.scaling_factor), int(ckpt.unet.config.sample_size))
+    return export_component(spec, module, out, options)
 
 
 @contextmanager

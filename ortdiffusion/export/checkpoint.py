@@ -21,10 +21,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REQUIRED_COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+#: The pipelines whose checkpoints export; LCM checkpoints are Stable Diffusion ones with an LCM UNet
+#: (its guidance embedding input, `timestep_cond`) and the LCM scheduler.
 #: SDXL: the second text encoder and tokenizer; the refiner has only these (no text_encoder/tokenizer).
 SDXL_REQUIRED = ("text_encoder_2", "tokenizer_2", "unet", "vae", "scheduler")
 SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", *SDXL_PIPELINES)
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "LatentConsistencyModelPipeline", *SDXL_PIPELINES)
 #: Every folder that may hold a checkpoint's weights or vocabulary (hashed where the index names it).
 ALL_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae", "scheduler")
 

@@ -9,7 +9,7 @@ pass or fail per line.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -109,14 +109,38 @@ def default_provider(manifest) -> str:
     return next(iter(components)).providers[0]
 
 
+def as_exported(spec, component):
+    """`spec` with the input shapes and dims the bundle's component was exported with."""
+    shapes = {i.name: i for i in component.inputs}
+    inputs = tuple(replace(i, info=shapes.get(i.info.name, i.info)) for i in spec.inputs)
+    return replace(spec, inputs=inputs, dims={d: r for d, r in component.dims.items()})
+
+
+def _tiny_decoder_component(ckpt, manifest) -> list:
+    """The tiny decoder's spec and module where the bundle has one and its source is on this machine."""
+    from ..runtime.manifest import VAE_DECODER_TINY
+    from .bundle import TINY_DECODER_SOURCE
+    from .specs import tiny_decoder_component
+
+    source = manifest.extra.get(TINY_DECODER_SOURCE)
+    if VAE_DECODER_TINY not in manifest.components or not source or not Path(source).is_dir():
+        return []
+    from diffusers import AutoencoderTiny
+
+    tiny = AutoencoderTiny.from_pretrained(source).eval()
+    return [tiny_decoder_component(tiny, float(ckpt.vae.config.scaling_factor), int(ckpt.unet.config.sample_size))]
+
+
 def compare_components(ckpt, bundle_dir: Path, manifest, tol: Tolerances, seed: int, provider: str = "cpu") -> list[Line]:
     from ..runtime.providers import ProviderPreference
 
     lines = []
     preference = ProviderPreference.parse(provider)
-    for spec, module in pipeline_components(ckpt):
+    for spec, module in pipeline_components(ckpt) + _tiny_decoder_component(ckpt, manifest):
         if spec.name not in manifest.components:  # a bundle from before the image encoder
             continue
+        # at the shapes the bundle takes: one exported before a dim became symbolic keeps it fixed
+        spec = as_exported(spec, manifest.components[spec.name])
         session = Session(bundle_dir, manifest.components[spec.name], preference)
         for k, dims in enumerate(spec.parity_points()):
             inputs = spec.sample_inputs(dims, seed=seed + k)

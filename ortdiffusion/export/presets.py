@@ -36,6 +36,7 @@ class Preset:
     #: pad token (SDXL's second tokenizer pads with "!"), diffusers' pipeline class and its config.
     text_encoder_2: dict[str, Any] | None = None
     pad_token_2: str = "!"
+    #: model_index.json's `_class_name`: the diffusers pipeline that loads the checkpoint.
     pipeline_class: str = "StableDiffusionPipeline"
     pipeline_config: dict[str, Any] = field(default_factory=dict)
 
@@ -155,6 +156,25 @@ TINY = Preset(
 #: Stable Diffusion's inpainting checkpoints are made.
 TINY_INPAINT = replace(TINY, name="tiny-inpaint", unet={**TINY.unet, "in_channels": 9})
 
+#: `tiny` with an LCM UNet (diffusers' `time_cond_proj_dim`: the guidance scale's embedding as an
+#: input) and the LCM scheduler, laid out as LCM checkpoints are (LatentConsistencyModelPipeline).
+TINY_LCM = replace(TINY, name="tiny-lcm", unet={**TINY.unet, "time_cond_proj_dim": 32},
+                   scheduler={**_SD_SCHEDULER, "original_inference_steps": 50}, scheduler_class="LCMScheduler",
+                   pipeline_class="LatentConsistencyModelPipeline")
+
+#: SD-Turbo's and SDXL-Turbo's scheduler: Euler on trailing timesteps (1–4 steps, no guidance).
+_TURBO_SCHEDULER = {**_SD_SCHEDULER, "timestep_spacing": "trailing", "interpolation_type": "linear",
+                    "use_karras_sigmas": False, "prediction_type": "epsilon"}
+
+#: `tiny` laid out as SD-Turbo is: the Euler scheduler on trailing timesteps; the "turbo" in its
+#: name gives it Turbo's defaults at export (1 step, guidance 0: bundle.family_defaults).
+TINY_TURBO = replace(TINY, name="tiny-turbo", scheduler=_TURBO_SCHEDULER, scheduler_class="EulerDiscreteScheduler")
+
+#: SD-Turbo's published configs (stabilityai/sd-turbo: SD 2.1's architecture at 512×512, epsilon
+#: prediction, Euler on trailing timesteps) with random weights, for timing.
+SD_TURBO = replace(SD21, name="sd-turbo-arch", unet={**SD21.unet, "sample_size": 64}, vae={**_SD_VAE, "sample_size": 512},
+                   scheduler=_TURBO_SCHEDULER, scheduler_class="EulerDiscreteScheduler")
+
 # -- SDXL: two text encoders, the UNet's added conditions (text_embeds, time_ids), the refiner --------
 
 #: SDXL's published scheduler config (EulerDiscreteScheduler, "leading" spacing).
@@ -215,7 +235,8 @@ TINY_SDXL_REFINER = replace(
     pipeline_class="StableDiffusionXLImg2ImgPipeline", pipeline_config=_SDXL_REFINER_CONFIG,
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, TINY_INPAINT, SD15, SD21, SDXL, TINY_SDXL, TINY_SDXL_REFINER)}
+PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, TINY_INPAINT, TINY_LCM, TINY_TURBO, SD15, SD21, SD_TURBO, SDXL,
+                                                  TINY_SDXL, TINY_SDXL_REFINER)}
 
 
 def write_clip_tokenizer(out_dir: Path, words: Iterable[str] = (), max_length: int = 77, pad_token: str = EOS) -> None:
@@ -307,7 +328,7 @@ def build_checkpoint(preset: Preset | str, out_dir: Path | str, seed: int = 0) -
     scheduler_cls = getattr(diffusers_schedulers, preset.scheduler_class)
     scheduler_cls.from_config(preset.scheduler).save_pretrained(out / "scheduler")
     model_index = {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": preset.pipeline_class,
         "_diffusers_version": "0.30.0",
         "feature_extractor": [None, None],
         "image_encoder": [None, None],

@@ -18,6 +18,7 @@ def reference_scheduler(name: SchedulerName | str, config: Mapping[str, Any]):
         DPMSolverMultistepScheduler,
         EulerAncestralDiscreteScheduler,
         EulerDiscreteScheduler,
+        LCMScheduler,
     )
 
     name = SchedulerName.parse(name)
@@ -27,6 +28,7 @@ def reference_scheduler(name: SchedulerName | str, config: Mapping[str, Any]):
         SchedulerName.EULER_ANCESTRAL: (EulerAncestralDiscreteScheduler, {}),
         SchedulerName.DPMPP_2M: (DPMSolverMultistepScheduler, {"use_karras_sigmas": False, "algorithm_type": "dpmsolver++"}),
         SchedulerName.DPMPP_2M_KARRAS: (DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"}),
+        SchedulerName.LCM: (LCMScheduler, {}),
     }
     cls, overrides = table[name]
     return cls.from_config(dict(config), **overrides)
@@ -36,6 +38,7 @@ def reference_scheduler(name: SchedulerName | str, config: Mapping[str, Any]):
 #: noise, the VAE's latent sample (image inputs), and the img2img / inpainting pipelines' noise.
 NOISE_MODULES = {
     "ancestral": "diffusers.schedulers.scheduling_euler_ancestral_discrete",
+    "lcm": "diffusers.schedulers.scheduling_lcm",
     "vae": "diffusers.models.autoencoders.vae",
     "img2img": "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img",
     "inpaint": "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint",

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..runtime.manifest import DimRange, TensorInfo
+from ..runtime.request import MAX_PROMPT_CHUNKS
 
 
 class Distribution(str, Enum):
@@ -156,6 +157,8 @@ class UNetWrapper(torch.nn.Module):
 
 #: The name of an inpainting UNet's condition input (see `UNetWrapper`).
 INPAINT_CONDITION = "inpaint_condition"
+#: diffusers' name of an LCM UNet's guidance scale embedding input.
+TIMESTEP_COND = "timestep_cond"
 
 
 def unet_class_labels(unet: torch.nn.Module) -> InputSpec | None:
@@ -186,6 +189,9 @@ def unet_component(
     side = DimRange(min=multiple, opt=opt, max=max(opt * 4, multiple), multiple_of=multiple)
     latent_channels = latent_channels or c.in_channels
     extra = tuple(i for i in (unet_class_labels(unet),) if i is not None)
+    if getattr(c, "time_cond_proj_dim", None):  # an LCM UNet: the guidance scale's embedding
+        extra += (InputSpec(_tensor(TIMESTEP_COND, "float32", "batch", int(c.time_cond_proj_dim)),
+                            Distribution.UNIFORM, -1, 1),)
     if c.in_channels > latent_channels:
         extra += (InputSpec(_tensor(INPAINT_CONDITION, "float32", "batch", c.in_channels - latent_channels,
                                     "height", "width"), Distribution.UNIFORM, 0, 1),)
@@ -194,11 +200,13 @@ def unet_component(
         inputs=(
             InputSpec(_tensor("sample", "float32", "batch", latent_channels, "height", "width")),
             InputSpec(_tensor("timestep", "float32", "batch"), Distribution.UNIFORM, 0, 1000),
-            InputSpec(_tensor("encoder_hidden_states", "float32", "batch", text_length, c.cross_attention_dim)),
+            InputSpec(_tensor("encoder_hidden_states", "float32", "batch", "sequence", c.cross_attention_dim)),
             *extra,
         ),
         outputs=(_tensor("out_sample", "float32", "batch", c.out_channels, "height", "width"),),
-        dims={"batch": batch, "height": side, "width": side},
+        # the text length: one window of tokens, or up to MAX_PROMPT_CHUNKS of them (long prompts)
+        dims={"batch": batch, "height": side, "width": side,
+              "sequence": DimRange(text_length, text_length, text_length * MAX_PROMPT_CHUNKS, text_length)},
     )
     return spec, UNetWrapper(unet, tuple(i.info.name for i in extra)).eval()
 
@@ -206,7 +214,7 @@ def unet_component(
 #: Where the UNet inputs the specs above declare come from at run time (the manifest's `unet_feeds`):
 #: the loop's latents and timestep, the text encoder's hidden states, and what the caller gives.
 UNET_FEEDS = {"sample": "latents", "timestep": "timestep", "encoder_hidden_states": "text_encoder/last_hidden_state",
-              "class_labels": "request", INPAINT_CONDITION: "inpaint"}
+              "class_labels": "request", INPAINT_CONDITION: "inpaint", TIMESTEP_COND: "guidance_embedding"}
 
 
 # -- the image decoder (VAE decoder) ------------------------------------------------------------
@@ -233,6 +241,38 @@ def vae_decoder_component(
         dims={"batch": batch, "height": side, "width": side},
     )
     return spec, VaeDecoderWrapper(vae).eval()
+
+
+# -- the tiny image decoder (AutoencoderTiny, TAESD) ---------------------------------------------
+
+
+class TinyDecoderWrapper(torch.nn.Module):
+    """The VAE decoder's input (latents / the VAE's scaling factor) → pixels in [-1, 1], through an
+    AutoencoderTiny: a drop-in for `vae_decoder`. The tiny decoder reads latents as the UNet sees
+    them, scaled by its own factor (1 for TAESD), so the input is first scaled back: diffusers does
+    the same when `pipe.vae` is an AutoencoderTiny (`latents / vae.config.scaling_factor`)."""
+
+    def __init__(self, tiny: torch.nn.Module, vae_scaling_factor: float):
+        super().__init__()
+        self.tiny = tiny
+        self.scale = float(vae_scaling_factor) / float(tiny.config.scaling_factor)
+
+    def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+        return self.tiny.decode(latent_sample * self.scale, return_dict=False)[0]
+
+
+def tiny_decoder_component(
+    tiny: torch.nn.Module, vae_scaling_factor: float, latent_opt: int, batch: DimRange = DimRange(1, 1, 32)
+) -> tuple[ComponentSpec, torch.nn.Module]:
+    c = tiny.config
+    side = DimRange(min=1, opt=latent_opt, max=latent_opt * 4)
+    spec = ComponentSpec(
+        name="vae_decoder_tiny",
+        inputs=(InputSpec(_tensor("latent_sample", "float32", "batch", c.latent_channels, "height", "width")),),
+        outputs=(_tensor("sample", "float32", "batch", c.out_channels, "image_height", "image_width"),),
+        dims={"batch": batch, "height": side, "width": side},
+    )
+    return spec, TinyDecoderWrapper(tiny, vae_scaling_factor).eval()
 
 
 # -- the image encoder (VAE encoder) ------------------------------------------------------------

@@ -27,9 +27,12 @@ from ..runtime.device_loop import COEFFICIENTS, STEP_GRAPHS
 OPSET = 17
 
 
-def build(guided: bool, blended: bool = False) -> onnx.ModelProto:
+def build(guided: bool, blended: bool = False, rescaled: bool = False) -> onnx.ModelProto:
     """The step graph; `blended`: inpainting with a plain UNet, the kept region put back after the
-    step (next = blend_mask · next + known_table[step], as `Plan.blend` does on the host)."""
+    step (next = blend_mask · next + known_table[step], as `Plan.blend` does on the host);
+    `rescaled`: the guided prediction rescaled as `plan.rescale_guidance` does (`guidance_rescale`)."""
+    if rescaled and not guided:
+        raise ValueError("guidance_rescale applies to guided steps only")
     f32 = TensorProto.FLOAT
     latent = ["batch", "channels", "height", "width"]
     unet_batch = ["unet_batch", "channels", "height", "width"]
@@ -54,6 +57,12 @@ def build(guided: bool, blended: bool = False) -> onnx.ModelProto:
         diff = node("Sub", ["cond", "uncond"], "guidance_diff")
         scaled = node("Mul", [diff, "guidance_scale"], "guidance_scaled")
         output = node("Add", ["uncond", scaled], "guided")
+        if rescaled:  # diffusers' rescale_noise_cfg: g · (φ · std(cond) / std(g) + 1 − φ), std per image
+            ratio = node("Div", [_std(node, "cond"), _std(node, output)], "std_ratio")
+            inits.append(numpy_helper.from_array(np.array([1.0], dtype=np.float32), "one_f"))
+            keep = node("Sub", ["one_f", "guidance_rescale"], "rescale_keep")
+            factor = node("Add", [node("Mul", [ratio, "guidance_rescale"], "rescale_part"), keep], "rescale_factor")
+            output = node("Mul", [output, factor], "guided_rescaled")
     else:
         output = "prediction"
     # 2. x₀ = a · sample + b · output, clipped to ±clip (clip = inf: no clipping)
@@ -106,7 +115,7 @@ def build(guided: bool, blended: bool = False) -> onnx.ModelProto:
         helper.make_tensor_value_info("step_out", TensorProto.INT64, [1]),
         helper.make_tensor_value_info("nonfinite_out", f32, [1]),
     ]
-    name = ("guided_" if guided else "") + ("blend_" if blended else "") + "step"
+    name = STEP_GRAPHS[(guided, blended, rescaled)].removesuffix(".onnx")
     graph = helper.make_graph(nodes, name, inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ortdiffusion")
     model.ir_version = 8
@@ -114,12 +123,19 @@ def build(guided: bool, blended: bool = False) -> onnx.ModelProto:
     return model
 
 
+def _std(node, x: str) -> str:
+    """The population standard deviation of `x` over all but the batch axis, kept (batch, 1, 1, 1)."""
+    centred = node("Sub", [x, node("ReduceMean", [x], f"{x}_mean", axes=[1, 2, 3], keepdims=1)], f"{x}_centred")
+    variance = node("ReduceMean", [node("Mul", [centred, centred], f"{x}_sq")], f"{x}_var", axes=[1, 2, 3], keepdims=1)
+    return node("Sqrt", [variance], f"{x}_std")
+
+
 def write(folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for (guided, blended), name in STEP_GRAPHS.items():
+    for (guided, blended, rescaled), name in STEP_GRAPHS.items():
         path = folder / name
-        path.write_bytes(build(guided, blended).SerializeToString(deterministic=True))
+        path.write_bytes(build(guided, blended, rescaled).SerializeToString(deterministic=True))
         paths.append(path)
     return paths
 

@@ -44,10 +44,18 @@ COEFFICIENTS = (
     "sample_coefficient", "output_coefficient", "x0_coefficient", "previous_x0_coefficient", "noise_coefficient",
     "offset",
     "next_input_scale", "next_timestep",
+    "guidance_rescale",
 )
-#: (guided?, blended? (inpainting with a plain UNet)) → the step graph's file in `GRAPHS`.
-STEP_GRAPHS = {(False, False): "step.onnx", (True, False): "guided_step.onnx",
-               (False, True): "blend_step.onnx", (True, True): "guided_blend_step.onnx"}
+
+
+def _graph_name(guided: bool, blended: bool, rescaled: bool) -> str:
+    return ("guided_" if guided else "") + ("blend_" if blended else "") + ("rescale_" if rescaled else "") + "step.onnx"
+
+
+#: (guided?, blended? (inpainting with a plain UNet), rescaled? (`guidance_rescale`, guided only))
+#: → the step graph's file in `GRAPHS`.
+STEP_GRAPHS = {(g, b, r): _graph_name(g, b, r) for g in (False, True) for b in (False, True) for r in (False, True)
+               if g or not r}
 GRAPHS = Path(__file__).resolve().parent / "graphs"
 
 
@@ -63,21 +71,23 @@ def coefficient_table(plan: Plan) -> np.ndarray:
             plan.guidance_scale or 0.0, s.x0_sample, s.x0_output, math.inf if s.clip is None else s.clip,
             s.sample, s.output, s.x0, s.previous_x0, s.noise, 0.0,
             1.0 if last else plan.input_scales[i + 1], 0.0 if last else float(plan.timesteps[i + 1]),
+            plan.guidance_rescale,
         ])
     rows.append([0.0, 0.0, 0.0, math.inf, 1.0 / plan.vae_scaling_factor, 0.0, 0.0, 0.0, 0.0,
-                 plan.vae_shift_factor or 0.0, 1.0, 0.0])
+                 plan.vae_shift_factor or 0.0, 1.0, 0.0, 0.0])
     return np.asarray(rows, dtype=np.float32)
 
 
 class DeviceLoop:
     """Runs a plan: text encoder(s) → N × (UNet, step graph) → decoder, through IO binding on one device."""
 
-    def __init__(self, sessions: Mapping[str, Session], decoder: ImageDecoder, graphs: GraphCache | None = None):
+    def __init__(self, sessions: Mapping[str, Session], decoders: Mapping[str, ImageDecoder],
+                 graphs: GraphCache | None = None):
         import onnxruntime as ort
 
         #: the pipeline's own mapping: a session replaced there (a test's spy) is the one that runs
         self.sessions = sessions
-        self.decoder = decoder
+        self.decoders = decoders  # "full" and, where the bundle has one, "tiny"
         self.graphs = graphs
         unet = sessions[UNET]
         self.device = unet.device
@@ -100,7 +110,8 @@ class DeviceLoop:
         images = plan.images
         f = self.graphs.vae_scale_factor if self.graphs else 1
         height, width = (d * f for d in plan.latents.shape[2:])
-        padded = self.graphs.pick(images, height, width) if self.graphs else None
+        # a CUDA-graph bucket's buffers hold one window of text: long prompts run without one
+        padded = self.graphs.pick(images, height, width) if self.graphs and plan.text_chunks == 1 else None
         if padded is None:
             return self._run(plan, trace, callback, None)
         # a CUDA-graph bucket: the plan padded to the bucket's batch with copies of its last image
@@ -139,6 +150,11 @@ class DeviceLoop:
         conditioning = {name: put(name, array) for name, array in plan.conditioning.items()}
         text_feeds = plan.text_feeds()
         for component, feeds in plan.text_inputs.items():
+            if plan.text_chunks > 1:  # long prompts: the windows are joined on the host, once, before the loop
+                outputs = plan.join_chunks(self.sessions[component].run({n: a for n, a in feeds.items()}, release_memory=True))
+                conditioning.update({name: put(name, outputs[output])
+                                     for name, (c, output) in text_feeds.items() if c == component})
+                continue
             wanted = {output: fixed.get(name) for name, (c, output) in text_feeds.items() if c == component}
             if plan.zero_uncond:  # SDXL's zero negative embeddings: once to the host, zeroed, and back
                 wanted = dict.fromkeys(wanted)
@@ -170,7 +186,7 @@ class DeviceLoop:
         if blended:  # inpainting with a plain UNet: the kept region and where it is, sent once
             state["blend_mask"] = self._send(plan.blend_mask, trace)
             state["known_table"] = self._send(plan.blend_known, trace)
-        graph = self.step_graphs[(plan.guided, blended)]
+        graph = self.step_graphs[(plan.guided, blended, plan.guidance_rescale > 0)]
         graph_outputs = [o.name for o in graph.get_outputs()]
         # the step graph writes the next UNet input and timestep straight into the fixed buffers
         into = {"model_input": fixed[plan.latent_input], "timestep": fixed[plan.timestep_input]} if fixed else {}
@@ -198,10 +214,10 @@ class DeviceLoop:
                                  f"{steps} denoising steps")
         if not plan.decode:  # output_type="latent": the latents as the UNet sees them
             return self._read(out["next_sample"], trace)
-        last = self.step_graphs[(plan.guided, False)]  # the decoder's row is never blended
+        last = self.step_graphs[(plan.guided, False, False)]  # the decoder's row is never blended nor rescaled
         state = {k: v for k, v in state.items() if k not in ("blend_mask", "known_table")}
         decoder_input = run_bound(last, {"prediction": prediction, **state}, graph_outputs, self.device)["next_sample"]
-        decoder = self.decoder
+        decoder = self.decoders[plan.decoder]
         pixels = decoder.session.run_bound({decoder.input_name: decoder_input}, {decoder.output_name: None}, ("cpu", 0),
                                            release_memory=True)[decoder.output_name]
         pixels = decoder.checked(self._read(pixels, trace), lambda: self._read(decoder_input, trace))

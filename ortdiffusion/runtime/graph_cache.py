@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +43,10 @@ class GraphCache:
 
     def __init__(self, sizes: Sequence[tuple[int, int, int]], max_graphs: int,
                  make_session: Callable[[dict[str, int]], object], unet_inputs: Sequence[TensorInfo],
-                 unet_outputs: Sequence[TensorInfo], vae_scale_factor: int, device: tuple[str, int]):
+                 unet_outputs: Sequence[TensorInfo], vae_scale_factor: int, device: tuple[str, int],
+                 text_dims: Mapping[str, int] | None = None):
+        """`text_dims`: the UNet's symbolic text-length dims, fixed at one window (long prompts run
+        without a graph)."""
         if max_graphs < 1:
             raise InvalidRequestError("max_cuda_graphs", f"must be at least 1, got {max_graphs}")
         for size in sizes:
@@ -56,6 +59,7 @@ class GraphCache:
         self._inputs, self._outputs = tuple(unet_inputs), tuple(unet_outputs)
         self.vae_scale_factor = vae_scale_factor
         self._device = device
+        self._fixed_text = dict(text_dims or {})
         self._buckets: OrderedDict[tuple[int, int, int], GraphBucket] = OrderedDict()
         self._lock = threading.Lock()
         self.built = 0  # sessions created so far (a rebuilt evicted bucket counts again)
@@ -77,7 +81,7 @@ class GraphCache:
             batch, h, w = key
             concrete = {}  # the shape of every UNet input and output in this bucket
             for info in [*self._inputs, *self._outputs]:
-                values = {"batch": batch, "height": h, "width": w}
+                values = {"batch": batch, "height": h, "width": w, **self._fixed_text}
                 concrete[info.name] = tuple(d if isinstance(d, int) else values.get(d, d) for d in info.shape)
             dims = {d: v for info in self._inputs for d, v in zip(info.shape, concrete[info.name]) if isinstance(d, str)}
             unknown = [n for n, shape in concrete.items() if any(isinstance(d, str) for d in shape)]

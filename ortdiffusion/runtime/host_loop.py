@@ -15,16 +15,17 @@ import numpy as np
 from .decoder import ImageDecoder
 from .errors import NumericalError
 from .manifest import UNET
-from .plan import Plan, StepCallback
+from .plan import Plan, StepCallback, rescale_guidance
 from .session import Session
 from .trace import Stage, Trace
 
 
 class HostLoop:
-    def __init__(self, sessions: Mapping[str, Session], decoder: ImageDecoder):
+    def __init__(self, sessions: Mapping[str, Session], decoders: Mapping[str, ImageDecoder]):
         #: the pipeline's own mapping: a session replaced there (a test's spy) is the one that runs
         self.sessions = sessions
-        self.decoder = decoder
+        #: "full" (the VAE's decoder) and, where the bundle has one, "tiny"
+        self.decoders = decoders
 
     def _run(self, component: str, feeds: dict[str, np.ndarray], trace: Trace, release: bool) -> dict[str, np.ndarray]:
         for array in feeds.values():
@@ -36,7 +37,7 @@ class HostLoop:
 
     def __call__(self, plan: Plan, trace: Trace, callback: StepCallback | None = None) -> np.ndarray:
         # 1. text encoder(s) → the UNet's conditioning (one batch for both halves when guided)
-        encoded = {component: self._run(component, feeds, trace, release=True)
+        encoded = {component: plan.join_chunks(self._run(component, feeds, trace, release=True))
                    for component, feeds in plan.text_inputs.items()}
         conditioning = dict(plan.conditioning)
         for name, (component, output) in plan.text_feeds().items():
@@ -60,6 +61,8 @@ class HostLoop:
             if plan.guided:
                 uncond, cond = np.split(prediction, 2)
                 prediction = uncond + np.float32(plan.guidance_scale) * (cond - uncond)
+                if plan.guidance_rescale:
+                    prediction = rescale_guidance(prediction, cond, plan.guidance_rescale)
             noise = plan.noise[i] if plan.noise is not None else None
             latents, previous_x0 = plan.steps[i].apply(prediction, latents, noise, previous_x0)
             latents = plan.blend(latents, i)  # inpainting with a plain UNet: the kept region goes back
@@ -75,7 +78,7 @@ class HostLoop:
         latents = latents / np.float32(plan.vae_scaling_factor)
         if plan.vae_shift_factor is not None:
             latents = latents + np.float32(plan.vae_shift_factor)
-        pixels = self.decoder(latents.astype(np.float32), trace.transfers)
+        pixels = self.decoders[plan.decoder](latents.astype(np.float32), trace.transfers)
         trace.lap(Stage.DECODER)
         return pixels
 

@@ -32,14 +32,23 @@ VAE_DECODER_FP32 = "vae_decoder_fp32"
 #: The image encoder (the VAE's encoder half): optional; a bundle with it takes image inputs
 #: (img2img, inpainting, variations), one without it text-to-image only.
 VAE_ENCODER = "vae_encoder"
+#: A tiny image decoder (diffusers' AutoencoderTiny, the TAESD architecture): optional; the same
+#: input and output as `vae_decoder`, a fraction of its work, chosen per call (`decoder="tiny"`).
+VAE_DECODER_TINY = "vae_decoder_tiny"
+#: What a call names as its decoder → the component that decodes.
+DECODERS = {"full": VAE_DECODER, "tiny": VAE_DECODER_TINY}
 
 # Where a UNet input comes from (`PipelineConstants.unet_feeds`): the loop's latents, its timestep,
 # an array the caller gives per image; the inpainting condition (the mask and the masked image's
 # latents, channels a 9-channel inpainting UNet reads beside its latents); anything else is
-# "<component>/<output>", a text encoder's output.
+# "<component>/<output>", a text encoder's output; the guidance scale's embedding (LCM UNets:
+# `timestep_cond`, guidance distilled into the UNet, so no classifier-free guidance batch).
 FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST, FEED_INPAINT = "latents", "timestep", "request", "inpaint"
+FEED_GUIDANCE = "guidance_embedding"
 #: SDXL's `time_ids`: the plan's, per row, from the request's sizes (and aesthetic scores).
 FEED_TIME_IDS = "time_ids"
+#: The sources that are not a text encoder's output.
+SPECIAL_FEEDS = (FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST, FEED_INPAINT, FEED_GUIDANCE, FEED_TIME_IDS)
 
 
 class Task(str, Enum):
@@ -206,6 +215,15 @@ class Manifest:
         hidden = self.components[TEXT_ENCODER].outputs[0].name
         return {"sample": FEED_LATENTS, "timestep": FEED_TIMESTEP, "encoder_hidden_states": f"{TEXT_ENCODER}/{hidden}"}
 
+    @property
+    def embedded_guidance(self) -> bool:
+        """The UNet takes the guidance scale as an input (LCM): one UNet row per image, no negative prompt."""
+        return FEED_GUIDANCE in self.unet_feeds().values()
+
+    def decoders(self) -> tuple[str, ...]:
+        """The decoders a call may name (`DECODERS`): "full", and "tiny" where the bundle has one."""
+        return tuple(name for name, component in DECODERS.items() if component in self.components)
+
     def tasks(self) -> tuple[Task, ...]:
         """Text-to-image always; image inputs where the bundle has the image encoder. A bundle whose
         UNet needs the inpainting condition does inpainting only (as diffusers' inpainting checkpoints)."""
@@ -270,13 +288,13 @@ def _check_unet_feeds(path: str, manifest: Manifest) -> None:
         if list(feeds.values()).count(role) != 1:
             raise BundleError(path, f"pipeline.unet_feeds: exactly one UNet input must be fed {role!r}")
     for name, source in feeds.items():
-        if source in (FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST, FEED_INPAINT, FEED_TIME_IDS):
+        if source in SPECIAL_FEEDS:
             continue
         component, _, output = source.partition("/")
         outputs = [o.name for o in manifest.components[component].outputs] if component in manifest.components else []
         if component == UNET or output not in outputs:
             raise BundleError(path, f"pipeline.unet_feeds[{name!r}] = {source!r}: no such text encoder output "
-                                    f"(sources: latents, timestep, request, inpaint, or <component>/<output>)")
+                                    f"(sources: {', '.join(SPECIAL_FEEDS)}, or <component>/<output>)")
 
 
 def verify_files(bundle_dir: Path | str, manifest: Manifest) -> None:

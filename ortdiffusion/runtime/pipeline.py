@@ -35,6 +35,7 @@ from .manifest import (
     UNET,
     VAE_DECODER,
     VAE_DECODER_FP32,
+    VAE_DECODER_TINY,
     VAE_ENCODER,
     Manifest,
     Task,
@@ -44,7 +45,7 @@ from .manifest import (
 from .plan import Executor, ImageLatents, StepCallback, build_plan
 from .png import encode_pngs, write_atomically
 from .providers import ComponentSettings, CudaOptions, ProviderKind, ProviderPreference, default_preference
-from .request import DEFAULT_STRENGTH_IMAGE, GenerationRequest, make_request
+from .request import DEFAULT_STRENGTH_IMAGE, MAX_PROMPT_CHUNKS, GenerationRequest, make_request
 from .schedulers import SchedulerName
 from .session import Session
 from .tokenizer import PromptTokenizer
@@ -111,6 +112,10 @@ class Pipeline:
                 return Session(bundle_dir, manifest.components[VAE_DECODER_FP32], preference, intra_op_threads,
                                self.model_hash, settings=self.component_settings.get(VAE_DECODER))
         self.image_decoder = ImageDecoder(sessions[VAE_DECODER], load_fp32)
+        #: what a call's `decoder` names → the decoder: the VAE's, and the tiny one where there is one
+        self.decoders = {"full": self.image_decoder}
+        if VAE_DECODER_TINY in sessions:
+            self.decoders["tiny"] = ImageDecoder(sessions[VAE_DECODER_TINY])
         self.providers = {name: s.providers[0].value for name, s in sessions.items()}
         #: where each component's nodes run, provider -> count (checked at load: see providers.check_placement)
         self.placement = {name: dict(s.placement.nodes) for name, s in sessions.items() if s.placement is not None}
@@ -127,8 +132,8 @@ class Pipeline:
                 raise ProviderError("cuda_graphs: needs io_binding (a CUDA graph replays into fixed device buffers)")
             graphs = self._graph_cache(sessions[UNET], preference, intra_op_threads, cuda_graphs, max_cuda_graphs)
         #: what runs the plans: the device loop (IO binding) or the host loop
-        self.executor: Executor = (DeviceLoop(sessions, self.image_decoder, graphs) if io_binding
-                                   else HostLoop(sessions, self.image_decoder))
+        self.executor: Executor = (DeviceLoop(sessions, self.decoders, graphs) if io_binding
+                                   else HostLoop(sessions, self.decoders))
 
     @property
     def device_loop(self) -> DeviceLoop | None:
@@ -155,8 +160,9 @@ class Pipeline:
             return Session(self.bundle_dir, component, preference, threads, self.model_hash, fixed_dims=dims,
                            settings=self.component_settings.get(UNET))
 
+        text_dims = {d: r.min for d, r in component.dims.items() if d not in ("batch", "height", "width")}
         return GraphCache(sizes, max_graphs, make_session, component.inputs, component.outputs,
-                          c.vae_scale_factor, unet.device)
+                          c.vae_scale_factor, unet.device, text_dims)
 
     @classmethod
     def load(
@@ -231,6 +237,9 @@ class Pipeline:
         mask_image: ImageSource | None = None,
         strength: float | None = None,
         keep_unmasked: bool = False,
+        guidance_rescale: float | None = None,
+        decoder: str | None = None,
+        long_prompts: bool = False,
         prompt_2: str | Sequence[str] | None = None,
         negative_prompt_2: str | Sequence[str] | None = None,
         denoising_end: float | None = None,
@@ -245,6 +254,11 @@ class Pipeline:
         with `mask_image` (white repaints): inpainting, as `StableDiffusionInpaintPipeline`
         (default strength 1); `keep_unmasked` pastes the input's pixels back outside the mask
         (OpenAI's edits). Without width and height the image's own size is used.
+        `guidance_rescale` (0–1): diffusers' rescale of the guided prediction (zero-terminal-SNR models).
+        `decoder`: "full" (default, the VAE's) or "tiny" where the bundle has a tiny decoder (TAESD:
+        a fraction of the VAE decoder's work, slightly softer detail). `long_prompts`: prompts past the
+        tokenizer's 77 tokens are encoded in windows and concatenated, as the well-known web UIs do,
+        instead of truncated (bundles exported with a text length range: `request.long_prompt_capable`).
 
         SDXL, by diffusers' names: `prompt_2` / `negative_prompt_2` (the second text encoder's;
         default: the first's), `added_conditions` (original_size, crops_coords_top_left, target_size,
@@ -256,7 +270,8 @@ class Pipeline:
         request = make_request(
             self.manifest, prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
             guidance_scale, scheduler, seed, latents, width, height, conditioning, image, mask_image, strength,
-            keep_unmasked, prompt_2, negative_prompt_2, added_conditions, schedule,
+            keep_unmasked, guidance_rescale, decoder, long_prompts, prompt_2, negative_prompt_2, added_conditions,
+            schedule,
         )
         return self.generate(request, callback)
 
@@ -288,6 +303,7 @@ class Pipeline:
             **({"prompt_2": request.prompts_2, "negative_prompt_2": request.negative_prompts_2}
                if "prompt_2" in refiner.manifest.prompt_sources().values() else {}),  # the refiner has one encoder
             added={k: v for k, v in vars(request.added).items() if v is not None},
+            guidance_rescale=request.guidance_rescale, decoder=request.decoder,
             schedule={"denoising_start": request.denoising_end})
         result = refiner._generate(refine, callback)
         for stage, seconds in first.timings.stages.items():  # both runs' stages, the base's steps first
@@ -307,10 +323,18 @@ class Pipeline:
         # 1. tokenize for each text encoder its prompts (SDXL: `prompt_2` for the second), the
         #    negative prompts first, as diffusers stacks [uncond; cond]
         pairs = request.image_prompts()
-        text_inputs = {}
+        text_inputs, chunks = {}, 1
         for component, source in self.manifest.prompt_sources().items():
             prompts, negatives = request.texts(source)
-            ids = self.tokenizers[component](negatives + prompts if request.do_guidance else prompts)
+            texts = negatives + prompts if request.do_guidance else prompts
+            if request.long_prompts:
+                ids, chunks = self.tokenizers[component].chunked(texts, MAX_PROMPT_CHUNKS)
+                batch = self.manifest.components[component].dims["batch"].max
+                if len(ids) > batch:
+                    raise InvalidRequestError("num_images_per_prompt", f"{len(texts)} prompts × {chunks} windows of a "
+                                              f"long prompt pass the text encoder's batch of {batch}; ask for fewer images")
+            else:
+                ids = self.tokenizers[component](texts)
             text_inputs[component] = {self.manifest.components[component].inputs[0].name: ids}
         trace.lap(Stage.TOKENIZE)
 
@@ -318,7 +342,7 @@ class Pipeline:
         encoded = self._encode_images(request, trace) if request.image is not None else None
 
         # 3. the plan: timesteps, step coefficients, seeded noise, starting latents, conditioning
-        plan = build_plan(self.manifest, request, text_inputs, encoded)
+        plan = build_plan(self.manifest, request, text_inputs, encoded, chunks)
         trace.lap(Stage.SCHEDULER)
 
         # 4–6. text encoder → denoising loop → image decoder, on the host or on the device
@@ -360,6 +384,12 @@ class Pipeline:
             "size": f"{request.width}x{request.height}", "model_hash": self.model_hash[:16],
             "software": f"ortdiffusion {__version__}",
         }
+        if request.long_prompts:
+            meta["long_prompts"] = "true"
+        if request.decoder != "full":
+            meta["decoder"] = request.decoder
+        if request.guidance_rescale and request.do_guidance:
+            meta["guidance_rescale"] = f"{request.guidance_rescale:g}"
         if request.has_image:
             meta["task"] = (Task.INPAINTING if request.mask is not None else Task.IMAGE_TO_IMAGE).value
             meta["strength"] = f"{request.strength:g}"

@@ -24,8 +24,9 @@ from typing import Protocol
 
 import numpy as np
 
-from .manifest import FEED_INPAINT, FEED_LATENTS, FEED_REQUEST, FEED_TIME_IDS, FEED_TIMESTEP, Manifest
 from .errors import InvalidRequestError
+from .manifest import (FEED_GUIDANCE, FEED_INPAINT, FEED_LATENTS, FEED_REQUEST, FEED_TIME_IDS, FEED_TIMESTEP,
+                       SPECIAL_FEEDS, Manifest)
 from .request import GenerationRequest
 from .schedulers import make_scheduler
 from .schedulers.linear_step import LinearStep
@@ -64,6 +65,14 @@ class Plan:
     #: False: the executor returns the final latents (as the UNet sees them), not pixels (diffusers'
     #: output_type="latent": an SDXL base handing over to its refiner).
     decode: bool = True
+    #: diffusers' `guidance_rescale` φ (Lin et al. 2023, §3.4): the guided prediction rescaled to the
+    #: conditional one's standard deviation, mixed φ : 1 − φ with itself; 0 leaves it as it is.
+    guidance_rescale: float = 0.0
+    #: The decoder that turns the final latents into pixels: "full" or "tiny" (`manifest.DECODERS`).
+    decoder: str = "full"
+    #: Long prompts: each prompt's windows of tokens on this many consecutive text-encoder rows,
+    #: joined after the text encoder (`join_chunks`); 1 for ordinary prompts.
+    text_chunks: int = 1
 
     @property
     def guided(self) -> bool:
@@ -79,8 +88,21 @@ class Plan:
 
     def text_feeds(self) -> dict[str, tuple[str, str]]:
         """UNet input → (text encoder component, its output) for the inputs a text encoder feeds."""
-        special = (FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST, FEED_INPAINT, FEED_TIME_IDS)
-        return {n: tuple(s.split("/", 1)) for n, s in self.feeds.items() if s not in special}
+        return {n: tuple(s.split("/", 1)) for n, s in self.feeds.items() if s not in SPECIAL_FEEDS}
+
+    def join_chunks(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A text encoder's outputs with each prompt's windows joined: hidden states (rows × chunks,
+        L, d) → (rows, chunks × L, d), concatenated along the sequence; a pooled output (rows ×
+        chunks, d) → the first window's (as the web UIs do)."""
+        k = self.text_chunks
+        if k == 1:
+            return outputs
+        joined = {}
+        for name, a in outputs.items():
+            a = np.asarray(a)
+            rows = a.reshape(a.shape[0] // k, k, *a.shape[1:])
+            joined[name] = rows.reshape(rows.shape[0], k * a.shape[1], *a.shape[2:]) if a.ndim == 3 else rows[:, 0]
+        return joined
 
     def model_input(self, latents: np.ndarray, step: int) -> np.ndarray:
         """The UNet's latent input at `step`: scaled by the scheduler, doubled when guided."""
@@ -128,9 +150,10 @@ class Executor(Protocol):
 
 
 def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict[str, dict[str, np.ndarray]],
-               encoded: dict[str, ImageLatents] | None = None) -> Plan:
-    """The plan of `request`; `text_inputs`: each text encoder's feeds, tokenized by the caller;
-    `encoded`: the image encoder's output for "image" and, when inpainting, "masked_image"."""
+               encoded: dict[str, ImageLatents] | None = None, text_chunks: int = 1) -> Plan:
+    """The plan of `request`; `text_inputs`: each text encoder's feeds, tokenized by the caller
+    (`text_chunks` windows per prompt for long prompts); `encoded`: the image encoder's output for
+    "image" and, when inpainting, "masked_image"."""
     c = manifest.pipeline
     # 1. timesteps and each step's coefficients, from the first step the request runs (an input
     #    image's strength skips the noisiest ones: diffusers' `get_timesteps`)
@@ -164,12 +187,17 @@ def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict
             else:  # any other UNet: the kept region's latents go back in after every step
                 blend_mask, blend_known = mask, _known_region(scheduler, run, image_latents, start_noise, mask)
     noise = np.stack([draw(generators, shape) for _ in run]) if scheduler.needs_noise else None
-    # 3. the UNet's conditioning: what the request gives, repeated for the unconditional half; SDXL's
-    #    time ids from the request's sizes (the refiner's: and aesthetic scores), their own per half
+    # 3. the UNet's conditioning: what the request gives, repeated for the unconditional half; an
+    #    LCM UNet's guidance scale embedding (diffusers' w = scale − 1); SDXL's time ids from the
+    #    request's sizes (the refiner's: and aesthetic scores), their own per half
     for name, source in feeds.items():
         if source == FEED_REQUEST:
             value = request.conditioning[name]
             conditioning[name] = np.concatenate([value, value]) if request.do_guidance else value
+        elif source == FEED_GUIDANCE:
+            dim = next(i.shape[-1] for i in manifest.components["unet"].inputs if i.name == name)
+            w = np.full(request.num_images, request.guidance_scale - 1.0, dtype=np.float32)
+            conditioning[name] = guidance_embedding(w, dim)
         elif source == FEED_TIME_IDS:
             negative, positive = request.added.time_ids(request.height, request.width, c.requires_aesthetics_score,
                                                         request.has_image)
@@ -185,6 +213,8 @@ def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict
         blend_mask=blend_mask, blend_known=blend_known,
         zero_uncond=request.do_guidance and c.force_zeros_for_empty_prompt and not request.negative_prompt_given,
         decode=request.output_type != "latent",
+        guidance_rescale=request.guidance_rescale if request.do_guidance else 0.0,
+        decoder=request.decoder, text_chunks=text_chunks,
     )
 
 
@@ -204,6 +234,26 @@ def _window(request: GenerationRequest, timesteps: np.ndarray, train_steps: int)
         raise InvalidRequestError("denoising_end" if request.denoising_end is not None else "denoising_start",
                                   f"leaves no denoising step of the {request.steps} to run")
     return first, stop
+
+
+def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
+    """(len(w), dim) float32: the sinusoidal embedding of the guidance scale an LCM UNet reads as
+    `timestep_cond` (diffusers' `get_guidance_scale_embedding`, after VDM), in float32 as diffusers."""
+    half = dim // 2
+    frequencies = np.exp(np.arange(half, dtype=np.float32) * -(np.log(np.float32(10000.0)) / np.float32(half - 1)))
+    angles = (w.astype(np.float32) * np.float32(1000.0))[:, None] * frequencies[None, :]
+    embedding = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    if dim % 2:
+        embedding = np.pad(embedding, ((0, 0), (0, 1)))
+    return embedding.astype(np.float32)
+
+
+def rescale_guidance(guided: np.ndarray, cond: np.ndarray, rescale: float) -> np.ndarray:
+    """diffusers' `rescale_noise_cfg`: the guided prediction at the conditional one's standard
+    deviation (per image), mixed `rescale` : 1 − `rescale` with itself."""
+    axes = tuple(range(1, guided.ndim))
+    rescaled = guided * (cond.std(axis=axes, keepdims=True) / guided.std(axis=axes, keepdims=True))
+    return (np.float32(rescale) * rescaled + np.float32(1 - rescale) * guided).astype(guided.dtype, copy=False)
 
 
 def _image_start(manifest: Manifest, request: GenerationRequest, scheduler, encoded: dict[str, ImageLatents],
@@ -277,4 +327,5 @@ def _pad_halves(array: np.ndarray, images: int, to: int, guided: bool, axis: int
     return np.concatenate([_pad(array[:images], to, axis), _pad(array[images:], to, axis)], axis=axis)
 
 
-__all__ = ["Executor", "ImageLatents", "Plan", "StepCallback", "build_plan", "draw"]
+__all__ = ["Executor", "ImageLatents", "Plan", "StepCallback", "build_plan", "draw", "guidance_embedding",
+           "rescale_guidance"]

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import InvalidRequestError
 from .image_input import ImageSource, default_size, image_array, mask_array, open_image
-from .manifest import FEED_INPAINT, FEED_REQUEST, FEED_TIME_IDS, UNET, VAE_ENCODER, Manifest
+from .manifest import FEED_INPAINT, FEED_REQUEST, FEED_TIME_IDS, SPECIAL_FEEDS, UNET, VAE_ENCODER, Manifest
 from .schedulers import SchedulerName
 
 # The one set of limits: the CLI, the Python API and the HTTP service all validate through
@@ -35,6 +35,9 @@ DEFAULT_STRENGTH_IMAGE, DEFAULT_STRENGTH_INPAINT = 0.8, 1.0
 #: A variation (`ortdiffusion vary`, `/v1/images/variations`) of an SD-family bundle is image-to-image
 #: with the empty prompt at this strength: the composition and colours stay, the details change.
 VARIATION_STRENGTH = 0.7
+#: Long prompts (`long_prompts=True`): at most this many windows of the tokenizer's length (4 × 75
+#: tokens for CLIP); the export gives the UNet a text length from one window to this many.
+MAX_PROMPT_CHUNKS = 4
 
 
 Size = tuple[int, int]  # (height, width), diffusers' order
@@ -117,6 +120,15 @@ class GenerationRequest:
     #: Inpainting: paste the input's own pixels back outside the mask after decoding (OpenAI's edits
     #: change only the masked area; diffusers' default, False, returns the decoded image everywhere).
     keep_unmasked: bool = False
+    #: diffusers' `guidance_rescale` (0 to 1): the guided prediction pulled back to the conditional
+    #: one's standard deviation (Lin et al. 2023, for zero-terminal-SNR models); 0 leaves it alone.
+    guidance_rescale: float = 0.0
+    #: The UNet takes the guidance scale as an input (LCM): no classifier-free guidance batch.
+    embedded_guidance: bool = False
+    #: The image decoder: "full" (the VAE's) or "tiny" (the bundle's AutoencoderTiny, where it has one).
+    decoder: str = "full"
+    #: Prompts past the tokenizer's length are encoded in windows and concatenated (opt-in).
+    long_prompts: bool = False
     #: The prompts of a second text encoder (SDXL's `prompt_2`, `negative_prompt_2`); None: the first's.
     prompts_2: tuple[str, ...] | None = None
     negative_prompts_2: tuple[str, ...] | None = None
@@ -161,8 +173,9 @@ class GenerationRequest:
 
     @property
     def do_guidance(self) -> bool:
-        """Classifier-free guidance runs only when it changes anything: scale > 1 (as diffusers)."""
-        return self.guidance_scale > 1.0
+        """Classifier-free guidance runs only when it changes anything: scale > 1 (as diffusers), and
+        never where the UNet embeds the scale itself (diffusers' LatentConsistencyModelPipeline)."""
+        return self.guidance_scale > 1.0 and not self.embedded_guidance
 
     def image_prompts(self) -> list[tuple[str, str]]:
         """(prompt, negative prompt) for each output image: each prompt's images together."""
@@ -242,6 +255,9 @@ def make_request(
     mask_image: ImageSource | None = None,
     strength: float | None = None,
     keep_unmasked: bool = False,
+    guidance_rescale: float | None = None,
+    decoder: str | None = None,
+    long_prompts: bool = False,
     prompt_2: str | Sequence[str] | None = None,
     negative_prompt_2: str | Sequence[str] | None = None,
     added: Mapping[str, object] | None = None,
@@ -259,6 +275,10 @@ def make_request(
         negatives = ("",) * len(prompts)
     else:
         negatives = _prompts(negative_prompt, "negative_prompt")
+        if manifest.embedded_guidance and any(n.strip() for n in negatives):
+            # diffusers' LCM pipeline takes none: the UNet learned guidance against the empty prompt
+            raise InvalidRequestError("negative_prompt", "this model embeds guidance in its UNet (LCM), which was "
+                                                         "distilled against the empty prompt: leave it empty")
         if len(negatives) == 1:
             negatives = negatives * len(prompts)
         elif len(negatives) != len(prompts):
@@ -276,6 +296,18 @@ def make_request(
         raise InvalidRequestError("guidance_scale", f"must be a number from 0 to {MAX_GUIDANCE:g}, got {guidance_scale!r}")
     if not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= MAX_GUIDANCE:
         raise InvalidRequestError("guidance_scale", f"must be a finite number from 0 to {MAX_GUIDANCE:g}, got {guidance_scale}")
+    rescale = 0.0 if guidance_rescale is None else guidance_rescale
+    if isinstance(rescale, bool) or not isinstance(rescale, (int, float, np.floating)) or not 0 <= rescale <= 1:
+        raise InvalidRequestError("guidance_rescale", f"must be a number from 0 to 1, got {guidance_rescale!r}")
+    decoder = "full" if decoder is None else decoder
+    if decoder not in manifest.decoders():
+        raise InvalidRequestError("decoder", f"{decoder!r} is not one of this bundle's decoders; allowed: "
+                                             f"{', '.join(manifest.decoders())}"
+                                  + ("" if "tiny" in manifest.decoders() else " (export with --tiny-decoder to add one)"))
+    if long_prompts and not long_prompt_capable(manifest):
+        raise InvalidRequestError("long_prompts", "this bundle's UNet takes one window of "
+                                                  f"{manifest.pipeline.tokenizer_max_length} tokens; export it again "
+                                                  "with this ortdiffusion (`ortdiffusion export`) for long prompts")
     scheduler_name = SchedulerName.parse(scheduler if scheduler is not None else manifest.pipeline.default_scheduler)
     image_latents = _image_latents(manifest, image, len(prompts) * per_prompt)
     if image_latents is not None:
@@ -322,11 +354,20 @@ def make_request(
         width=w, height=h, latents=latents, conditioning=_conditioning(manifest, conditioning or {}, count),
         image=image_pixels, mask=mask_pixels, strength=strength_value,
         keep_unmasked=bool(keep_unmasked) and mask_pixels is not None,
+        guidance_rescale=float(rescale), embedded_guidance=manifest.embedded_guidance, decoder=decoder,
+        long_prompts=bool(long_prompts),
         prompts_2=_second(manifest, prompt_2, "prompt_2", len(prompts)),
         negative_prompts_2=_second(manifest, negative_prompt_2, "negative_prompt_2", len(prompts)),
         negative_prompt_given=negative_prompt is not None, added=_added(manifest, added or {}),
         image_latents=image_latents, **timing,
     )
+
+
+def long_prompt_capable(manifest: Manifest) -> bool:
+    """Whether the UNet's text inputs take more than one window of tokens (a symbolic length)."""
+    feeds = manifest.unet_feeds()
+    text = [i for i in manifest.components[UNET].inputs if feeds[i.name] not in SPECIAL_FEEDS]
+    return bool(text) and all(len(i.shape) == 3 and isinstance(i.shape[1], str) for i in text)
 
 
 def _added(manifest: Manifest, given: Mapping[str, object]) -> AddedConditions:

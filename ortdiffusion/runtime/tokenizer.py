@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from .errors import BundleError
+from .errors import BundleError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -41,3 +41,25 @@ class PromptTokenizer:
                 )
         encodings = self._fixed.encode_batch(list(prompts))
         return np.array([e.ids for e in encodings], dtype=np.int64)
+
+    def chunked(self, prompts: Sequence[str], max_chunks: int) -> tuple[np.ndarray, int]:
+        """Long prompts as the well-known web UIs encode them: each prompt's tokens in windows of
+        max_length − 2, each window wrapped in BOS … EOS and padded like a prompt of its own; every
+        prompt gets as many windows as the longest (the rest: empty prompts). (ids of shape
+        (len(prompts) × chunks, max_length), chunks), a prompt's windows on consecutive rows. A prompt
+        that fits gives exactly `__call__`'s ids; a longer one's first window is `__call__`'s too."""
+        bos, eos = self._fixed.encode("").ids[:2]  # the post-processor's BOS and EOS
+        pad = self._fixed.padding["pad_id"]
+        width = self.max_length - 2
+        bodies = [e.ids[1:-1] for e in self._full.encode_batch(list(prompts))]
+        chunks = max(1, *(-(-len(b) // width) for b in bodies))
+        if chunks > max_chunks:
+            longest = max(len(b) for b in bodies)
+            raise InvalidRequestError("prompt", f"is {longest} tokens long; long prompts take at most "
+                                                f"{max_chunks} × {width} = {max_chunks * width} tokens")
+        rows = []
+        for body in bodies:
+            for k in range(chunks):
+                piece = body[k * width:(k + 1) * width]
+                rows.append([bos, *piece, eos] + [pad] * (width - len(piece)))
+        return np.array(rows, dtype=np.int64), chunks

@@ -18,6 +18,7 @@ from .ddim import DDIMScheduler
 from .dpmsolver_multistep import DPMSolverMultistepScheduler
 from .euler import EulerScheduler
 from .euler_ancestral import EulerAncestralScheduler
+from .lcm import LCMScheduler
 from .linear_step import LinearStep
 
 
@@ -55,6 +56,8 @@ class SchedulerName(str, Enum):
     EULER_ANCESTRAL = "euler-ancestral"
     DPMPP_2M = "dpm++2m"
     DPMPP_2M_KARRAS = "dpm++2m-karras"
+    #: Latent Consistency Models' multistep sampler: LCM UNets and LCM-LoRA-fused models, 2–8 steps.
+    LCM = "lcm"
 
     @classmethod
     def parse(cls, value: str | SchedulerName, field: str = "scheduler") -> SchedulerName:
@@ -73,6 +76,7 @@ _FROM_DIFFUSERS_CLASS = {
     "EulerDiscreteScheduler": SchedulerName.EULER,
     "EulerAncestralDiscreteScheduler": SchedulerName.EULER_ANCESTRAL,
     "DPMSolverMultistepScheduler": SchedulerName.DPMPP_2M,
+    "LCMScheduler": SchedulerName.LCM,
 }
 
 
@@ -90,6 +94,8 @@ def make_scheduler(name: SchedulerName | str, config: Mapping[str, Any]) -> Sche
         return EulerScheduler.from_config(config, use_karras_sigmas=False)
     if name is SchedulerName.EULER_ANCESTRAL:
         return EulerAncestralScheduler.from_config(config, use_karras_sigmas=False, final_sigmas_type="zero")
+    if name is SchedulerName.LCM:
+        return LCMScheduler.from_config(config)
     # DPM-Solver++(2M), with or without Karras sigmas as the name says
     return DPMSolverMultistepScheduler.from_config(
         config, algorithm_type="dpmsolver++", solver_order=2,
@@ -107,4 +113,5 @@ __all__ = [
     "EulerScheduler",
     "EulerAncestralScheduler",
     "DPMSolverMultistepScheduler",
+    "LCMScheduler",
 ]
