@@ -128,6 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                            guidance_scale=args.guidance, scheduler=args.scheduler, seed=args.seed,
                            width=width, height=height, image=args.image, mask_image=args.mask, strength=args.strength,
                            guidance_rescale=args.guidance_rescale, decoder=args.decoder,
+                           long_prompts=args.long_prompt,
                            prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2,
                            added=_added_conditions(args), schedule={"denoising_end": args.denoising_end})
     for warning in prompt_warnings(bundle, request.prompts, request.width, request.height):
@@ -365,6 +366,8 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="default: the model's (manifest)")
     p.add_argument("--guidance-rescale", type=float, default=None, help="0–1, diffusers' guidance_rescale (default 0)")
     p.add_argument("--decoder", default=None, help="full (default) or tiny: the bundle's tiny decoder, where it has one")
+    p.add_argument("--long-prompt", action="store_true", help="encode a prompt past the tokenizer's length in windows "
+                   "(as the web UIs do) instead of truncating it")
     p.add_argument("--scheduler", default=None, help=", ".join(s.value for s in SchedulerName))
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's native size)")

@@ -213,8 +213,13 @@ def _variant_options(model: str, target: str, precision: str, defaults: tuple[in
         # Random weights: speed does not depend on the calibration, so a short one does.
         calibration = Calibration(prompts=("a red circle", "a blue square on the left"), steps=4)
     steps, guidance = defaults or (ExportOptions.default_steps, ExportOptions.default_guidance)
+    # a preset's checkpoint may carry a random-weight tiny decoder: its bundles get it
+    from .export.presets import TINY_DECODER_DIR
+
+    tiny = resolve_checkpoint(model) / TINY_DECODER_DIR
     return ExportOptions(target=Target(target), precision=Precision(precision), calibration=calibration,
-                         default_steps=steps, default_guidance=guidance)
+                         default_steps=steps, default_guidance=guidance,
+                         tiny_decoder=tiny if (tiny / "config.json").is_file() else None)
 
 
 def resolve_checkpoint(model: str | Path | None) -> Path:

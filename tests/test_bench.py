@@ -239,3 +239,16 @@ def test_bench_runs_the_image_tasks_against_diffusers_own_pipelines(tmp_path, ta
         # img2img at strength 0.8 runs int(4 × 0.8) = 3 of the 4 steps; inpainting at 1 all of them
         assert r["stages_s"]["unet_step"]["runs"] == (3 if task == "image-to-image" else 4)
     assert "the image encoder took" in proc.stdout
+
+
+def test_bench_times_the_tiny_decoder_against_diffusers_with_the_same(tmp_path):
+    """VAE against tiny decoder, ours and diffusers' (`pipe.vae = AutoencoderTiny`), same run: the
+    preset's checkpoint carries an AutoencoderTiny, which its bundles get at export."""
+    out = tmp_path / "bench.json"
+    run("bench", "--model", "tiny", "--engines", "ortdiffusion,ortdiffusion-tiny,torch,torch-tiny", "--steps", "2",
+        "--runs", "1", "--warmup", "0", "--json", out, cache=tmp_path / "cache")
+    records = {r["engine"]: r for r in json.loads(out.read_text())["records"]}
+    assert set(records) == {"ortdiffusion", "ortdiffusion-tiny", "torch", "torch-tiny"}
+    assert records["ortdiffusion-tiny"]["providers"]["vae_decoder_tiny"] == "cpu"
+    for r in records.values():
+        assert r["stages_s"]["decoder"]["runs"] == 1

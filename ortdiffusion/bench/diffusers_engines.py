@@ -169,7 +169,9 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, model: str, provider: str | None, compile_unet: bool = False, scheduler: str | None = None,
-                 task: str = "text-to-image"):
+                 task: str = "text-to-image", tiny_decoder: bool = False):
+        """`tiny_decoder`: decode with the checkpoint's AutoencoderTiny (`<checkpoint>/taesd`, as the
+        presets carry one), as a diffusers user does with `pipe.vae = AutoencoderTiny...`."""
         import diffusers
         import torch
 
@@ -191,6 +193,11 @@ class TorchEngine:
         with warnings.catch_warnings():  # current diffusers renamed `torch_dtype` to `dtype`; older ones take only the former
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = pipeline_class.from_pretrained(str(checkpoint), torch_dtype=dtype, **extra)
+        if tiny_decoder:
+            from ..export.presets import TINY_DECODER_DIR
+
+            pipe.vae = diffusers.AutoencoderTiny.from_pretrained(str(checkpoint / TINY_DECODER_DIR), torch_dtype=dtype)
+            self.name = "torch-tiny"
         pipe = pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         if compile_unet:

@@ -19,7 +19,7 @@ import numpy as np
 from .records import Comparison, Record, Report, Sample, Skipped
 
 ENGINES = ("ortdiffusion", "ortdiffusion-cpu", "ortdiffusion-int8", "ortdiffusion-fp16", "ortdiffusion-cuda",
-           "ortdiffusion-cuda-graphs", "torch", "optimum")
+           "ortdiffusion-cuda-graphs", "ortdiffusion-tiny", "ortdiffusion-int8-tiny", "torch", "torch-tiny", "optimum")
 
 
 @dataclass(frozen=True)

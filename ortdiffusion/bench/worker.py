@@ -56,7 +56,10 @@ def peak_device_mb(engine) -> float | None:
 #: CUDA target in fp16: GPU fusions), "-cuda-graphs" (that bundle with its UNet as a CUDA graph).
 ORT_VARIANTS = {"ortdiffusion": ("generic", "fp32"), "ortdiffusion-cpu": ("cpu", "fp32"),
                 "ortdiffusion-int8": ("cpu", "int8"), "ortdiffusion-fp16": ("generic", "fp16"),
-                "ortdiffusion-cuda": ("cuda", "fp16"), "ortdiffusion-cuda-graphs": ("cuda", "fp16")}
+                "ortdiffusion-cuda": ("cuda", "fp16"), "ortdiffusion-cuda-graphs": ("cuda", "fp16"),
+                "ortdiffusion-tiny": ("generic", "fp32"), "ortdiffusion-int8-tiny": ("cpu", "int8")}
+#: The variants that decode with the bundle's tiny decoder (AutoencoderTiny) instead of the VAE's.
+TINY_DECODER_VARIANTS = ("ortdiffusion-tiny", "ortdiffusion-int8-tiny")
 
 
 class OrtDiffusionEngine:
@@ -74,6 +77,7 @@ class OrtDiffusionEngine:
         self.bundle = resolve_bundle(model, target=target, precision=precision, allow_export=False)
         self.provider = provider
         self.cuda_graphs = variant.endswith("-graphs")
+        self.decoder = "tiny" if variant in TINY_DECODER_VARIANTS else None
         self.task = task
         self.pipe = Pipeline.load(self.bundle, providers=provider)
         self.providers = self.pipe.providers
@@ -99,7 +103,8 @@ class OrtDiffusionEngine:
         inputs = task_inputs(getattr(self, "task", "text-to-image"), width, height)  # made before the clock starts
         start = time.perf_counter()
         result = pipe([PROMPT] * batch, seed=list(range(batch)), num_inference_steps=steps,
-                      guidance_scale=guidance, width=width, height=height, scheduler=self.scheduler, **inputs)
+                      guidance_scale=guidance, width=width, height=height, scheduler=self.scheduler,
+                      decoder=getattr(self, "decoder", None), **inputs)
         png_start = time.perf_counter()
         result.pngs()  # as the service and `save` encode them: a batch in parallel
         end = time.perf_counter()
@@ -111,7 +116,8 @@ class OrtDiffusionEngine:
         return Sample(end_to_end=end - start, stages=stages, transfers=result.transfers.as_dict())
 
 
-ENGINES = {**{name: OrtDiffusionEngine for name in ORT_VARIANTS}, "torch": TorchEngine, "optimum": OptimumEngine}
+ENGINES = {**{name: OrtDiffusionEngine for name in ORT_VARIANTS}, "torch": TorchEngine, "torch-tiny": TorchEngine,
+           "optimum": OptimumEngine}
 
 
 def prepare(engine: str, model: str) -> dict[str, Any]:
@@ -148,6 +154,8 @@ def main() -> None:
     start = time.perf_counter()
     try:
         extra = {"variant": args.engine, "task": args.task} if args.engine in ORT_VARIANTS else {"task": args.task}
+        if args.engine == "torch-tiny":
+            extra["tiny_decoder"] = True
         engine = ENGINES[args.engine](args.model, args.provider, scheduler=args.scheduler, **extra)
     except ImportError as e:
         fix = {"torch": "pip install 'ortdiffusion[export]'",

@@ -183,12 +183,15 @@ def pipeline_components(ckpt: Checkpoint) -> list[tuple[ComponentSpec, torch.nn.
         return sdxl.pipeline_components(ckpt)
     max_length = int(ckpt.tokenizer.model_max_length)
     latent = int(ckpt.unet.config.sample_size)
-    return [
+    components = [
         text_encoder_component(ckpt.text_encoder, max_length),
         unet_component(ckpt.unet, max_length, latent_channels=int(ckpt.vae.config.latent_channels)),
         vae_decoder_component(ckpt.vae, latent),
-        vae_encoder_component(ckpt.vae, latent),
     ]
+    # the image encoder: a KL autoencoder's latent distribution (a VQ model's encoder has none)
+    if type(ckpt.vae).__name__ == "AutoencoderKL":
+        components.append(vae_encoder_component(ckpt.vae, latent))
+    return components
 
 
 def pipeline_constants(ckpt: Checkpoint, options: ExportOptions, unet: ComponentManifest) -> PipelineConstants:
@@ -197,7 +200,7 @@ def pipeline_constants(ckpt: Checkpoint, options: ExportOptions, unet: Component
     steps, guidance = family_defaults(ckpt)
     tokenizer = ckpt.tokenizer or ckpt.tokenizer_2  # an SDXL refiner has only the second
     constants = PipelineConstants(
-        family="stable-diffusion",
+        family=FAMILIES.get(ckpt.pipeline_class, "stable-diffusion"),
         prediction_type=str(ckpt.scheduler_config.get("prediction_type", "epsilon")),
         latent_channels=int(ckpt.vae.config.latent_channels),
         vae_scaling_factor=float(ckpt.vae.config.scaling_factor),
@@ -221,6 +224,10 @@ def pipeline_constants(ckpt: Checkpoint, options: ExportOptions, unet: Component
     return constants
 
 
+#: The manifest's `family` by the checkpoint's pipeline class (Stable Diffusion's otherwise).
+FAMILIES = {"LDMTextToImagePipeline": "latent-diffusion", "LatentConsistencyModelPipeline": "latent-consistency"}
+
+
 def family_defaults(ckpt: Checkpoint) -> tuple[int, float]:
     """(steps, guidance scale) a call that names neither gets: what the model's makers recommend.
     An LCM UNet (it takes `timestep_cond`): diffusers' LatentConsistencyModelPipeline defaults, 4
@@ -228,6 +235,8 @@ def family_defaults(ckpt: Checkpoint) -> tuple[int, float]:
     guidance): 1 step at 0, as their model cards say. Anything else: 20 steps at 7.5."""
     if getattr(ckpt.unet.config, "time_cond_proj_dim", None):
         return 4, 8.5
+    if ckpt.pipeline_class == "LDMTextToImagePipeline":  # CompVis' model card: 50 steps at 6
+        return 50, 6.0
     if "turbo" in str(ckpt.path).lower():
         return 1, 0.0
     return 20, 7.5

@@ -8,6 +8,7 @@ pass or fail per line.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -158,8 +159,6 @@ def compare_components(ckpt, bundle_dir: Path, manifest, tol: Tolerances, seed: 
 
 
 def _class_name(ckpt_dir: Path) -> str:
-    import json
-
     return json.loads((Path(ckpt_dir) / "model_index.json").read_text(encoding="utf-8"))["_class_name"]
 
 
@@ -169,14 +168,17 @@ def reference_pipeline(ckpt_dir: Path, task: str = "text-to-image"):
     import diffusers
 
     sdxl = _class_name(ckpt_dir).startswith("StableDiffusionXL")
-    names = {"text-to-image": "StableDiffusionPipeline", "image-to-image": "StableDiffusionImg2ImgPipeline",
+    # text-to-image: the checkpoint's own pipeline class (StableDiffusionPipeline,
+    # LatentConsistencyModelPipeline, LDMTextToImagePipeline, …), as model_index.json names it
+    names = {"text-to-image": "DiffusionPipeline", "image-to-image": "StableDiffusionImg2ImgPipeline",
              "inpainting": "StableDiffusionInpaintPipeline"}
     if sdxl:
         if task == "text-to-image" and _class_name(ckpt_dir) != "StableDiffusionXLPipeline":
             return None
         names = {"text-to-image": "StableDiffusionXLPipeline", "image-to-image": "StableDiffusionXLImg2ImgPipeline",
                  "inpainting": "StableDiffusionXLInpaintPipeline"}
-    kwargs = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    no_safety = not sdxl and _class_name(ckpt_dir) != "LDMTextToImagePipeline"
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if no_safety else {}
     ref = getattr(diffusers, names[task]).from_pretrained(str(ckpt_dir), **kwargs)
     ref.to(torch.float32)  # positional: every diffusers version takes it (the keyword was renamed)
     ref.set_progress_bar_config(disable=True)
@@ -186,6 +188,8 @@ def reference_pipeline(ckpt_dir: Path, task: str = "text-to-image"):
 def compare_end_to_end(ckpt_dir: Path, bundle_dir: Path, prompt: str, steps: int, guidance: float,
                        scheduler: str, seed: int, tol: Tolerances,
                        provider: str = "cpu") -> tuple[list[Line], list[dict], np.ndarray, np.ndarray]:
+    import inspect
+
     from ..runtime.pipeline import Pipeline
     from .reference import ancestral_noise_from_seeds, reference_scheduler
 
@@ -208,9 +212,11 @@ def compare_end_to_end(ckpt_dir: Path, bundle_dir: Path, prompt: str, steps: int
         ref_steps.append(kwargs["latents"].numpy().copy())
         return kwargs
 
-    with ancestral_noise_from_seeds([seed]):
+    # per-step latents where the pipeline hands them out (LDM's has no step callback)
+    per_step = {"callback_on_step_end": keep} if "callback_on_step_end" in inspect.signature(ref.__call__).parameters else {}
+    with ancestral_noise_from_seeds([seed], where=("ancestral", "lcm")):
         image_ref = ref(prompt, latents=torch.from_numpy(latents), num_inference_steps=steps, guidance_scale=guidance,
-                        callback_on_step_end=keep).images[0]
+                        **per_step).images[0]
     a, b = np.asarray(image_ref), np.asarray(result.images[0])
     divergence = []
     for i, (x, y) in enumerate(zip(ref_steps, ours_steps)):
@@ -293,7 +299,7 @@ def compare(checkpoint: Path | str, bundle: Path | str, prompt: str = "a red cir
     report = CompareReport(str(checkpoint), str(bundle), precision.value)
     provider = provider or default_provider(manifest)
     report.lines += compare_components(ckpt, bundle, manifest, tol, seed=7000 + seed, provider=provider)
-    if _class_name(checkpoint) in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+    if _class_name(checkpoint) != "StableDiffusionXLImg2ImgPipeline":
         lines, divergence, a, b = compare_end_to_end(
             checkpoint, bundle, prompt, steps, guidance, scheduler or manifest.pipeline.default_scheduler, seed, tol,
             provider)
@@ -302,7 +308,9 @@ def compare(checkpoint: Path | str, bundle: Path | str, prompt: str = "a red cir
     else:  # an SDXL refiner: image-to-image only, on a picture of its own
         c = manifest.pipeline
         a = b = _test_picture(c.default_height, c.default_width)
-    if "vae_encoder" in manifest.components:  # the image tasks, on diffusers' own image as the input
+    # the image tasks, on diffusers' own image as the input, where diffusers has the Stable Diffusion
+    # family's (or SDXL's) img2img and inpainting pipelines to judge them by
+    if "vae_encoder" in manifest.components and manifest.pipeline.family.startswith("stable-diffusion"):
         report.lines += compare_image_tasks(checkpoint, bundle, a, prompt, steps, guidance,
                                             scheduler or manifest.pipeline.default_scheduler, seed, tol, provider)
     if image_path is not None:

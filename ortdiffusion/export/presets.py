@@ -39,6 +39,9 @@ class Preset:
     #: model_index.json's `_class_name`: the diffusers pipeline that loads the checkpoint.
     pipeline_class: str = "StableDiffusionPipeline"
     pipeline_config: dict[str, Any] = field(default_factory=dict)
+    #: An AutoencoderTiny config: the checkpoint carries a random-weight tiny decoder in
+    #: `TINY_DECODER_DIR` (beside the diffusers components, which loaders ignore), added at export.
+    tiny_decoder: dict[str, Any] | None = None
 
 
 _SD_SCHEDULER = {
@@ -145,6 +148,8 @@ TINY = Preset(
     },
     scheduler=_SD_SCHEDULER,
     scheduler_class="DDIMScheduler",
+    tiny_decoder={"encoder_block_out_channels": [16, 16, 16], "decoder_block_out_channels": [16, 16, 16],
+                  "num_encoder_blocks": [1, 1, 1], "num_decoder_blocks": [1, 1, 1], "latent_channels": 4},
     tokenizer_max_length=77,
     vocab_words=tuple(
         "a an the of on in at to and with above below left right top bottom center small large big red green "
@@ -170,10 +175,26 @@ _TURBO_SCHEDULER = {**_SD_SCHEDULER, "timestep_spacing": "trailing", "interpolat
 #: name gives it Turbo's defaults at export (1 step, guidance 0: bundle.family_defaults).
 TINY_TURBO = replace(TINY, name="tiny-turbo", scheduler=_TURBO_SCHEDULER, scheduler_class="EulerDiscreteScheduler")
 
+#: Where a preset checkpoint keeps its tiny decoder (an AutoencoderTiny directory).
+TINY_DECODER_DIR = "taesd"
+#: TAESD's published config (madebyollin/taesd: diffusers' AutoencoderTiny defaults).
+TAESD = {"encoder_block_out_channels": [64, 64, 64, 64], "decoder_block_out_channels": [64, 64, 64, 64],
+         "num_encoder_blocks": [1, 3, 3, 3], "num_decoder_blocks": [3, 3, 3, 1], "latent_channels": 4}
+
 #: SD-Turbo's published configs (stabilityai/sd-turbo: SD 2.1's architecture at 512×512, epsilon
-#: prediction, Euler on trailing timesteps) with random weights, for timing.
+#: prediction, Euler on trailing timesteps) with random weights, for timing; with TAESD's.
 SD_TURBO = replace(SD21, name="sd-turbo-arch", unet={**SD21.unet, "sample_size": 64}, vae={**_SD_VAE, "sample_size": 512},
-                   scheduler=_TURBO_SCHEDULER, scheduler_class="EulerDiscreteScheduler")
+                   scheduler=_TURBO_SCHEDULER, scheduler_class="EulerDiscreteScheduler", tiny_decoder=TAESD)
+
+#: BERT-conditioned latent diffusion (diffusers' LDMTextToImagePipeline, CompVis' ldm-text2im):
+#: an LDMBert text encoder with a WordPiece tokenizer, a UNet and a KL autoencoder (`vqvae`), 8×.
+TINY_LDM = replace(
+    TINY, name="tiny-ldm", pipeline_class="LDMTextToImagePipeline", tiny_decoder=None,
+    text_encoder={"vocab_size": 0, "max_position_embeddings": 77, "encoder_layers": 2, "encoder_ffn_dim": 64,
+                  "encoder_attention_heads": 2, "head_dim": 16, "d_model": 32},
+    vae={**TINY.vae, "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+         "block_out_channels": [16, 16, 32, 32]},
+)
 
 # -- SDXL: two text encoders, the UNet's added conditions (text_embeds, time_ids), the refiner --------
 
@@ -202,6 +223,7 @@ SDXL = Preset(
     scheduler_class="EulerDiscreteScheduler",
     pipeline_class="StableDiffusionXLPipeline",
     pipeline_config=_SDXL_BASE_CONFIG,
+    tiny_decoder=TAESD,  # TAESDXL has TAESD's architecture
 )
 
 #: The tiny SDXL of diffusers' own SDXL tests: two 32-wide CLIPs (hidden states concatenated: 64),
@@ -235,8 +257,8 @@ TINY_SDXL_REFINER = replace(
     pipeline_class="StableDiffusionXLImg2ImgPipeline", pipeline_config=_SDXL_REFINER_CONFIG,
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, TINY_INPAINT, TINY_LCM, TINY_TURBO, SD15, SD21, SD_TURBO, SDXL,
-                                                  TINY_SDXL, TINY_SDXL_REFINER)}
+PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, TINY_INPAINT, TINY_LCM, TINY_TURBO, TINY_LDM, SD15, SD21,
+                                                  SD_TURBO, SDXL, TINY_SDXL, TINY_SDXL_REFINER)}
 
 
 def write_clip_tokenizer(out_dir: Path, words: Iterable[str] = (), max_length: int = 77, pad_token: str = EOS) -> None:
@@ -290,6 +312,39 @@ def write_clip_tokenizer(out_dir: Path, words: Iterable[str] = (), max_length: i
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
 
 
+def _build_ldm_checkpoint(preset: Preset, out: Path) -> Path:
+    """A latent-diffusion checkpoint laid out as CompVis' ldm-text2im is (bert/, tokenizer/, unet/,
+    vqvae/, scheduler/), with a WordPiece vocabulary of the preset's words."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import schedulers as diffusers_schedulers
+    from diffusers.pipelines.latent_diffusion import LDMBertModel
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig
+    from transformers import BertTokenizer
+
+    logger.info("building %s checkpoint with random weights in %s", preset.name, out)
+    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(preset.vocab_words)),
+             *"abcdefghijklmnopqrstuvwxyz0123456789.,;!?"]
+    vocab_file = out / "tokenizer" / "vocab.txt"
+    vocab_file.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    # transformers 5 builds a WordPiece tokenizer from the vocabulary itself; vocab.txt is written
+    # too, for tools that read it (transformers 4's slow BertTokenizer)
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, model_max_length=preset.tokenizer_max_length)
+    tokenizer.save_pretrained(str(out / "tokenizer"))
+    LDMBertModel(LDMBertConfig(**{**preset.text_encoder, "vocab_size": len(vocab)})).eval().save_pretrained(out / "bert")
+    UNet2DConditionModel(**preset.unet).eval().save_pretrained(out / "unet")
+    AutoencoderKL(**preset.vae).eval().save_pretrained(out / "vqvae")
+    getattr(diffusers_schedulers, preset.scheduler_class).from_config(preset.scheduler).save_pretrained(out / "scheduler")
+    model_index = {
+        "_class_name": preset.pipeline_class, "_diffusers_version": "0.30.0",
+        "bert": ["latent_diffusion", "LDMBertModel"], "tokenizer": ["transformers", "BertTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vqvae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", preset.scheduler_class],
+    }
+    (out / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
+    return out
+
+
 def _byte_order(symbol: str) -> int:
     """CLIP's `bytes_to_unicode` order: the printable bytes first, then the remapped ones."""
     code = ord(symbol)
@@ -310,6 +365,8 @@ def build_checkpoint(preset: Preset | str, out_dir: Path | str, seed: int = 0) -
 
         return build_sdxl_checkpoint(preset, out, seed)
     torch.manual_seed(seed)
+    if preset.pipeline_class == "LDMTextToImagePipeline":
+        return _build_ldm_checkpoint(preset, out)
     logger.info("building %s checkpoint with random weights in %s", preset.name, out)
     write_clip_tokenizer(out / "tokenizer", preset.vocab_words, preset.tokenizer_max_length, preset.pad_token)
     tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
@@ -325,6 +382,10 @@ def build_checkpoint(preset: Preset | str, out_dir: Path | str, seed: int = 0) -
     CLIPTextModel(CLIPTextConfig(**text_config)).eval().save_pretrained(out / "text_encoder")
     UNet2DConditionModel(**preset.unet).eval().save_pretrained(out / "unet")
     AutoencoderKL(**preset.vae).eval().save_pretrained(out / "vae")
+    if preset.tiny_decoder is not None:
+        from diffusers import AutoencoderTiny
+
+        AutoencoderTiny(**preset.tiny_decoder).eval().save_pretrained(out / TINY_DECODER_DIR)
     scheduler_cls = getattr(diffusers_schedulers, preset.scheduler_class)
     scheduler_cls.from_config(preset.scheduler).save_pretrained(out / "scheduler")
     model_index = {

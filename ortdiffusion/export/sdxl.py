@@ -204,6 +204,12 @@ def build_sdxl_checkpoint(preset, out: Path, seed: int = 0) -> Path:
     encoder("text_encoder_2", "tokenizer_2", preset.text_encoder_2, preset.pad_token_2, CLIPTextModelWithProjection)
     UNet2DConditionModel(**preset.unet).eval().save_pretrained(out / "unet")
     AutoencoderKL(**preset.vae).eval().save_pretrained(out / "vae")
+    if preset.tiny_decoder is not None:
+        from diffusers import AutoencoderTiny
+
+        from .presets import TINY_DECODER_DIR
+
+        AutoencoderTiny(**preset.tiny_decoder).eval().save_pretrained(out / TINY_DECODER_DIR)
     getattr(diffusers_schedulers, preset.scheduler_class).from_config(preset.scheduler).save_pretrained(out / "scheduler")
     index.update(
         text_encoder_2=["transformers", "CLIPTextModelWithProjection"], tokenizer_2=["transformers", "CLIPTokenizer"],
