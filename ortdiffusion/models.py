@@ -22,7 +22,8 @@ from .runtime.manifest import MANIFEST_NAME
 logger = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
-PRESET_NAMES = ("tiny", "sd15-arch", "sd21-arch", "sd-turbo-arch", "sdxl-arch", "tiny-sdxl", "tiny-sdxl-refiner")
+PRESET_NAMES = ("tiny", "sd15-arch", "sd21-arch", "sd-turbo-arch", "sdxl-arch", "sdxl-turbo-arch", "tiny-sdxl",
+                "tiny-sdxl-refiner")
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
 

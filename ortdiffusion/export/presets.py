@@ -226,6 +226,11 @@ SDXL = Preset(
     tiny_decoder=TAESD,  # TAESDXL has TAESD's architecture
 )
 
+#: SDXL-Turbo's published configs (stabilityai/sdxl-turbo: SDXL base's architecture at 512×512,
+#: Euler on trailing timesteps; "turbo" in the name gives 1 step at guidance 0), for timing.
+SDXL_TURBO = replace(SDXL, name="sdxl-turbo-arch", unet={**_SDXL_UNET, "sample_size": 64},
+                     vae={**SDXL.vae, "sample_size": 512}, scheduler=_TURBO_SCHEDULER)
+
 #: The tiny SDXL of diffusers' own SDXL tests: two 32-wide CLIPs (hidden states concatenated: 64),
 #: a 2-block UNet with the "text_time" added conditions (6 time ids × 8 + the pooled 32 = 80).
 TINY_SDXL = Preset(
@@ -258,7 +263,7 @@ TINY_SDXL_REFINER = replace(
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, TINY_INPAINT, TINY_LCM, TINY_TURBO, TINY_LDM, SD15, SD21,
-                                                  SD_TURBO, SDXL, TINY_SDXL, TINY_SDXL_REFINER)}
+                                                  SD_TURBO, SDXL, SDXL_TURBO, TINY_SDXL, TINY_SDXL_REFINER)}
 
 
 def write_clip_tokenizer(out_dir: Path, words: Iterable[str] = (), max_length: int = 77, pad_token: str = EOS) -> None:
