@@ -1,7 +1,7 @@
-"""`ortdiffusion export | generate | vary | compare | bench | serve | info` — the command line.
+"""`ortdiffusion export | generate | vary | compare | bench | serve | info | cache` — the command line.
 
-Every command takes a model the same way (`ortdiffusion.models`: `builtin`, a preset, a bundle or a
-checkpoint directory), checks what it can — its extras, its arguments, where it will write — before
+Every command takes a model the same way (`ortdiffusion.models`: `builtin`, a preset, a bundle, a
+checkpoint directory, a hub name, a single-file checkpoint or an ONNX export in Optimum's layout), checks what it can — its extras, its arguments, where it will write — before
 any work, and answers a mistake with one line that names the flag the user typed (exit 2), or the
 file or extra at fault (exit 1), never a traceback.
 """
@@ -53,14 +53,14 @@ def _require_export(what: str) -> None:
     require_extra("export", what)
 
 
-def _resolve_bundle(model: str | None, flag: str) -> Path:
+def _resolve_bundle(model: str | None, flag: str, config: str | None = None) -> Path:
     """The bundle `model` names, exporting it once into the cache if it is a checkpoint or preset
     (after checking the export extra is there, so a missing torch is said before any work)."""
     from .models import needs_export, resolve_bundle
 
-    if needs_export(model):
+    if needs_export(model, config=config):
         _require_export(f"{flag} {model} (exported once, then cached)")
-    return resolve_bundle(model, progress=_err)
+    return resolve_bundle(model, progress=_err, config=config)
 
 
 def _preference(args: argparse.Namespace):
@@ -86,24 +86,9 @@ def _preference(args: argparse.Namespace):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    _require_export("export")
-    from .export.bundle import ExportOptions, export_checkpoint
-    from .export.onnx_export import Exporter
-    from .export.optimize import Target
-    from .models import resolve_checkpoint
-    from .runtime.manifest import Precision
+    from .cli_models import cmd_export as run  # export in either layout, or import an ONNX export
 
-    options = ExportOptions(
-        opset=args.opset, precision=Precision(args.precision), exporter=Exporter(args.exporter), overwrite=args.overwrite,
-        default_steps=args.default_steps, default_guidance=args.default_guidance, target=Target(args.target),
-        tiny_decoder=args.tiny_decoder,
-    )
-    checkpoint = resolve_checkpoint(str(args.checkpoint))
-    start = time.perf_counter()
-    manifest = export_checkpoint(checkpoint, args.out, options, progress=_err)
-    print(f"exported {args.checkpoint} → {args.out} in {time.perf_counter() - start:.1f} s\n")
-    print(parity_table(manifest))
-    return 0
+    return run(args, _err)
 
 
 # -- generate -----------------------------------------------------------------------------------
@@ -121,7 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     fmt = check_output(args.output, max(args.num_images, 1))
     preference = _preference(args)
     # 2. the model's bundle (exported once if it is a checkpoint or preset), its manifest, the request
-    bundle = _resolve_bundle(args.model, "--model")
+    bundle = _resolve_bundle(args.model, "--model", args.config)
     manifest = load_manifest(bundle)
     request = make_request(manifest, args.prompt, negative_prompt=args.negative_prompt,
                            num_images_per_prompt=args.num_images, num_inference_steps=args.steps,
@@ -184,8 +169,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .export.compare import compare
     from .models import resolve_checkpoint
 
-    checkpoint = resolve_checkpoint(str(args.checkpoint))
-    bundle = _resolve_bundle(str(args.bundle if args.bundle is not None else args.checkpoint), "compare")
+    checkpoint = resolve_checkpoint(str(args.checkpoint), config=args.config, progress=_err)
+    bundle = _resolve_bundle(str(args.bundle if args.bundle is not None else args.checkpoint), "compare", args.config)
     report = compare(checkpoint, bundle, args.prompt, args.steps, args.guidance, args.scheduler, args.seed,
                      args.image, args.provider)
     print(f"torch ({checkpoint}, fp32) against ONNX Runtime ({bundle}), {report.precision}\n")
@@ -261,10 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("export", help="diffusers checkpoint directory → ONNX bundle, parity-checked")
-    p.add_argument("checkpoint", type=Path, help="a diffusers checkpoint directory, builtin or a preset (tiny, sd15-arch, "
-                   "sd21-arch)")
+    p = sub.add_parser("export", help="a model → ONNX bundle (or Optimum's layout), parity-checked")
+    p.add_argument("checkpoint", type=Path, help="a diffusers checkpoint directory, a hub name (org/name), a single-file "
+                   "checkpoint (.safetensors, .ckpt), builtin or a preset (tiny, sd15-arch, sd21-arch); an ONNX export "
+                   "in Optimum's layout is imported")
     p.add_argument("out", type=Path)
+    p.add_argument("--layout", choices=["bundle", "optimum"], default="bundle",
+                   help="optimum: write Optimum's layout (model_index.json, text_encoder/model.onnx, ...) that "
+                   "ORTStableDiffusionPipeline loads")
+    _config_arg(p)
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="fp16: float16 except nodes whose values overflow it on calibration inputs (measured); "
@@ -313,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", type=Path, default=None, help="write torch | ONNX | difference as one PNG")
     p.add_argument("--provider", default=None, help="where the bundle runs (default: the CPU, or the provider a "
                    "CUDA export was made for)")
+    _config_arg(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="latency, per-stage timings, throughput and memory against baselines")
@@ -343,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.cli import add_parser as add_serve_parser
 
     add_serve_parser(sub, cmd_serve)
+    from .cli_models import add_cache_parser
+
+    add_cache_parser(sub)
 
     p = sub.add_parser("info", help="a bundle's manifest in short, and this machine's providers")
     p.add_argument("bundle", type=Path, help="builtin, a preset, a bundle or a diffusers checkpoint directory")
@@ -354,13 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="for a single-file checkpoint: a diffusers directory or hub name with "
+                   "the model's configs and tokenizer (default: the one diffusers infers from its keys)")
+
+
 def _generation_args(p: argparse.ArgumentParser) -> None:
     """The options `generate` and `vary` share."""
     from .runtime.schedulers import SchedulerName
 
-    p.add_argument("--model", default=None, help="builtin (the default), a preset (tiny, sd15-arch, sd21-arch, "
-                   "sdxl-arch), a bundle "
-                   "or a diffusers checkpoint directory")
+    p.add_argument("--model", default=None, help="builtin (the default), a preset (tiny, sd15-arch, sd21-arch, sdxl-arch), "
+                   "a bundle, a diffusers checkpoint directory, a hub name (org/name), a single-file checkpoint "
+                   "(.safetensors, .ckpt) or an ONNX export in Optimum's layout")
+    _config_arg(p)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None, help="default: the model's (manifest)")
     p.add_argument("--guidance", type=float, default=None, help="default: the model's (manifest)")

@@ -34,8 +34,10 @@ def info_text(bundle: Path, manifest) -> str:
         f"pipeline      {p.family}, {p.prediction_type} prediction, {p.latent_channels} latent channels, "
         f"VAE ×{p.vae_scale_factor} (scaling {p.vae_scaling_factor:g}), {p.tokenizer_max_length} tokens",
         f"default       {p.default_width}x{p.default_height}, scheduler {p.default_scheduler} "
-        f"(checkpoint's {p.scheduler_class})",
+        f"(checkpoint's {p.scheduler_class}), {p.default_steps} steps, guidance {p.default_guidance:g}",
         "tasks         " + ", ".join(t.value for t in manifest.tasks()),
+        "decoders      " + ", ".join(manifest.decoders())
+        + ("; guidance embedded in the UNet (no negative prompt)" if manifest.embedded_guidance else ""),
     ]
     for c in manifest.components.values():
         size = sum(f.size for f in c.files) / 1e6

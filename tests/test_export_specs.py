@@ -132,7 +132,8 @@ def test_sd2_style_checkpoint_v_prediction_1024_wide_per_block_heads(tmp_path):
     manifest = export_checkpoint(ckpt, tmp_path / "bundle")
     assert manifest.pipeline.prediction_type == "v_prediction"
     assert manifest.pipeline.default_scheduler == "euler"
-    assert manifest.components["unet"].inputs[2].shape == ("batch", 77, 1024)
+    assert manifest.components["unet"].inputs[2].shape == ("batch", "sequence", 1024)
+    assert manifest.components["unet"].dims["sequence"].min == 77  # one window of tokens (to four: long prompts)
     assert Tokenizer.from_file(str(tmp_path / "bundle" / "tokenizer.json")).token_to_id("!") == manifest.pipeline.pad_token_id
 
     # and the image matches diffusers' own pipeline on it (v-prediction through Euler)

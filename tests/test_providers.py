@@ -162,11 +162,13 @@ def test_tensorrt_profile_comes_from_the_manifest_dims(tiny_bundle):
 
     unet = load_manifest(tiny_bundle).components["unet"]
     profile = ShapeProfile.for_component(unet)
-    b, h, w, t = unet.dims["batch"], unet.dims["height"], unet.dims["width"], unet.inputs[2].shape[1]
+    b, h, w, t = unet.dims["batch"], unet.dims["height"], unet.dims["width"], unet.dims["sequence"]
+    assert (t.min, t.max) == (77, 4 * 77)  # one window of text tokens to four (long prompts)
     options = profile.to_ort()
     assert options["trt_profile_min_shapes"] == (
-        f"sample:{b.min}x4x{h.min}x{w.min},timestep:{b.min},encoder_hidden_states:{b.min}x{t}x{unet.inputs[2].shape[2]}")
-    assert options["trt_profile_max_shapes"].startswith(f"sample:{b.max}x4x{h.max}x{w.max},")
+        f"sample:{b.min}x4x{h.min}x{w.min},timestep:{b.min},encoder_hidden_states:{b.min}x{t.min}x{unet.inputs[2].shape[2]}")
+    assert options["trt_profile_max_shapes"] == (
+        f"sample:{b.max}x4x{h.max}x{w.max},timestep:{b.max},encoder_hidden_states:{b.max}x{t.max}x{unet.inputs[2].shape[2]}")
     assert options["trt_profile_opt_shapes"].startswith(f"sample:{b.opt}x4x{h.opt}x{w.opt},")
 
 

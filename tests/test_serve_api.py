@@ -48,7 +48,7 @@ def test_output_format_and_compression_with_the_clis_metadata(service, tmp_path,
 @pytest.mark.parametrize("body, param", [
     ({"output_format": "gif"}, "output_format"),
     ({"output_compression": 101}, "output_compression"),
-    ({"stream": True}, "stream"),
+    ({"stream": "yes"}, "stream"),
     ({"background": "purple"}, "background"),
 ])
 def test_openai_parameters_out_of_range_name_the_field(service, body, param):

@@ -9,10 +9,7 @@ from __future__ import annotations
 import logging
 import platform
 import shutil
-import tempfile
-import uuid
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -46,6 +43,7 @@ from .quantize import INT8_TOLERANCE, Calibration, quantize_unet, unet_calibrati
 from .onnx_export import DEFAULT_OPSET, Exporter, export_onnx
 from .optimize import Target, cuda_fusions_fit, optimize_graph
 from .parity import FP32_TOLERANCE, check_parity, measure_parity
+from .staging import staged
 from .specs import (
     UNET_FEEDS,
     ComponentSpec,
@@ -432,28 +430,3 @@ def _tiny_decoder(path: Path | str, ckpt: Checkpoint, out: Path, options: Export
                           "Stable Diffusion 1/2 and SDXL VAEs only")
     spec, module = tiny_decoder_component(tiny, float(ckpt.vae.config.scaling_factor), int(ckpt.unet.config.sample_size))
     return export_component(spec, module, out, options)
-
-
-@contextmanager
-def staged(out_dir: Path):
-    """A directory beside `out_dir` to write a bundle into; published over `out_dir` when the block
-    ends, removed (nothing half-written stays) when it raises."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become the published bundle's mode
-    try:
-        yield tmp
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished bundle into place; an existing one is replaced only after that succeeds."""
-    if not out_dir.exists():
-        tmp.rename(out_dir)
-        return
-    old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-    out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)

@@ -156,6 +156,10 @@ class PipelineConstants:
     #: "<component>/<output>" (a text encoder's output). Empty in bundles made before it existed:
     #: `Manifest.unet_feeds` then gives SD 1/2's.
     unet_feeds: dict[str, str] = field(default_factory=dict)
+    #: The linear latent → RGB map for live previews (runtime/preview.py): one row of R, G, B
+    #: weights per latent channel, then the bias row; on the loop's (scaled) latents. Optional:
+    #: without it the runtime uses the known map of SD's VAEs or fits one against the decoder.
+    latent_rgb: list[list[float]] | None = None
     #: Text encoder component → the prompt argument that feeds it ("prompt" or "prompt_2", diffusers'
     #: names). Empty: {"text_encoder": "prompt"} (SD 1/2). SDXL: both; its refiner: text_encoder_2 ← prompt.
     text_encoders: dict[str, str] = field(default_factory=dict)

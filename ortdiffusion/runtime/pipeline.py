@@ -43,6 +43,7 @@ from .manifest import (
     verify_files,
 )
 from .plan import Executor, ImageLatents, StepCallback, build_plan
+from .preview import Previewer
 from .png import encode_pngs, write_atomically
 from .providers import ComponentSettings, CudaOptions, ProviderKind, ProviderPreference, default_preference
 from .request import DEFAULT_STRENGTH_IMAGE, MAX_PROMPT_CHUNKS, GenerationRequest, make_request
@@ -131,9 +132,26 @@ class Pipeline:
             if not io_binding:
                 raise ProviderError("cuda_graphs: needs io_binding (a CUDA graph replays into fixed device buffers)")
             graphs = self._graph_cache(sessions[UNET], preference, intra_op_threads, cuda_graphs, max_cuda_graphs)
+        self._previewer: Previewer | None = None
         #: what runs the plans: the device loop (IO binding) or the host loop
         self.executor: Executor = (DeviceLoop(sessions, self.decoders, graphs) if io_binding
                                    else HostLoop(sessions, self.decoders))
+
+    @property
+    def previewer(self) -> Previewer:
+        """Latents of the loop (a step callback's) → preview images (runtime/preview.py); made on first use."""
+        if self._previewer is None:
+            tiny = (lambda latents: self._decode_scaled(latents, "tiny")) if "tiny" in self.decoders else None
+            self._previewer = Previewer(self.manifest, self._decode_scaled, tiny)
+        return self._previewer
+
+    def _decode_scaled(self, latents: np.ndarray, decoder: str = "full") -> np.ndarray:
+        """A decoder on the loop's latents (previews, and fitting a preview map)."""
+        c = self.manifest.pipeline
+        latents = latents / np.float32(c.vae_scaling_factor)
+        if c.vae_shift_factor is not None:
+            latents = latents + np.float32(c.vae_shift_factor)
+        return self.decoders[decoder](latents.astype(np.float32), Transfers())
 
     @property
     def device_loop(self) -> DeviceLoop | None:

@@ -12,13 +12,14 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..runtime.errors import DeadlineExceededError, ErrorCode
 from ..runtime.pipeline import Pipeline, PipelineResult
 from ..runtime.png import ImageFormat, check_compression, encode_images
-from ..runtime.request import GenerationRequest, make_request, parse_size
+from ..runtime.request import GenerationRequest, make_request, parse_size, size_limits
+from ..runtime.schedulers import SchedulerName
 from ..runtime.vocabulary import load_vocabulary, prompt_warnings
 from .batcher import Batcher, Cancelled
 from .budget import admit, chunk_size
@@ -27,6 +28,7 @@ from .image_inputs import image_request_args, read_form
 from .images import ImageStore
 from .metrics import Metrics
 from .middleware import BodyGuard, Gate
+from .page import page_file
 from .schemas import (
     ErrorResponse,
     GenerateImageRequest,
@@ -38,6 +40,7 @@ from .schemas import (
     ModelList,
 )
 from .settings import ServeConfig
+from .stream import EDIT, GENERATION, StepEvents, StreamOptions, stream_events
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +160,40 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
                                   param="model", code=ErrorCode.MODEL_NOT_FOUND)
         fmt = ImageFormat.parse(body.output_format)
         compression = check_compression(body.output_compression)
-        return await answer(validated(body, body.n), request, fmt, compression, body.response_format)
+        generation = validated(body, body.n)
+        if body.stream:
+            return streamed(generation, StreamOptions(
+                GENERATION, body.partial_images or 0, bool(body.progress), fmt, compression,
+                f"{generation.width}x{generation.height}", quality=body.quality or "auto"))
+        return await answer(generation, request, fmt, compression, body.response_format)
+
+    def warnings_for(generation: GenerationRequest) -> list[str]:
+        prompts = [p for p in generation.prompts if p]
+        return prompt_warnings(pipeline.bundle_dir, prompts, generation.width, generation.height,
+                               vocabulary) if vocabulary is not None and prompts else []
+
+    def streamed(generation: GenerationRequest, options: StreamOptions) -> StreamingResponse:
+        """Queue the generation and answer with its event stream (stream.py). A full queue is refused
+        here, before the stream begins, as a plain 429."""
+        events = StepEvents(asyncio.get_running_loop(), pipeline.previewer, options)
+        job = batcher_holder["b"].submit(generation, config.request_timeout_s, on_step=events)
+        events.watch(job)
+
+        async def finish(result: PipelineResult) -> tuple[list[bytes], dict]:
+            queue_s = (job.started or job.enqueued) - job.enqueued
+            metrics.queue_seconds.observe(queue_s)
+            metrics.compute_seconds.observe(result.timings.total)
+            extra = {"providers": result.providers, "queue_ms": round(queue_s * 1e3, 1),
+                     "timings": {stage.value: round(seconds, 4) for stage, seconds in result.timings.stages.items()}
+                     | {"total": round(result.timings.total, 4)}}
+            warnings = warnings_for(generation)
+            if warnings:
+                extra["warnings"] = warnings
+            return await encoded(result, options.fmt, options.compression), extra
+
+        return StreamingResponse(stream_events(job, events, config.request_timeout_s, finish),
+                                 media_type="text/event-stream",
+                                 headers={"x-ortdiffusion-instance": instance, "x-accel-buffering": "no"})
 
     async def answer(generation: GenerationRequest, request: Request, fmt: ImageFormat, compression: int | None,
                      response_format: str):
@@ -172,9 +208,7 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
                 data.append(ImageData(b64_json=base64.b64encode(image).decode(), seed=seed))
             else:
                 data.append(ImageData(url=await image_url(request, image, fmt), seed=seed))
-        prompts = [p for p in generation.prompts if p]
-        warnings = prompt_warnings(pipeline.bundle_dir, prompts, generation.width, generation.height,
-                                   vocabulary) if vocabulary is not None and prompts else []
+        warnings = warnings_for(generation)
         payload = ImagesResponse(created=int(time.time()), data=data, providers=result.providers,
                                  output_format=fmt.value, size=f"{generation.width}x{generation.height}",
                                  warnings=warnings or None)
@@ -192,6 +226,10 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
         generation = make_request(pipeline.manifest, args.pop("prompt"), form.negative_prompt, form.n, form.steps,
                                   form.guidance_scale, form.scheduler, form.seed, None, **args)
         admit(generation, config)
+        if form.stream:
+            return streamed(generation, StreamOptions(
+                EDIT, form.partial_images or 0, bool(form.progress), fmt, compression,
+                f"{generation.width}x{generation.height}", quality=form.quality or "auto"))
         return await answer(generation, request, fmt, compression, form.response_format)
 
     @app.post("/v1/images/edits", response_model=ImagesResponse, tags=["images"])
@@ -228,8 +266,22 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
 
     @app.get("/v1/models", response_model=ModelList, tags=["models"])
     async def models():
+        c = pipeline.manifest.pipeline
+        low, high, multiple = size_limits(pipeline.manifest)
+        defaults = {"width": c.default_width, "height": c.default_height, "steps": c.default_steps,
+                    "guidance_scale": c.default_guidance, "scheduler": c.default_scheduler,
+                    "size_min": low, "size_max": high, "size_multiple": multiple, "max_images": config.max_images}
         return ModelList(data=[ModelCard(id=model_name, created=int(time.time()),
-                                         tasks=[t.value for t in pipeline.manifest.tasks()])])
+                                         tasks=[t.value for t in pipeline.manifest.tasks()],
+                                         defaults=defaults, schedulers=[s.value for s in SchedulerName])])
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return page_file("index.html")
+
+    @app.get("/page/{name}", include_in_schema=False)
+    async def page_asset(name: str):
+        return page_file(name)
 
     @app.get("/health/live", tags=["health"])
     async def live():

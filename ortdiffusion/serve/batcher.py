@@ -19,6 +19,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from ..runtime.errors import DeadlineExceededError, OverloadedError
 from ..runtime.pipeline import Pipeline, PipelineResult
 from ..runtime.request import GenerationRequest
@@ -26,6 +28,10 @@ from ..runtime.trace import Timings
 from .budget import chunks, second_prompts
 
 logger = logging.getLogger(__name__)
+
+
+#: (step, steps, latents, first image index) → None; see `Job.on_step`.
+StepHook = Callable[[int, int, np.ndarray, int], None]
 
 
 class Cancelled(Exception):
@@ -39,6 +45,9 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
     started: float | None = None
+    #: Called on the worker thread after each denoising step with this job's rows of the latents:
+    #: (step, steps, latents, index of the first of them among the job's images). For streaming.
+    on_step: StepHook | None = None
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -117,8 +126,8 @@ class Batcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    def submit(self, request: GenerationRequest, timeout_s: float) -> Job:
-        job = Job(request, deadline=time.monotonic() + timeout_s)
+    def submit(self, request: GenerationRequest, timeout_s: float, on_step: StepHook | None = None) -> Job:
+        job = Job(request, deadline=time.monotonic() + timeout_s, on_step=on_step)
         with self._cond:
             if self._stopping:
                 raise OverloadedError("the service is shutting down")
@@ -182,9 +191,10 @@ class Batcher:
             for job in batch:
                 job.started = started
 
-            def check(step: int, total: int, latents: object) -> None:
+            def check(step: int, total: int, latents: np.ndarray, first: int) -> None:
                 if not any(job.wanted for job in batch):
                     raise Cancelled()
+                _report_step(batch, step, total, latents, first)
 
             try:
                 result = self._generate(merge(batch), check, len(batch))
@@ -206,10 +216,11 @@ class Batcher:
 
     def _generate(self, request: GenerationRequest, check, jobs: int) -> PipelineResult:
         """The pipeline over `request` in chunks; one result, as if it had run at once."""
-        parts = []
+        parts, first = [], 0
         for part in chunks(request, self.chunk_images(request)):
             started = time.monotonic()
-            parts.append(self.pipeline.generate(part, callback=check))
+            parts.append(self.pipeline.generate(part, callback=lambda i, n, x, first=first: check(i, n, x, first)))
+            first += part.num_images
             if self.on_batch is not None:
                 self.on_batch(BatchRecord(part.num_images, jobs, time.monotonic() - started))
         if len(parts) == 1:
@@ -221,6 +232,17 @@ class Batcher:
             timings.unet_steps.extend(p.timings.unet_steps)
         return replace(parts[0], images=[i for p in parts for i in p.images], seeds=[s for p in parts for s in p.seeds],
                        metadata=[m for p in parts for m in p.metadata], timings=timings)
+
+
+def _report_step(batch: list[Job], step: int, steps: int, latents: np.ndarray, first: int) -> None:
+    """Hand each job with a step hook its own rows of a chunk's latents (images first … first + len)."""
+    start = 0
+    for job in batch:
+        end = start + job.request.num_images
+        lo, hi = max(start, first), min(end, first + len(latents))
+        if job.on_step is not None and lo < hi and job.wanted:
+            job.on_step(step, steps, latents[lo - first:hi - first], lo - start)
+        start = end
 
 
 def _fail(job: Job, error: BaseException) -> None:

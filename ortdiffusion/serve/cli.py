@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 def add_parser(sub, run) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP images API with dynamic batching")
-    p.add_argument("--model", default=None, help="bundle, diffusers checkpoint or preset (default: the built-in model)")
+    p.add_argument("--model", default=None, help="bundle, diffusers checkpoint, preset, hub name (org/name), single-file "
+                   "checkpoint or ONNX export in Optimum's layout (default: the built-in model)")
     p.add_argument("--refiner", default=None, help="an SDXL refiner the model hands its latents to (diffusers' "
                    "ensemble of experts; requests' denoising_end says where)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")

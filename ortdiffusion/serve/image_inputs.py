@@ -49,6 +49,10 @@ class ImageInputForm(BaseModel):
     seed: Annotated[int | None, Field(ge=0, le=MAX_SEED)] = None
     scheduler: SchedulerName | None = None
     strength: Annotated[float | None, Field(ge=0, le=1, allow_inf_nan=False)] = None
+    # edits only: streamed as OpenAI's (serve/stream.py); `progress` is an extension
+    stream: bool | None = None
+    partial_images: Annotated[int | None, Field(ge=0, le=3)] = None
+    progress: bool | None = None
     # accepted and ignored (README: "OpenAI parameters accepted and ignored")
     quality: Annotated[str | None, Field(max_length=32)] = None
     background: Literal["transparent", "opaque", "auto"] | None = None
@@ -130,6 +134,9 @@ def image_request_args(form: ImageInputForm, files: dict[str, bytes], pipeline, 
             args["mask_image"] = mask_from_alpha(image, "image")
         args.update(prompt=form.prompt, strength=form.strength, keep_unmasked=True)
     else:
+        if form.stream:
+            raise InvalidRequestError("stream", "variations do not stream (OpenAI's do not either); "
+                                                "edits and generations do")
         if form.prompt is not None:
             raise InvalidRequestError("prompt", "variations take no prompt (the image says what to draw)")
         args.update(prompt="", strength=form.strength if form.strength is not None else VARIATION_STRENGTH)

@@ -27,6 +27,11 @@ access_log = logging.getLogger("ortdiffusion.serve.access")
 #: Routes outside the API key and the Host allow-list: probes, and image URLs whose token is their credential.
 OPEN_PREFIXES = ("/health/", "/metrics", "/v1/images/files/")
 
+#: The page (`GET /` and its files) needs no key: it holds no data and asks for the key itself
+#: before it calls the API. It is served only under the allowed host names, as the API is.
+def is_page(path: str) -> bool:
+    return path == "/" or path.startswith("/page/")
+
 
 #: Routes that take multipart uploads (an image, a mask): a larger body, and no JSON to check.
 UPLOAD_PATHS = ("/v1/images/edits", "/v1/images/variations")
@@ -160,7 +165,7 @@ class Gate:
             # service through DNS rebinding under its own host name: answer only the names we serve.
             return error_response(421, f"this service does not answer for host {host!r}; start it with --public-url "
                                        "or --allowed-host to add a name", code=ErrorCode.MISDIRECTED_REQUEST)
-        if self.api_key and not key_matches(headers.get(b"authorization", b"").decode("latin-1"), self.api_key):
+        if self.api_key and not is_page(path) and not key_matches(headers.get(b"authorization", b"").decode("latin-1"), self.api_key):
             return error_response(401, "missing or wrong API key (Authorization: Bearer …)",
                                   code=ErrorCode.INVALID_API_KEY, headers={"www-authenticate": 'Bearer realm="ortdiffusion"'})
         return None

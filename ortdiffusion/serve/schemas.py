@@ -49,8 +49,11 @@ class ImageGenerationRequest(GenerateImageRequest):
     style: Annotated[str | None, Field(strict=True, max_length=32)] = None
     background: Literal["transparent", "opaque", "auto"] | None = None
     moderation: Literal["low", "auto"] | None = None
+    #: With `stream`: previews sent while the image denoises (serve/stream.py), as OpenAI's.
     partial_images: Annotated[int | None, Field(strict=True, ge=0, le=3)] = None
-    stream: Literal[False] | None = None  # no streaming here: `true` is refused, naming the field
+    stream: Annotated[bool | None, Field(strict=True)] = None
+    #: With `stream`: a progress event after every denoising step (an extension; the page uses it).
+    progress: Annotated[bool | None, Field(strict=True)] = None
 
 
 class ImageData(BaseModel):
@@ -84,6 +87,10 @@ class ModelCard(BaseModel):
     #: What the model does: text-to-image; image-to-image, inpainting, variations where the bundle has
     #: the image encoder (an extension: the edits and variations routes need those).
     tasks: list[str] = []
+    #: What a request that names nothing gets, and what it may name (an extension, for the page):
+    #: width, height, steps, guidance_scale, scheduler; schedulers; size_min, size_max, size_multiple.
+    defaults: dict[str, int | float | str] | None = None
+    schedulers: list[str] | None = None
 
 
 class ModelList(BaseModel):
