@@ -113,12 +113,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
                            guidance_scale=args.guidance, scheduler=args.scheduler, seed=args.seed,
                            width=width, height=height, image=args.image, mask_image=args.mask, strength=args.strength,
                            guidance_rescale=args.guidance_rescale, decoder=args.decoder,
-                           long_prompts=args.long_prompt)
+                           long_prompts=args.long_prompt,
+                           prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2,
+                           added=_added_conditions(args), schedule={"denoising_end": args.denoising_end})
     for warning in prompt_warnings(bundle, request.prompts, request.width, request.height):
         _err(f"warning: {warning}")
     # 3. load (1–2 s), generate, write
     started = time.perf_counter()
-    pipe = Pipeline.load(bundle, providers=preference, allow_fallback=args.allow_fallback)
+    refiner = _resolve_bundle(args.refiner, "--refiner") if args.refiner else None
+    pipe = Pipeline.load(bundle, providers=preference, allow_fallback=args.allow_fallback, refiner=refiner)
     load_s = time.perf_counter() - started
     bar = ProgressBar("denoising", enabled=not args.quiet)
     result = pipe.generate(request, callback=bar)
@@ -354,9 +357,9 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     """The options `generate` and `vary` share."""
     from .runtime.schedulers import SchedulerName
 
-    p.add_argument("--model", default=None, help="builtin (the default), a preset (tiny, sd15-arch, sd21-arch), a bundle, "
-                   "a diffusers checkpoint directory, a hub name (org/name), a single-file checkpoint (.safetensors, "
-                   ".ckpt) or an ONNX export in Optimum's layout")
+    p.add_argument("--model", default=None, help="builtin (the default), a preset (tiny, sd15-arch, sd21-arch, sdxl-arch), "
+                   "a bundle, a diffusers checkpoint directory, a hub name (org/name), a single-file checkpoint "
+                   "(.safetensors, .ckpt) or an ONNX export in Optimum's layout")
     _config_arg(p)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None, help="default: the model's (manifest)")
@@ -374,7 +377,33 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"),
                    help="the image file; its suffix names the format: .png (default), .jpg/.jpeg, .webp")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sdxl = p.add_argument_group("SDXL (diffusers' names)")
+    sdxl.add_argument("--prompt-2", default=None, help="the second text encoder's prompt (default: the prompt)")
+    sdxl.add_argument("--negative-prompt-2", default=None)
+    sdxl.add_argument("--refiner", default=None, help="a refiner the model hands its latents to (ensemble of experts)")
+    sdxl.add_argument("--denoising-end", type=float, default=None,
+                      help="the fraction of the schedule the model runs before the refiner takes over, e.g. 0.8")
+    for name in ("original-size", "crops-coords-top-left", "target-size"):
+        sdxl.add_argument(f"--{name}", default=None, metavar="HxW" if name != "crops-coords-top-left" else "TOPxLEFT",
+                          help="an added condition (time_ids); default: the image's size" if name != "crops-coords-top-left"
+                          else "an added condition (time_ids); default: 0x0")
+    sdxl.add_argument("--aesthetic-score", type=float, default=None, help="the refiner's (default 6)")
+    sdxl.add_argument("--negative-aesthetic-score", type=float, default=None, help="the refiner's (default 2.5)")
     p.set_defaults(func=cmd_generate)
+
+
+def _added_conditions(args: argparse.Namespace) -> dict[str, object]:
+    """The SDXL added conditions given on the command line, by diffusers' names; sizes as HxW."""
+    added: dict[str, object] = {}
+    for name in ("original_size", "crops_coords_top_left", "target_size"):
+        text = getattr(args, name, None)
+        if text is not None:
+            first, second = parse_size(text, f"--{name.replace('_', '-')}")  # "AxB" → (A, B): height, width
+            added[name] = (first, second)
+    for name in ("aesthetic_score", "negative_aesthetic_score"):
+        if getattr(args, name, None) is not None:
+            added[name] = getattr(args, name)
+    return added
 
 
 def main(argv: list[str] | None = None) -> int:

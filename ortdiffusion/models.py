@@ -27,7 +27,8 @@ from .runtime.manifest import MANIFEST_NAME
 logger = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
-PRESET_NAMES = ("tiny", "sd15-arch", "sd21-arch", "sd-turbo-arch")
+PRESET_NAMES = ("tiny", "sd15-arch", "sd21-arch", "sd-turbo-arch", "sdxl-arch", "sdxl-turbo-arch", "tiny-sdxl",
+                "tiny-sdxl-refiner")
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
 
@@ -459,8 +460,10 @@ def resolve_checkpoint(model: str | Path | None, config: str | None = None,
 
 
 def load_pipeline(model: str | Path | None = None, progress: Callable[[str], None] | None = None,
-                  config: str | None = None, **load_options):
-    """`Pipeline.load` for any model `resolve_bundle` accepts."""
+                  config: str | None = None, refiner: str | Path | None = None, **load_options):
+    """`Pipeline.load` for any model `resolve_bundle` accepts; `refiner`: an SDXL refiner, the same."""
     from .runtime.pipeline import Pipeline
 
+    if refiner is not None:
+        load_options["refiner"] = resolve_bundle(refiner, progress, config=config)
     return Pipeline.load(resolve_bundle(model, progress, config=config), **load_options)

@@ -72,7 +72,7 @@ print(pipe.bundle_dir.name, "torch" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
     assert out.splitlines()[-1] == "bundle False"
-    assert "refused: no-such-model" in out and "'builtin', a preset (tiny, sd15-arch, sd21-arch, sd-turbo-arch)" in out
+    assert "refused: no-such-model" in out and "'builtin', a preset (tiny, sd15-arch, sd21-arch, sd-turbo-arch, sdxl-arch" in out
 
 
 def test_info_takes_builtin_and_its_json_is_pure_json():

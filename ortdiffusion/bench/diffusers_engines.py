@@ -99,8 +99,13 @@ def instrument(pipe, clock: HostClock | CudaEventClock | None = None) -> Stages:
     the networks and the scheduler by `clock`, the tokenizer (host work) by the host's."""
     sink, host = Stages(), HostClock()
     clock = clock or host
-    pipe.tokenizer = _Timed(pipe.tokenizer, "tokenize", sink, host)
-    pipe.text_encoder.forward = _Timed(pipe.text_encoder.forward, "text_encoder", sink, clock)
+    if pipe.tokenizer is not None:
+        pipe.tokenizer = _Timed(pipe.tokenizer, "tokenize", sink, host)
+    for name in ("text_encoder", "text_encoder_2"):  # SDXL has two (its refiner only the second)
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).forward = _Timed(getattr(pipe, name).forward, "text_encoder", sink, clock)
+    if getattr(pipe, "tokenizer_2", None) is not None:
+        pipe.tokenizer_2 = _Timed(pipe.tokenizer_2, "tokenize", sink, host)
     pipe.unet.forward = _Timed(pipe.unet.forward, "unet_step", sink, clock)
     pipe.vae.decode = _Timed(pipe.vae.decode, "decoder", sink, clock)
     if hasattr(pipe.vae, "encode"):  # the image tasks' encoder (Optimum's ONNX VAE has none to time here)
@@ -127,8 +132,16 @@ def run_diffusers_style(pipe, sink: Stages, sync: Callable[[], None] | None, **c
     return Sample(end_to_end=end - start, stages=stages)
 
 
+def sdxl_checkpoint(checkpoint) -> bool:
+    import json
+    from pathlib import Path
+
+    index = json.loads((Path(checkpoint) / "model_index.json").read_text(encoding="utf-8"))
+    return str(index.get("_class_name", "")).startswith("StableDiffusionXL")
+
+
 def unet_step_gflop(unet, batch: int, width: int, height: int, guidance: float, text: int, width_text: int,
-                    device: str, dtype) -> float:
+                    device: str, dtype, pooled: int | None = None) -> float:
     """FLOPs of one UNet call at this setting (guidance doubles the batch), counted by torch."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -137,9 +150,15 @@ def unet_step_gflop(unet, batch: int, width: int, height: int, guidance: float, 
     latent = (rows, unet.config.in_channels, height // 8, width // 8)
     args = (torch.zeros(latent, device=device, dtype=dtype), torch.tensor(500, device=device),
             torch.zeros((rows, text, width_text), device=device, dtype=dtype))
+    kwargs = {}
+    c = unet.config
+    if c.addition_embed_type == "text_time":  # SDXL's added conditions: `pooled` embeddings and time ids
+        ids = (int(c.projection_class_embeddings_input_dim) - pooled) // int(c.addition_time_embed_dim)
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros((rows, pooled), device=device, dtype=dtype),
+                                       "time_ids": torch.zeros((rows, ids), device=device, dtype=dtype)}
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        unet(*args)
+        unet(*args, **kwargs)
     return counter.get_total_flops() / 1e9
 
 
@@ -165,17 +184,19 @@ class TorchEngine:
 
         from ..models import resolve_checkpoint
 
+        checkpoint = resolve_checkpoint(model)
+        # SDXL's pipelines have no safety checker to switch off
+        extra = {} if sdxl_checkpoint(checkpoint) else {"safety_checker": None, "requires_safety_checker": False}
+
         self.device = "cuda" if torch.cuda.is_available() and provider != "cpu" else "cpu"
         dtype = torch.float16 if self.device == "cuda" else torch.float32
         with warnings.catch_warnings():  # current diffusers renamed `torch_dtype` to `dtype`; older ones take only the former
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = pipeline_class.from_pretrained(str(resolve_checkpoint(model)), torch_dtype=dtype,
-                                                           safety_checker=None, requires_safety_checker=False)
+            pipe = pipeline_class.from_pretrained(str(checkpoint), torch_dtype=dtype, **extra)
         if tiny_decoder:
             from ..export.presets import TINY_DECODER_DIR
 
-            pipe.vae = diffusers.AutoencoderTiny.from_pretrained(str(resolve_checkpoint(model) / TINY_DECODER_DIR),
-                                                                 torch_dtype=dtype)
+            pipe.vae = diffusers.AutoencoderTiny.from_pretrained(str(checkpoint / TINY_DECODER_DIR), torch_dtype=dtype)
             self.name = "torch-tiny"
         pipe = pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
@@ -192,8 +213,11 @@ class TorchEngine:
         key = (batch, width, height, guidance > 1)
         if key not in self.flops:  # counted once per setting, outside the timed run
             unet = self.pipe.unet  # its timing wrapper's record is cleared when the timed run starts
-            self.flops[key] = unet_step_gflop(unet, batch, width, height, guidance, self.pipe.tokenizer.model_max_length,
-                                              unet.config.cross_attention_dim, self.device, unet.dtype)
+            tokenizer = self.pipe.tokenizer or self.pipe.tokenizer_2
+            self.flops[key] = unet_step_gflop(unet, batch, width, height, guidance, tokenizer.model_max_length,
+                                              unet.config.cross_attention_dim, self.device, unet.dtype,
+                                              getattr(getattr(self.pipe, "text_encoder_2", None), "config", None)
+                                              and self.pipe.text_encoder_2.config.projection_dim)
         generators = [self.torch.Generator(self.device).manual_seed(i) for i in range(batch)]
         sync = self.torch.cuda.synchronize if self.device == "cuda" else None
         # img2img takes its size from the image (its __call__ has no width/height)
@@ -212,11 +236,13 @@ class OptimumEngine:
     def __init__(self, model: str, provider: str | None, scheduler: str | None = None, task: str = "text-to-image"):
         if Task(task) is not Task.TEXT_TO_IMAGE:
             raise ValueError(f"the bench runs Optimum for text-to-image only, not {task}")
-        from optimum.onnxruntime import ORTStableDiffusionPipeline
+        import optimum.onnxruntime
 
         from ..models import cache_dir, resolve_checkpoint
 
         checkpoint = resolve_checkpoint(model)
+        ORTStableDiffusionPipeline = getattr(optimum.onnxruntime, "ORTStableDiffusionXLPipeline"  # noqa: N806
+                                             if sdxl_checkpoint(checkpoint) else "ORTStableDiffusionPipeline")
         exported = cache_dir() / "optimum" / checkpoint.name
         if not (exported / "model_index.json").is_file():
             pipe = ORTStableDiffusionPipeline.from_pretrained(str(checkpoint), export=True)

@@ -20,6 +20,7 @@ from ..runtime.errors import ExportError
 from ..runtime.manifest import (
     FORMAT_VERSION,
     TEXT_ENCODER,
+    TEXT_ENCODER_2,
     TOKENIZER_NAME,
     UNET,
     VAE_DECODER,
@@ -172,7 +173,12 @@ def _to_fp16(spec: ComponentSpec, module: torch.nn.Module, files: list[Path], op
 
 def pipeline_components(ckpt: Checkpoint) -> list[tuple[ComponentSpec, torch.nn.Module]]:
     """The networks of a Stable Diffusion pipeline, with their specs: the three of text-to-image,
-    and the VAE's encoder, which image inputs need (img2img, inpainting, variations)."""
+    and the VAE's encoder, which image inputs need (img2img, inpainting, variations). SDXL's are
+    in export/sdxl.py."""
+    if ckpt.is_sdxl:
+        from . import sdxl
+
+        return sdxl.pipeline_components(ckpt)
     max_length = int(ckpt.tokenizer.model_max_length)
     latent = int(ckpt.unet.config.sample_size)
     components = [
@@ -190,15 +196,16 @@ def pipeline_constants(ckpt: Checkpoint, options: ExportOptions, unet: Component
     vae_scale = 2 ** (len(ckpt.vae.config.block_out_channels) - 1)
     size = int(ckpt.unet.config.sample_size) * vae_scale
     steps, guidance = family_defaults(ckpt)
-    return PipelineConstants(
+    tokenizer = ckpt.tokenizer or ckpt.tokenizer_2  # an SDXL refiner has only the second
+    constants = PipelineConstants(
         family=FAMILIES.get(ckpt.pipeline_class, "stable-diffusion"),
         prediction_type=str(ckpt.scheduler_config.get("prediction_type", "epsilon")),
         latent_channels=int(ckpt.vae.config.latent_channels),
         vae_scaling_factor=float(ckpt.vae.config.scaling_factor),
         vae_shift_factor=getattr(ckpt.vae.config, "shift_factor", None),
         vae_scale_factor=vae_scale,
-        tokenizer_max_length=int(ckpt.tokenizer.model_max_length),
-        pad_token_id=int(ckpt.tokenizer.pad_token_id),
+        tokenizer_max_length=int(tokenizer.model_max_length),
+        pad_token_id=int(tokenizer.pad_token_id),
         default_width=size,
         default_height=size,
         scheduler_class=ckpt.scheduler_class,
@@ -206,8 +213,13 @@ def pipeline_constants(ckpt: Checkpoint, options: ExportOptions, unet: Component
         default_scheduler=default_scheduler_for(ckpt.scheduler_class).value,
         default_steps=options.default_steps if options.default_steps is not None else steps,
         default_guidance=options.default_guidance if options.default_guidance is not None else guidance,
-        unet_feeds={i.name: UNET_FEEDS[i.name] for i in unet.inputs},
+        unet_feeds={i.name: UNET_FEEDS.get(i.name, "") for i in unet.inputs},
     )
+    if ckpt.is_sdxl:
+        from . import sdxl
+
+        return sdxl.pipeline_constants(ckpt, constants)
+    return constants
 
 
 #: The manifest's `family` by the checkpoint's pipeline class (Stable Diffusion's otherwise).
@@ -239,10 +251,11 @@ TOKENIZER_PROBES = (
 def write_tokenizer(ckpt: Checkpoint, bundle_dir: Path) -> None:
     """Save tokenizer.json and check it tokenizes exactly as the checkpoint's transformers tokenizer."""
     path = bundle_dir / TOKENIZER_NAME
-    ckpt.tokenizer.backend_tokenizer.save(str(path))
-    constants_len, pad = int(ckpt.tokenizer.model_max_length), int(ckpt.tokenizer.pad_token_id)
+    tokenizer = ckpt.tokenizer or ckpt.tokenizer_2  # an SDXL refiner: its one tokenizer is also tokenizer.json
+    tokenizer.backend_tokenizer.save(str(path))
+    constants_len, pad = int(tokenizer.model_max_length), int(tokenizer.pad_token_id)
     ours = PromptTokenizer(path, constants_len, pad)(list(TOKENIZER_PROBES), warn_truncation=False)
-    ref = ckpt.tokenizer(
+    ref = tokenizer(
         list(TOKENIZER_PROBES), padding="max_length", max_length=constants_len, truncation=True, return_tensors="np"
     ).input_ids
     if ours.shape != ref.shape or (ours != ref).any():
@@ -296,6 +309,8 @@ def export_checkpoint(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     say(f"loading checkpoint {checkpoint_dir}")
     ckpt = load_checkpoint(checkpoint_dir)
+    if ckpt.is_sdxl and options.precision is Precision.INT8:
+        raise ExportError("precision int8: calibration runs diffusers' SD pipeline; SDXL exports fp32 or fp16")
     with staged(out_dir) as tmp:
         components = {}
         specs = pipeline_components(ckpt)
@@ -305,7 +320,8 @@ def export_checkpoint(
             feeds = unet_calibration_feeds(ckpt, options.calibration)
         for n, (spec, module) in enumerate(specs, 1):
             say(f"[{n}/{len(specs)}] {spec.name}: exporting and checking parity")
-            components[spec.name] = export_component(spec, module, tmp, options, feeds if spec.name == UNET else None)
+            components[spec.name] = export_component(spec, module, tmp, _component_options(ckpt, spec.name, options),
+                                                     feeds if spec.name == UNET else None)
             worst = max(r.rel_l2_error for r in components[spec.name].parity)
             say(f"[{n}/{len(specs)}] {spec.name}: done, worst relative L2 error {worst:.2e}")
             if spec.name == VAE_DECODER and components[spec.name].precision is Precision.FP16:
@@ -319,18 +335,32 @@ def export_checkpoint(
             components[VAE_DECODER_TINY] = _tiny_decoder(options.tiny_decoder, ckpt, tmp, options)
         write_tokenizer(ckpt, tmp)
         extra = {TINY_DECODER_SOURCE: str(Path(options.tiny_decoder).resolve())} if options.tiny_decoder else {}
+        tokenizers = {}
+        if ckpt.is_sdxl and ckpt.text_encoder is not None:  # the refiner's one tokenizer is tokenizer.json
+            from .sdxl import write_tokenizer_2
+
+            tokenizers[TEXT_ENCODER_2] = file_record(tmp, write_tokenizer_2(ckpt, tmp, TOKENIZER_PROBES))
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             created_by=_versions(),
             source=SourceInfo(checkpoint=str(Path(checkpoint_dir).resolve()), weights_sha256=ckpt.weights_sha256),
             pipeline=pipeline_constants(ckpt, options, components[UNET]),
-            components={k: components[k] for k in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_DECODER_FP32, VAE_ENCODER,
-                                                   VAE_DECODER_TINY) if k in components},
+            components={k: components[k] for k in (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_DECODER_FP32,
+                                                   VAE_ENCODER, VAE_DECODER_TINY) if k in components},
             tokenizer=file_record(tmp, tmp / TOKENIZER_NAME),
             extra=extra,
+            tokenizers=tokenizers,
         )
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _component_options(ckpt: Checkpoint, name: str, options: ExportOptions) -> ExportOptions:
+    """SDXL's VAE overflows fp16 (the well-known black image): where its config says `force_upcast`,
+    as diffusers upcasts it, its halves stay fp32 in an fp16 export (the UNet and encoders are fp16)."""
+    if ckpt.is_sdxl and name in (VAE_DECODER, VAE_ENCODER) and getattr(ckpt.vae.config, "force_upcast", False):
+        return replace(options, precision=Precision.FP32)
+    return options
 
 
 def add_image_encoder(checkpoint_dir: Path | str, bundle_dir: Path | str, options: ExportOptions = ExportOptions(),

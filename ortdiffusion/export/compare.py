@@ -161,12 +161,37 @@ def compare_components(ckpt, bundle_dir: Path, manifest, tol: Tolerances, seed: 
     return lines
 
 
+def _class_name(ckpt_dir: Path) -> str:
+    return json.loads((Path(ckpt_dir) / "model_index.json").read_text(encoding="utf-8"))["_class_name"]
+
+
+def reference_pipeline(ckpt_dir: Path, task: str = "text-to-image"):
+    """diffusers' own pipeline of the checkpoint's family for `task` (text-to-image, image-to-image,
+    inpainting), fp32, or None where diffusers has none (an SDXL refiner does image-to-image only)."""
+    import diffusers
+
+    sdxl = _class_name(ckpt_dir).startswith("StableDiffusionXL")
+    # text-to-image: the checkpoint's own pipeline class (StableDiffusionPipeline,
+    # LatentConsistencyModelPipeline, LDMTextToImagePipeline, …), as model_index.json names it
+    names = {"text-to-image": "DiffusionPipeline", "image-to-image": "StableDiffusionImg2ImgPipeline",
+             "inpainting": "StableDiffusionInpaintPipeline"}
+    if sdxl:
+        if task == "text-to-image" and _class_name(ckpt_dir) != "StableDiffusionXLPipeline":
+            return None
+        names = {"text-to-image": "StableDiffusionXLPipeline", "image-to-image": "StableDiffusionXLImg2ImgPipeline",
+                 "inpainting": "StableDiffusionXLInpaintPipeline"}
+    no_safety = not sdxl and _class_name(ckpt_dir) != "LDMTextToImagePipeline"
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if no_safety else {}
+    ref = getattr(diffusers, names[task]).from_pretrained(str(ckpt_dir), **kwargs)
+    ref.to(torch.float32)  # positional: every diffusers version takes it (the keyword was renamed)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
 def compare_end_to_end(ckpt_dir: Path, bundle_dir: Path, prompt: str, steps: int, guidance: float,
                        scheduler: str, seed: int, tol: Tolerances,
                        provider: str = "cpu") -> tuple[list[Line], list[dict], np.ndarray, np.ndarray]:
     import inspect
-
-    from diffusers import DiffusionPipeline
 
     from ..runtime.pipeline import Pipeline
     from .reference import ancestral_noise_from_seeds, reference_scheduler
@@ -182,15 +207,7 @@ def compare_end_to_end(ckpt_dir: Path, bundle_dir: Path, prompt: str, steps: int
     # fp32 whatever dtype the weights were saved in: a checkpoint saved in fp16 (the built-in one)
     # otherwise loads its text encoder in fp16 (transformers 5 keeps the saved dtype) beside an fp32
     # UNet, and the first cross-attention fails with "c10::Half != float".
-    # the checkpoint's own pipeline class (StableDiffusionPipeline, LatentConsistencyModelPipeline,
-    # LDMTextToImagePipeline, …), as model_index.json names it
-    kwargs = {"safety_checker": None, "requires_safety_checker": False}
-    index = json.loads((Path(ckpt_dir) / "model_index.json").read_text(encoding="utf-8"))
-    if index.get("_class_name") == "LDMTextToImagePipeline":
-        kwargs = {}
-    ref = DiffusionPipeline.from_pretrained(str(ckpt_dir), **kwargs)
-    ref.to(torch.float32)  # positional: every diffusers version takes it (the keyword was renamed)
-    ref.set_progress_bar_config(disable=True)
+    ref = reference_pipeline(ckpt_dir)
     ref.scheduler = reference_scheduler(scheduler, ref.scheduler.config)
     ref_steps: list[np.ndarray] = []
 
@@ -224,8 +241,6 @@ def compare_image_tasks(ckpt_dir: Path, bundle_dir: Path, image: np.ndarray, pro
     """Image-to-image (strength 0.6) and inpainting (the left half, strength 1) of `image` against
     diffusers' `StableDiffusionImg2ImgPipeline` and `StableDiffusionInpaintPipeline`, the same noise
     fed to both (`ancestral_noise_from_seeds`)."""
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
-
     from ..runtime.pipeline import Pipeline
     from .reference import ancestral_noise_from_seeds, reference_scheduler
 
@@ -233,18 +248,18 @@ def compare_image_tasks(ckpt_dir: Path, bundle_dir: Path, image: np.ndarray, pro
     source = Image.fromarray(image)
     mask = np.zeros(image.shape[:2], np.uint8)
     mask[:, : image.shape[1] // 2] = 255
-    inpaint = ("inpainting", StableDiffusionInpaintPipeline, "inpaint",
-               {"image": source, "mask_image": Image.fromarray(mask), "strength": 1.0})
-    img2img = ("image-to-image", StableDiffusionImg2ImgPipeline, "img2img", {"image": source, "strength": 0.6})
-    # an inpainting UNet does inpainting only; any other UNet both
+    inpaint = ("inpainting", "inpaint", {"image": source, "mask_image": Image.fromarray(mask), "strength": 1.0})
+    img2img = ("image-to-image", "img2img", {"image": source, "strength": 0.6})
+    # an inpainting UNet does inpainting only; any other UNet both; SDXL: image-to-image (its own pipeline)
     tasks = [inpaint] if "inpaint_condition" in ours.manifest.unet_feeds() else [img2img, inpaint]
+    if ours.manifest.pipeline.family.startswith("stable-diffusion-xl"):
+        tasks = [("image-to-image", "sdxl_img2img", img2img[2]), ("inpainting", "sdxl_inpaint", inpaint[2])]
     lines = []
-    for task, cls, where, kwargs in tasks:
+    for task, where, kwargs in tasks:
         got = np.asarray(ours(prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance,
                               scheduler=scheduler, **kwargs).images[0])
-        ref = cls.from_pretrained(str(ckpt_dir), safety_checker=None, requires_safety_checker=False)
-        ref.to(torch.float32)
-        ref.set_progress_bar_config(disable=True)
+        ref = reference_pipeline(ckpt_dir, task)
+        cls = type(ref)
         ref.scheduler = reference_scheduler(scheduler, ref.scheduler.config)
         with ancestral_noise_from_seeds([seed], where=("ancestral", "vae", where)):
             want = np.asarray(ref(prompt, num_inference_steps=steps, guidance_scale=guidance, **kwargs).images[0])
@@ -253,6 +268,14 @@ def compare_image_tasks(ckpt_dir: Path, bundle_dir: Path, image: np.ndarray, pro
                           figures["psnr_db"] >= tol.min_psnr_db and figures["ssim"] >= tol.min_ssim,
                           f"PSNR ≥ {tol.min_psnr_db:g} dB, SSIM ≥ {tol.min_ssim:g}"))
     return lines
+
+
+def _test_picture(height: int, width: int) -> np.ndarray:
+    """A gradient with a disc: structure for an image encoder and decoder to get right."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.stack([x / width * 255, y / height * 255, np.full_like(x, 90.0)], axis=-1)
+    image[(x - width / 3) ** 2 + (y - height / 3) ** 2 < (min(height, width) / 5) ** 2] = (230, 30, 30)
+    return image.astype(np.uint8)
 
 
 def side_by_side(a: np.ndarray, b: np.ndarray, path: Path, amplify: float = 10.0) -> None:
@@ -281,14 +304,18 @@ def compare(checkpoint: Path | str, bundle: Path | str, prompt: str = "a red cir
     report = CompareReport(str(checkpoint), str(bundle), precision.value)
     provider = provider or default_provider(manifest)
     report.lines += compare_components(ckpt, bundle, manifest, tol, seed=7000 + seed, provider=provider)
-    lines, divergence, a, b = compare_end_to_end(
-        checkpoint, bundle, prompt, steps, guidance, scheduler or manifest.pipeline.default_scheduler, seed, tol,
-        provider)
-    report.lines += lines
-    report.latent_divergence = divergence
+    if _class_name(checkpoint) != "StableDiffusionXLImg2ImgPipeline":
+        lines, divergence, a, b = compare_end_to_end(
+            checkpoint, bundle, prompt, steps, guidance, scheduler or manifest.pipeline.default_scheduler, seed, tol,
+            provider)
+        report.lines += lines
+        report.latent_divergence = divergence
+    else:  # an SDXL refiner: image-to-image only, on a picture of its own
+        c = manifest.pipeline
+        a = b = _test_picture(c.default_height, c.default_width)
     # the image tasks, on diffusers' own image as the input, where diffusers has the Stable Diffusion
-    # family's img2img and inpainting pipelines to judge them by
-    if "vae_encoder" in manifest.components and manifest.pipeline.family == "stable-diffusion":
+    # family's (or SDXL's) img2img and inpainting pipelines to judge them by
+    if "vae_encoder" in manifest.components and manifest.pipeline.family.startswith("stable-diffusion"):
         report.lines += compare_image_tasks(checkpoint, bundle, a, prompt, steps, guidance,
                                             scheduler or manifest.pipeline.default_scheduler, seed, tol, provider)
     if image_path is not None:

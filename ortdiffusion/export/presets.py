@@ -24,7 +24,7 @@ class Preset:
     """The configs of one checkpoint; each dict is what diffusers/transformers `from_config` takes."""
 
     name: str
-    text_encoder: dict[str, Any]
+    text_encoder: dict[str, Any] | None  # None: an SDXL refiner (text_encoder_2 only)
     unet: dict[str, Any]
     vae: dict[str, Any]
     scheduler: dict[str, Any]
@@ -32,8 +32,13 @@ class Preset:
     tokenizer_max_length: int = 77
     pad_token: str = EOS
     vocab_words: tuple[str, ...] = field(default_factory=tuple)
+    #: SDXL (export/sdxl.py): the second text encoder (CLIPTextModelWithProjection), its tokenizer's
+    #: pad token (SDXL's second tokenizer pads with "!"), diffusers' pipeline class and its config.
+    text_encoder_2: dict[str, Any] | None = None
+    pad_token_2: str = "!"
     #: model_index.json's `_class_name`: the diffusers pipeline that loads the checkpoint.
     pipeline_class: str = "StableDiffusionPipeline"
+    pipeline_config: dict[str, Any] = field(default_factory=dict)
     #: An AutoencoderTiny config: the checkpoint carries a random-weight tiny decoder in
     #: `TINY_DECODER_DIR` (beside the diffusers components, which loaders ignore), added at export.
     tiny_decoder: dict[str, Any] | None = None
@@ -191,8 +196,74 @@ TINY_LDM = replace(
          "block_out_channels": [16, 16, 32, 32]},
 )
 
+# -- SDXL: two text encoders, the UNet's added conditions (text_embeds, time_ids), the refiner --------
+
+#: SDXL's published scheduler config (EulerDiscreteScheduler, "leading" spacing).
+_SDXL_SCHEDULER = {**_SD_SCHEDULER, "timestep_spacing": "leading", "interpolation_type": "linear",
+                   "use_karras_sigmas": False, "prediction_type": "epsilon"}
+_SDXL_UNET = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280], "layers_per_block": 2, "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048, "use_linear_projection": True,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # 6 time ids × 256 + the pooled 1280
+}
+_SDXL_BASE_CONFIG = {"force_zeros_for_empty_prompt": True}
+_SDXL_REFINER_CONFIG = {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True}
+
+SDXL = Preset(
+    name="sdxl-arch",
+    text_encoder={**_clip_text_config(768, 12, 12, 3072, "quick_gelu"), "projection_dim": 768},
+    text_encoder_2={**_clip_text_config(1280, 32, 20, 5120, "gelu"), "projection_dim": 1280},
+    unet=_SDXL_UNET,
+    vae={**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+    scheduler=_SDXL_SCHEDULER,
+    scheduler_class="EulerDiscreteScheduler",
+    pipeline_class="StableDiffusionXLPipeline",
+    pipeline_config=_SDXL_BASE_CONFIG,
+    tiny_decoder=TAESD,  # TAESDXL has TAESD's architecture
+)
+
+#: SDXL-Turbo's published configs (stabilityai/sdxl-turbo: SDXL base's architecture at 512×512,
+#: Euler on trailing timesteps; "turbo" in the name gives 1 step at guidance 0), for timing.
+SDXL_TURBO = replace(SDXL, name="sdxl-turbo-arch", unet={**_SDXL_UNET, "sample_size": 64},
+                     vae={**SDXL.vae, "sample_size": 512}, scheduler=_TURBO_SCHEDULER)
+
+#: The tiny SDXL of diffusers' own SDXL tests: two 32-wide CLIPs (hidden states concatenated: 64),
+#: a 2-block UNet with the "text_time" added conditions (6 time ids × 8 + the pooled 32 = 80).
+TINY_SDXL = Preset(
+    name="tiny-sdxl",
+    text_encoder={**TINY.text_encoder, "intermediate_size": 37},
+    text_encoder_2={**TINY.text_encoder, "intermediate_size": 37, "hidden_act": "gelu"},
+    unet={
+        "sample_size": 16, "in_channels": 4, "out_channels": 4,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [32, 64], "layers_per_block": 1, "transformer_layers_per_block": [1, 2],
+        "attention_head_dim": [2, 4], "cross_attention_dim": 64, "use_linear_projection": True,
+        "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 80, "norm_num_groups": 32,
+    },
+    vae={**TINY.vae, "scaling_factor": 0.13025, "force_upcast": True},
+    scheduler=_SDXL_SCHEDULER,
+    scheduler_class="EulerDiscreteScheduler",
+    vocab_words=TINY.vocab_words,
+    pipeline_class="StableDiffusionXLPipeline",
+    pipeline_config=_SDXL_BASE_CONFIG,
+)
+
+#: The tiny SDXL refiner: text_encoder_2 only (its hidden states alone: 32), 5 time ids (original
+#: size, crop, aesthetic score) × 8 + the pooled 32 = 72.
+TINY_SDXL_REFINER = replace(
+    TINY_SDXL, name="tiny-sdxl-refiner", text_encoder=None,
+    unet={**TINY_SDXL.unet, "cross_attention_dim": 32, "projection_class_embeddings_input_dim": 72},
+    pipeline_class="StableDiffusionXLImg2ImgPipeline", pipeline_config=_SDXL_REFINER_CONFIG,
+)
+
 PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, TINY_INPAINT, TINY_LCM, TINY_TURBO, TINY_LDM, SD15, SD21,
-                                                  SD_TURBO)}
+                                                  SD_TURBO, SDXL, SDXL_TURBO, TINY_SDXL, TINY_SDXL_REFINER)}
 
 
 def write_clip_tokenizer(out_dir: Path, words: Iterable[str] = (), max_length: int = 77, pad_token: str = EOS) -> None:
@@ -305,6 +376,10 @@ def build_checkpoint(preset: Preset | str, out_dir: Path | str, seed: int = 0) -
 
     preset = PRESETS[preset] if isinstance(preset, str) else preset
     out = Path(out_dir)
+    if preset.text_encoder_2 is not None:
+        from .sdxl import build_sdxl_checkpoint
+
+        return build_sdxl_checkpoint(preset, out, seed)
     torch.manual_seed(seed)
     if preset.pipeline_class == "LDMTextToImagePipeline":
         return _build_ldm_checkpoint(preset, out)

@@ -42,6 +42,9 @@ NOISE_MODULES = {
     "vae": "diffusers.models.autoencoders.vae",
     "img2img": "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img",
     "inpaint": "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint",
+    "sdxl": "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
+    "sdxl_img2img": "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img",
+    "sdxl_inpaint": "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint",
 }
 
 

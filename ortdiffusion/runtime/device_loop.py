@@ -156,9 +156,17 @@ class DeviceLoop:
                                      for name, (c, output) in text_feeds.items() if c == component})
                 continue
             wanted = {output: fixed.get(name) for name, (c, output) in text_feeds.items() if c == component}
+            if plan.zero_uncond:  # SDXL's zero negative embeddings: once to the host, zeroed, and back
+                wanted = dict.fromkeys(wanted)
             outputs = self.sessions[component].run_bound({n: self._send(a, trace) for n, a in feeds.items()},
                                                          wanted, self.device, release_memory=True)
-            conditioning.update({name: outputs[output] for name, (c, output) in text_feeds.items() if c == component})
+            for name, (c, output) in text_feeds.items():
+                if c == component and plan.zero_uncond:
+                    array = self._read(outputs[output], trace).copy()
+                    array[:plan.images] = 0
+                    conditioning[name] = put(name, array)
+                elif c == component:
+                    conditioning[name] = outputs[output]
         trace.lap(Stage.TEXT_ENCODER)
         # 2. the loop's state and its tables, sent once
         latents = plan.latents
@@ -204,6 +212,8 @@ class DeviceLoop:
         if bad[0] > 0:
             raise NumericalError(f"unet: {int(bad[0])} latent values became non-finite (NaN/Inf) during the "
                                  f"{steps} denoising steps")
+        if not plan.decode:  # output_type="latent": the latents as the UNet sees them
+            return self._read(out["next_sample"], trace)
         last = self.step_graphs[(plan.guided, False, False)]  # the decoder's row is never blended nor rescaled
         state = {k: v for k, v in state.items() if k not in ("blend_mask", "known_table")}
         decoder_input = run_bound(last, {"prediction": prediction, **state}, graph_outputs, self.device)["next_sample"]

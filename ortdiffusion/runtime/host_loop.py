@@ -42,6 +42,9 @@ class HostLoop:
         conditioning = dict(plan.conditioning)
         for name, (component, output) in plan.text_feeds().items():
             conditioning[name] = encoded[component][output].astype(np.float32, copy=False)
+            if plan.zero_uncond:  # SDXL's force_zeros_for_empty_prompt: zero negative embeddings
+                conditioning[name] = np.concatenate([np.zeros_like(conditioning[name][:plan.images]),
+                                                     conditioning[name][plan.images:]])
         trace.lap(Stage.TEXT_ENCODER)
 
         # 2. denoising loop: UNet step → guidance → scheduler step
@@ -69,6 +72,8 @@ class HostLoop:
             if callback is not None:
                 callback(i, steps, latents)
 
+        if not plan.decode:  # output_type="latent": the latents as the UNet sees them
+            return latents
         # 3. image decoder: undo the VAE's latent scaling, decode to pixels in [-1, 1]
         latents = latents / np.float32(plan.vae_scaling_factor)
         if plan.vae_shift_factor is not None:

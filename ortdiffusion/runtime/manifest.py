@@ -22,6 +22,8 @@ from .errors import BundleError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
+#: SDXL's second text encoder and its tokenizer (the refiner has only these).
+TEXT_ENCODER_2, TOKENIZER_2_NAME = "text_encoder_2", "tokenizer_2.json"
 
 TEXT_ENCODER, UNET, VAE_DECODER = "text_encoder", "unet", "vae_decoder"
 PIPELINE_COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)
@@ -43,8 +45,10 @@ DECODERS = {"full": VAE_DECODER, "tiny": VAE_DECODER_TINY}
 # `timestep_cond`, guidance distilled into the UNet, so no classifier-free guidance batch).
 FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST, FEED_INPAINT = "latents", "timestep", "request", "inpaint"
 FEED_GUIDANCE = "guidance_embedding"
+#: SDXL's `time_ids`: the plan's, per row, from the request's sizes (and aesthetic scores).
+FEED_TIME_IDS = "time_ids"
 #: The sources that are not a text encoder's output.
-SPECIAL_FEEDS = (FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST, FEED_INPAINT, FEED_GUIDANCE)
+SPECIAL_FEEDS = (FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST, FEED_INPAINT, FEED_GUIDANCE, FEED_TIME_IDS)
 
 
 class Task(str, Enum):
@@ -156,6 +160,17 @@ class PipelineConstants:
     #: weights per latent channel, then the bias row; on the loop's (scaled) latents. Optional:
     #: without it the runtime uses the known map of SD's VAEs or fits one against the decoder.
     latent_rgb: list[list[float]] | None = None
+    #: Text encoder component → the prompt argument that feeds it ("prompt" or "prompt_2", diffusers'
+    #: names). Empty: {"text_encoder": "prompt"} (SD 1/2). SDXL: both; its refiner: text_encoder_2 ← prompt.
+    text_encoders: dict[str, str] = field(default_factory=dict)
+    #: Per text encoder, its tokenizer's pad id where it is not `pad_token_id` (SDXL's second pads with "!").
+    pad_token_ids: dict[str, int] = field(default_factory=dict)
+    #: diffusers' SDXL config: no negative prompt → zero negative embeddings (not the empty prompt's).
+    force_zeros_for_empty_prompt: bool = False
+    #: diffusers' SDXL refiner config: time_ids are (original size, crop, aesthetic score).
+    requires_aesthetics_score: bool = False
+    #: Image-to-image's strength when a call names none (diffusers: SD 0.8, SDXL 0.3); None: 0.8.
+    default_strength: float | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +188,17 @@ class Manifest:
     components: dict[str, ComponentManifest]
     tokenizer: FileRecord
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Text encoder → its tokenizer file, where it is not `tokenizer` (SDXL's text_encoder_2).
+    tokenizers: dict[str, FileRecord] = field(default_factory=dict)
+
+    def prompt_sources(self) -> dict[str, str]:
+        """Text encoder component → the prompt argument it reads (`PipelineConstants.text_encoders`)."""
+        return dict(self.pipeline.text_encoders) or {TEXT_ENCODER: "prompt"}
+
+    def tokenizer_of(self, component: str) -> tuple[FileRecord, int]:
+        """(tokenizer file, pad id) of a text encoder."""
+        return (self.tokenizers.get(component, self.tokenizer),
+                self.pipeline.pad_token_ids.get(component, self.pipeline.pad_token_id))
 
     @property
     def bundle_sha256(self) -> str:
@@ -182,6 +208,8 @@ class Manifest:
             for f in self.components[name].files:
                 h.update(f"{f.path}:{f.sha256}\n".encode())
         h.update(f"{self.tokenizer.path}:{self.tokenizer.sha256}\n".encode())
+        for f in self.tokenizers.values():
+            h.update(f"{f.path}:{f.sha256}\n".encode())
         return h.hexdigest()
 
     def unet_feeds(self) -> dict[str, str]:
@@ -246,7 +274,8 @@ def load_manifest(bundle_dir: Path | str) -> Manifest:
         manifest = _from_plain(Manifest, data)
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(str(path), f"malformed manifest: {e}") from None
-    missing = [c for c in PIPELINE_COMPONENTS if c not in manifest.components]
+    required = [c for c in PIPELINE_COMPONENTS if c != TEXT_ENCODER] + list(manifest.prompt_sources())
+    missing = [c for c in required if c not in manifest.components]
     if missing:
         raise BundleError(str(path), f"no entry for component(s) {', '.join(missing)}")
     _check_unet_feeds(str(path), manifest)
@@ -275,7 +304,8 @@ def _check_unet_feeds(path: str, manifest: Manifest) -> None:
 def verify_files(bundle_dir: Path | str, manifest: Manifest) -> None:
     """Every file the manifest names exists with the recorded size and sha256; else `BundleError`."""
     bundle_dir = Path(bundle_dir)
-    records = [f for c in manifest.components.values() for f in c.files] + [manifest.tokenizer]
+    records = [f for c in manifest.components.values() for f in c.files] + [manifest.tokenizer,
+                                                                            *manifest.tokenizers.values()]
     for record in records:
         path = bundle_dir / record.path
         if not path.is_file():
@@ -326,6 +356,8 @@ def _convert(cls: type, name: str, value: Any) -> Any:
     }
     if (cls, name) in nested:
         return _from_plain(nested[(cls, name)], value)
+    if (cls, name) == (Manifest, "tokenizers"):
+        return {k: _from_plain(FileRecord, v) for k, v in value.items()}
     if (cls, name) == (Manifest, "components"):
         return {k: _from_plain(ComponentManifest, v) for k, v in value.items()}
     if cls is ComponentManifest:

@@ -32,7 +32,6 @@ from .graph_cache import GraphCache
 from .host_loop import HostLoop
 from .image_input import ImageSource
 from .manifest import (
-    TEXT_ENCODER,
     UNET,
     VAE_DECODER,
     VAE_DECODER_FP32,
@@ -47,7 +46,7 @@ from .plan import Executor, ImageLatents, StepCallback, build_plan
 from .preview import Previewer
 from .png import encode_pngs, write_atomically
 from .providers import ComponentSettings, CudaOptions, ProviderKind, ProviderPreference, default_preference
-from .request import MAX_PROMPT_CHUNKS, GenerationRequest, make_request
+from .request import DEFAULT_STRENGTH_IMAGE, MAX_PROMPT_CHUNKS, GenerationRequest, make_request
 from .schedulers import SchedulerName
 from .session import Session
 from .tokenizer import PromptTokenizer
@@ -67,6 +66,8 @@ class PipelineResult:
     metadata: list[dict[str, str]]
     #: Arrays that crossed between host and device (trace.Transfers).
     transfers: Transfers = field(default_factory=Transfers)
+    #: output_type="latent": the final latents (images, C, h, w) as the UNet sees them, and no images.
+    latents: np.ndarray | None = None
 
     def save(self, path: Path | str) -> list[Path]:
         """Save as PNG with parameters; several images get `-0`, `-1`, … before the suffix."""
@@ -89,7 +90,14 @@ class Pipeline:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         c = manifest.pipeline
-        self.tokenizer = PromptTokenizer(bundle_dir / manifest.tokenizer.path, c.tokenizer_max_length, c.pad_token_id)
+        #: one tokenizer per text encoder (SDXL: two; its second pads with another token)
+        self.tokenizers = {
+            component: PromptTokenizer(bundle_dir / record.path, c.tokenizer_max_length, pad)
+            for component, (record, pad) in ((n, manifest.tokenizer_of(n)) for n in manifest.prompt_sources())
+        }
+        self.tokenizer = next(iter(self.tokenizers.values()))
+        #: diffusers' ensemble of experts: the SDXL refiner this base hands its latents to (`load(refiner=)`)
+        self.refiner: Pipeline | None = None
         self.model_hash = manifest.bundle_sha256
         self.component_settings = dict(component_settings or {})
         #: one session per component (the fp32 decoder is loaded only if the NaN guard needs it)
@@ -185,6 +193,7 @@ class Pipeline:
         cuda_graphs: Sequence[tuple[int, int, int]] = (),
         max_cuda_graphs: int = 2,
         component_settings: Mapping[str, ComponentSettings | Mapping] | None = None,
+        refiner: Path | str | Pipeline | None = None,
     ) -> Pipeline:
         """Load a bundle directory; `providers` is an ordered preference ("cuda,cpu"), None to choose.
         `io_binding`: keep the denoising loop on the device (device_loop.py); None: where the UNet
@@ -193,7 +202,9 @@ class Pipeline:
         `component_settings`: per component ("text_encoder", "unet", "vae_decoder") session settings
         over the preference's — CPU arena on or off, the CUDA arena's extend strategy and memory
         limit (providers.ComponentSettings, or a mapping of its fields). `path` is a bundle directory
-        or a model name (`builtin`, a cached preset or checkpoint: ortdiffusion.models.find_bundle)."""
+        or a model name (`builtin`, a cached preset or checkpoint: ortdiffusion.models.find_bundle).
+        `refiner`: an SDXL refiner (a bundle, model name or loaded Pipeline) that every call of this
+        one hands its latents to: diffusers' ensemble of experts (see `__call__`)."""
         from ..models import find_bundle  # lazily: models imports the runtime; torch-free
 
         path = find_bundle(path)
@@ -216,6 +227,14 @@ class Pipeline:
             settings[name] = ComponentSettings.parse(value, f"component_settings.{name}")
         pipe = cls(path, manifest, preference, intra_op_threads, io_binding, cuda_graphs, max_cuda_graphs, settings)
         logger.info("loaded %s on %s", path, pipe.providers)
+        if refiner is not None:
+            pipe.refiner = refiner if isinstance(refiner, Pipeline) else cls.load(
+                refiner, providers, allow_fallback, intra_op_threads, io_binding)
+            a, b = manifest.pipeline, pipe.refiner.manifest.pipeline
+            if (a.latent_channels, a.vae_scale_factor) != (b.latent_channels, b.vae_scale_factor):
+                raise BundleError(str(pipe.refiner.bundle_dir), f"a refiner must share the base's latent space: it has "
+                                  f"{b.latent_channels} channels at 1/{b.vae_scale_factor}, the base "
+                                  f"{a.latent_channels} at 1/{a.vae_scale_factor}")
         return pipe
 
     def __call__(
@@ -239,6 +258,12 @@ class Pipeline:
         guidance_rescale: float | None = None,
         decoder: str | None = None,
         long_prompts: bool = False,
+        prompt_2: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None,
+        denoising_end: float | None = None,
+        denoising_start: float | None = None,
+        output_type: str = "pil",
+        **added_conditions: object,
     ) -> PipelineResult:
         """diffusers' argument names. `conditioning`: the UNet inputs a bundle's family takes from
         the caller (manifest `unet_feeds` "request", e.g. class labels), one row per image.
@@ -251,11 +276,20 @@ class Pipeline:
         `decoder`: "full" (default, the VAE's) or "tiny" where the bundle has a tiny decoder (TAESD:
         a fraction of the VAE decoder's work, slightly softer detail). `long_prompts`: prompts past the
         tokenizer's 77 tokens are encoded in windows and concatenated, as the well-known web UIs do,
-        instead of truncated (bundles exported with a text length range: `request.long_prompt_capable`)."""
+        instead of truncated (bundles exported with a text length range: `request.long_prompt_capable`).
+
+        SDXL, by diffusers' names: `prompt_2` / `negative_prompt_2` (the second text encoder's;
+        default: the first's), `added_conditions` (original_size, crops_coords_top_left, target_size,
+        their negative_ forms, aesthetic_score, negative_aesthetic_score: `request.AddedConditions`),
+        `image` may be latents (the base's, for a refiner), `denoising_end` / `denoising_start`
+        (the ensemble of experts' hand-off) and output_type="latent" (`PipelineResult.latents`).
+        With a refiner loaded (`load(..., refiner=)`) one call runs both (`generate`)."""
+        schedule = {"denoising_start": denoising_start, "denoising_end": denoising_end, "output_type": output_type}
         request = make_request(
             self.manifest, prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
             guidance_scale, scheduler, seed, latents, width, height, conditioning, image, mask_image, strength,
-            keep_unmasked, guidance_rescale, decoder, long_prompts,
+            keep_unmasked, guidance_rescale, decoder, long_prompts, prompt_2, negative_prompt_2, added_conditions,
+            schedule,
         )
         return self.generate(request, callback)
 
@@ -265,32 +299,76 @@ class Pipeline:
         return self.manifest.tasks()
 
     def generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> PipelineResult:
+        """Run `request`; with a refiner loaded, diffusers' ensemble of experts in one call: this
+        base to `denoising_end` (its latents), then the refiner from there (`denoising_start`) on
+        them, as diffusers' `base(..., denoising_end=f, output_type="latent")` and
+        `refiner(..., image=latents, denoising_start=f)`. Without `denoising_end` the refiner refines
+        the base's finished latents at its default strength (0.3; at least one step), diffusers' other
+        documented use."""
+        if self.refiner is not None and request.output_type != "latent":
+            return self._ensemble(request, callback)
+        return self._generate(request, callback)
+
+    def _ensemble(self, request: GenerationRequest, callback: StepCallback | None) -> PipelineResult:
+        first = self._generate(replace(request, output_type="latent", keep_unmasked=False), callback)
+        refiner = self.refiner
+        refine = make_request(
+            refiner.manifest, list(request.prompts),
+            list(request.negative_prompts) if request.negative_prompt_given else None,
+            request.num_images_per_prompt, request.steps, request.guidance_scale, request.scheduler.value,
+            list(request.seeds), image=first.latents, strength=None if request.denoising_end is not None else max(
+                refiner.manifest.pipeline.default_strength or DEFAULT_STRENGTH_IMAGE, 1 / request.steps),  # ≥ 1 step
+            **({"prompt_2": request.prompts_2, "negative_prompt_2": request.negative_prompts_2}
+               if "prompt_2" in refiner.manifest.prompt_sources().values() else {}),  # the refiner has one encoder
+            added={k: v for k, v in vars(request.added).items() if v is not None},
+            guidance_rescale=request.guidance_rescale, decoder=request.decoder,
+            schedule={"denoising_start": request.denoising_end})
+        result = refiner._generate(refine, callback)
+        for stage, seconds in first.timings.stages.items():  # both runs' stages, the base's steps first
+            result.timings.stages[stage] += seconds
+        result.timings.unet_steps[:0] = first.timings.unet_steps
+        result.timings.total += first.timings.total
+        result.providers = {**first.providers, **{f"refiner.{k}": v for k, v in result.providers.items()}}
+        for meta, base_meta in zip(result.metadata, first.metadata):  # what the caller asked, and both models
+            meta.clear()
+            meta.update(base_meta, refiner_hash=refiner.model_hash[:16])
+            if request.denoising_end is not None:
+                meta["denoising_end"] = f"{request.denoising_end:g}"
+        return result
+
+    def _generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> PipelineResult:
         trace = Trace()
-        # 1. tokenize: the negative prompts first, as diffusers stacks [uncond; cond]
+        # 1. tokenize for each text encoder its prompts (SDXL: `prompt_2` for the second), the
+        #    negative prompts first, as diffusers stacks [uncond; cond]
         pairs = request.image_prompts()
-        prompts, negatives = [p for p, _ in pairs], [n for _, n in pairs]
-        texts = negatives + prompts if request.do_guidance else prompts
-        chunks = 1
-        if request.long_prompts:
-            ids, chunks = self.tokenizer.chunked(texts, MAX_PROMPT_CHUNKS)
-            batch = self.manifest.components[TEXT_ENCODER].dims["batch"].max
-            if len(ids) > batch:
-                raise InvalidRequestError("num_images_per_prompt", f"{len(texts)} prompts × {chunks} windows of a long "
-                                          f"prompt pass the text encoder's batch of {batch}; ask for fewer images")
-        else:
-            ids = self.tokenizer(texts)
+        text_inputs, chunks = {}, 1
+        for component, source in self.manifest.prompt_sources().items():
+            prompts, negatives = request.texts(source)
+            texts = negatives + prompts if request.do_guidance else prompts
+            if request.long_prompts:
+                ids, chunks = self.tokenizers[component].chunked(texts, MAX_PROMPT_CHUNKS)
+                batch = self.manifest.components[component].dims["batch"].max
+                if len(ids) > batch:
+                    raise InvalidRequestError("num_images_per_prompt", f"{len(texts)} prompts × {chunks} windows of a "
+                                              f"long prompt pass the text encoder's batch of {batch}; ask for fewer images")
+            else:
+                ids = self.tokenizers[component](texts)
+            text_inputs[component] = {self.manifest.components[component].inputs[0].name: ids}
         trace.lap(Stage.TOKENIZE)
 
         # 2. an input image (and, when inpainting, its masked copy) → the image encoder's latents
         encoded = self._encode_images(request, trace) if request.image is not None else None
 
         # 3. the plan: timesteps, step coefficients, seeded noise, starting latents, conditioning
-        text_input = self.manifest.components[TEXT_ENCODER].inputs[0].name
-        plan = build_plan(self.manifest, request, {TEXT_ENCODER: {text_input: ids}}, encoded, chunks)
+        plan = build_plan(self.manifest, request, text_inputs, encoded, chunks)
         trace.lap(Stage.SCHEDULER)
 
         # 4–6. text encoder → denoising loop → image decoder, on the host or on the device
         pixels = self.executor(plan, trace, callback)
+        if not plan.decode:  # output_type="latent": the latents, for a refiner
+            return PipelineResult([], list(request.seeds), trace.finish(), dict(self.providers),
+                                  [self._metadata(request, p, n, s) for (p, n), s in zip(pairs, request.seeds)],
+                                  trace.transfers, latents=pixels)
 
         # 7. pixels → 8-bit images (diffusers' VaeImageProcessor.postprocess, to the rounding)
         array = (np.clip(pixels / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
@@ -330,7 +408,7 @@ class Pipeline:
             meta["decoder"] = request.decoder
         if request.guidance_rescale and request.do_guidance:
             meta["guidance_rescale"] = f"{request.guidance_rescale:g}"
-        if request.image is not None:
+        if request.has_image:
             meta["task"] = (Task.INPAINTING if request.mask is not None else Task.IMAGE_TO_IMAGE).value
             meta["strength"] = f"{request.strength:g}"
         return meta

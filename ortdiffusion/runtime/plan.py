@@ -24,7 +24,9 @@ from typing import Protocol
 
 import numpy as np
 
-from .manifest import FEED_GUIDANCE, FEED_INPAINT, FEED_LATENTS, FEED_REQUEST, FEED_TIMESTEP, SPECIAL_FEEDS, Manifest
+from .errors import InvalidRequestError
+from .manifest import (FEED_GUIDANCE, FEED_INPAINT, FEED_LATENTS, FEED_REQUEST, FEED_TIME_IDS, FEED_TIMESTEP,
+                       SPECIAL_FEEDS, Manifest)
 from .request import GenerationRequest
 from .schedulers import make_scheduler
 from .schedulers.linear_step import LinearStep
@@ -57,6 +59,12 @@ class Plan:
     #: blend_mask · latents + blend_known[i] (the kept region, noised to the next step's level).
     blend_mask: np.ndarray | None = None  # (images, 1, h, w): 1 where the image is repainted
     blend_known: np.ndarray | None = None  # (steps, images, C, h, w)
+    #: SDXL's `force_zeros_for_empty_prompt`: the unconditional rows of every text encoder output the
+    #: UNet reads are zeros (the executors zero them after the text encoders run).
+    zero_uncond: bool = False
+    #: False: the executor returns the final latents (as the UNet sees them), not pixels (diffusers'
+    #: output_type="latent": an SDXL base handing over to its refiner).
+    decode: bool = True
     #: diffusers' `guidance_rescale` φ (Lin et al. 2023, §3.4): the guided prediction rescaled to the
     #: conditional one's standard deviation, mixed φ : 1 − φ with itself; 0 leaves it as it is.
     guidance_rescale: float = 0.0
@@ -151,8 +159,9 @@ def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict
     #    image's strength skips the noisiest ones: diffusers' `get_timesteps`)
     scheduler = make_scheduler(request.scheduler, c.scheduler_config)
     scheduler.set_timesteps(request.steps)
-    first = scheduler.begin_index = request.first_step
-    run = range(first, request.steps)
+    first, stop = _window(request, scheduler.timesteps, int(c.scheduler_config.get("num_train_timesteps", 1000)))
+    scheduler.begin_index = first
+    run = range(first, stop)
     steps = tuple(scheduler.linear_step(i) for i in run)
     scales = tuple(scheduler.input_scale(i) for i in run)
     # 2. all noise, one generator per image, so that an image depends only on its own seed, drawn
@@ -163,7 +172,7 @@ def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict
     feeds = manifest.unet_feeds()
     blend_mask = blend_known = None
     conditioning = {}
-    if request.image is None:
+    if not request.has_image:
         start = request.latents if request.latents is not None else draw(generators, shape)
         latents = start * np.float32(scheduler.init_noise_sigma)
     else:
@@ -179,7 +188,8 @@ def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict
                 blend_mask, blend_known = mask, _known_region(scheduler, run, image_latents, start_noise, mask)
     noise = np.stack([draw(generators, shape) for _ in run]) if scheduler.needs_noise else None
     # 3. the UNet's conditioning: what the request gives, repeated for the unconditional half; an
-    #    LCM UNet's guidance scale embedding (diffusers' w = scale − 1)
+    #    LCM UNet's guidance scale embedding (diffusers' w = scale − 1); SDXL's time ids from the
+    #    request's sizes (the refiner's: and aesthetic scores), their own per half
     for name, source in feeds.items():
         if source == FEED_REQUEST:
             value = request.conditioning[name]
@@ -188,17 +198,42 @@ def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict
             dim = next(i.shape[-1] for i in manifest.components["unet"].inputs if i.name == name)
             w = np.full(request.num_images, request.guidance_scale - 1.0, dtype=np.float32)
             conditioning[name] = guidance_embedding(w, dim)
+        elif source == FEED_TIME_IDS:
+            negative, positive = request.added.time_ids(request.height, request.width, c.requires_aesthetics_score,
+                                                        request.has_image)
+            rows = [negative] * request.num_images * request.do_guidance + [positive] * request.num_images
+            conditioning[name] = np.asarray(rows, dtype=np.float32)
     return Plan(
         images=request.num_images,
         guidance_scale=request.guidance_scale if request.do_guidance else None,
-        timesteps=scheduler.timesteps[first:], steps=steps, input_scales=scales,
+        timesteps=scheduler.timesteps[first:stop], steps=steps, input_scales=scales,
         latents=latents.astype(np.float32), noise=noise,
         text_inputs=text_inputs, feeds=feeds, conditioning=conditioning,
         vae_scaling_factor=c.vae_scaling_factor, vae_shift_factor=c.vae_shift_factor,
         blend_mask=blend_mask, blend_known=blend_known,
+        zero_uncond=request.do_guidance and c.force_zeros_for_empty_prompt and not request.negative_prompt_given,
+        decode=request.output_type != "latent",
         guidance_rescale=request.guidance_rescale if request.do_guidance else 0.0,
         decoder=request.decoder, text_chunks=text_chunks,
     )
+
+
+def _window(request: GenerationRequest, timesteps: np.ndarray, train_steps: int) -> tuple[int, int]:
+    """(first, stop): the steps of the schedule the request runs. An input image's strength skips the
+    noisiest (diffusers' `get_timesteps`); diffusers' ensemble of experts cuts the schedule at a
+    timestep: the base runs the steps at or above it (`denoising_end`), the refiner the ones below
+    (`denoising_start`)."""
+    first, stop = request.first_step, len(timesteps)
+    if request.denoising_start is not None:
+        cutoff = int(round(train_steps - request.denoising_start * train_steps))
+        first = len(timesteps) - int((timesteps < cutoff).sum())
+    if request.denoising_end is not None:
+        cutoff = int(round(train_steps - request.denoising_end * train_steps))
+        stop = int((timesteps >= cutoff).sum())
+    if stop <= first:
+        raise InvalidRequestError("denoising_end" if request.denoising_end is not None else "denoising_start",
+                                  f"leaves no denoising step of the {request.steps} to run")
+    return first, stop
 
 
 def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
@@ -230,7 +265,12 @@ def _image_start(manifest: Manifest, request: GenerationRequest, scheduler, enco
     inpaint_unet = FEED_INPAINT in manifest.unet_feeds().values()
     pure_noise = request.mask is not None and request.strength == 1.0
     # a 9-channel UNet starting from noise never needs the image's own latents (diffusers skips it)
-    image_latents = None if inpaint_unet and pure_noise else _sample(manifest, encoded["image"], generators)
+    if request.image_latents is not None:  # latents given as the image (SDXL's refiner): no sample drawn
+        image_latents = request.image_latents
+    else:
+        image_latents = None if inpaint_unet and pure_noise else _sample(manifest, encoded["image"], generators)
+    if request.denoising_start is not None:  # the ensemble's hand-off: the latents as they are, no noise
+        return image_latents, image_latents, None, None
     start_noise = draw(generators, shape)
     if pure_noise:
         latents = start_noise * np.float32(scheduler.init_noise_sigma)

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import InvalidRequestError
 from .image_input import ImageSource, default_size, image_array, mask_array, open_image
-from .manifest import FEED_INPAINT, FEED_REQUEST, SPECIAL_FEEDS, UNET, VAE_ENCODER, Manifest
+from .manifest import FEED_INPAINT, FEED_REQUEST, FEED_TIME_IDS, SPECIAL_FEEDS, UNET, VAE_ENCODER, Manifest
 from .schedulers import SchedulerName
 
 # The one set of limits: the CLI, the Python API and the HTTP service all validate through
@@ -38,6 +38,63 @@ VARIATION_STRENGTH = 0.7
 #: Long prompts (`long_prompts=True`): at most this many windows of the tokenizer's length (4 × 75
 #: tokens for CLIP); the export gives the UNet a text length from one window to this many.
 MAX_PROMPT_CHUNKS = 4
+
+
+Size = tuple[int, int]  # (height, width), diffusers' order
+
+
+@dataclass(frozen=True)
+class AddedConditions:
+    """SDXL's added conditions (diffusers' argument names): the sizes and crop its `time_ids` encode,
+    and the refiner's aesthetic scores. A size left None is the image's (height, width)."""
+
+    original_size: Size | None = None
+    crops_coords_top_left: Size = (0, 0)
+    target_size: Size | None = None
+    negative_original_size: Size | None = None
+    negative_crops_coords_top_left: Size = (0, 0)
+    negative_target_size: Size | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+
+    @classmethod
+    def parse(cls, given: Mapping[str, object]) -> AddedConditions:
+        names = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise InvalidRequestError(unknown[0], f"not an argument; SDXL's added conditions are {', '.join(sorted(names))}")
+        values = {}
+        for name, value in given.items():
+            if value is None:
+                continue
+            if name.endswith("aesthetic_score"):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise InvalidRequestError(name, f"must be a finite number, got {value!r}")
+                values[name] = float(value)
+                continue
+            if (not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2
+                    or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 65536
+                               for v in value)):
+                raise InvalidRequestError(name, f"must be two integers (height, width) from 0 to 65536, got {value!r}")
+            values[name] = (int(value[0]), int(value[1]))
+        return cls(**values)
+
+    def time_ids(self, height: int, width: int, aesthetic: bool, image_input: bool) -> tuple[list[float], list[float]]:
+        """(negative, positive) time ids as diffusers' SDXL pipelines make them: the text-to-image
+        pipeline uses the negative sizes only when both are given; the image-to-image pipeline
+        defaults each to the positive one (and, without aesthetics, uses the positive crop)."""
+        size = (height, width)
+        original, target = self.original_size or size, self.target_size or size
+        if aesthetic:
+            return ([*(self.negative_original_size or original), *self.negative_crops_coords_top_left,
+                     self.negative_aesthetic_score], [*original, *self.crops_coords_top_left, self.aesthetic_score])
+        positive = [*original, *self.crops_coords_top_left, *target]
+        if image_input:
+            return [*(self.negative_original_size or original), *self.crops_coords_top_left,
+                    *(self.negative_target_size or target)], positive
+        if self.negative_original_size is not None and self.negative_target_size is not None:
+            return [*self.negative_original_size, *self.negative_crops_coords_top_left, *self.negative_target_size], positive
+        return positive, positive
 
 
 @dataclass(frozen=True)
@@ -72,11 +129,41 @@ class GenerationRequest:
     decoder: str = "full"
     #: Prompts past the tokenizer's length are encoded in windows and concatenated (opt-in).
     long_prompts: bool = False
+    #: The prompts of a second text encoder (SDXL's `prompt_2`, `negative_prompt_2`); None: the first's.
+    prompts_2: tuple[str, ...] | None = None
+    negative_prompts_2: tuple[str, ...] | None = None
+    #: Whether the caller gave a negative prompt (SDXL's `force_zeros_for_empty_prompt` zeroes the
+    #: negative embeddings when not).
+    negative_prompt_given: bool = True
+    added: AddedConditions = AddedConditions()
+    #: Starting latents of image-to-image given as latents (an SDXL base's output for its refiner):
+    #: (1 or images, C, h, w), already scaled as the UNet sees them; or None.
+    image_latents: np.ndarray | None = field(default=None, compare=False)
+    #: diffusers' ensemble of experts: stop the schedule where this fraction of it is done (the base),
+    #: or start there (the refiner, on the base's latents, adding no noise). None: the whole schedule.
+    denoising_end: float | None = None
+    denoising_start: float | None = None
+    #: "pil" (images) or "latent" (the final latents, not decoded: diffusers' output_type).
+    output_type: str = "pil"
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None or self.image_latents is not None
+
+    def texts(self, source: str) -> tuple[list[str], list[str]]:
+        """(prompts, negative prompts) per output image for the prompt argument `source`
+        ("prompt" or "prompt_2", which defaults to the first: diffusers' `prompt_2 or prompt`)."""
+        prompts, negatives = self.prompts, self.negative_prompts
+        if source == "prompt_2":
+            prompts, negatives = self.prompts_2 or prompts, self.negative_prompts_2 or negatives
+        n = self.num_images_per_prompt
+        return [p for p in prompts for _ in range(n)], [q for q in negatives for _ in range(n)]
 
     @property
     def first_step(self) -> int:
-        """The scheduler step the run starts at (diffusers' `get_timesteps`): 0 without an image."""
-        if self.image is None:
+        """The scheduler step the run starts at (diffusers' `get_timesteps`): 0 without an image.
+        (With `denoising_start` the plan finds it from the timesteps.)"""
+        if not self.has_image:
             return 0
         return self.steps - min(int(self.steps * self.strength), self.steps)
 
@@ -171,7 +258,13 @@ def make_request(
     guidance_rescale: float | None = None,
     decoder: str | None = None,
     long_prompts: bool = False,
+    prompt_2: str | Sequence[str] | None = None,
+    negative_prompt_2: str | Sequence[str] | None = None,
+    added: Mapping[str, object] | None = None,
+    schedule: Mapping[str, object] | None = None,
 ) -> GenerationRequest:
+    """`added`: SDXL's added conditions by diffusers' names (`AddedConditions`); `schedule`:
+    diffusers' `denoising_start`, `denoising_end` and `output_type`."""
     if num_inference_steps is None:
         num_inference_steps = manifest.pipeline.default_steps
     if guidance_scale is None:
@@ -216,6 +309,18 @@ def make_request(
                                                   f"{manifest.pipeline.tokenizer_max_length} tokens; export it again "
                                                   "with this ortdiffusion (`ortdiffusion export`) for long prompts")
     scheduler_name = SchedulerName.parse(scheduler if scheduler is not None else manifest.pipeline.default_scheduler)
+    image_latents = _image_latents(manifest, image, len(prompts) * per_prompt)
+    if image_latents is not None:
+        image = None
+        if mask_image is not None:
+            raise InvalidRequestError("mask_image", "not with latents as the image (inpainting takes pixels)")
+        if latents is not None:
+            raise InvalidRequestError("latents", "not with an image: an input image makes the starting latents")
+        shape = [d * manifest.pipeline.vae_scale_factor for d in image_latents.shape[2:]]
+        for name, value, side in (("height", height, shape[0]), ("width", width, shape[1])):
+            if value is not None and value != side:
+                raise InvalidRequestError(name, f"{value}: the latents given as the image make {side}")
+        height, width = shape
     opened = _image_inputs(manifest, image, mask_image)
     default_w, default_h = manifest.pipeline.default_width, manifest.pipeline.default_height
     if opened is not None and width is None and height is None:
@@ -226,7 +331,11 @@ def make_request(
     if opened is not None:
         image_pixels = image_array(opened[0], w, h)
         mask_pixels = mask_array(opened[1], w, h) if opened[1] is not None else None
-    strength_value = _strength(strength, opened, mask_pixels is not None, steps)
+    timing = _schedule(schedule or {}, opened is not None or image_latents is not None)
+    if timing["denoising_start"] is not None and mask_image is not None:
+        raise InvalidRequestError("denoising_start", "not with a mask_image: inpainting runs the image's own schedule")
+    strength_value = _strength(strength, opened or image_latents is not None, mask_pixels is not None, steps,
+                               manifest.pipeline.default_strength, timing["denoising_start"] is not None)
     count = len(prompts) * per_prompt
     if latents is not None and opened is not None:
         raise InvalidRequestError("latents", "not with an image: an input image makes the starting latents")
@@ -247,6 +356,10 @@ def make_request(
         keep_unmasked=bool(keep_unmasked) and mask_pixels is not None,
         guidance_rescale=float(rescale), embedded_guidance=manifest.embedded_guidance, decoder=decoder,
         long_prompts=bool(long_prompts),
+        prompts_2=_second(manifest, prompt_2, "prompt_2", len(prompts)),
+        negative_prompts_2=_second(manifest, negative_prompt_2, "negative_prompt_2", len(prompts)),
+        negative_prompt_given=negative_prompt is not None, added=_added(manifest, added or {}),
+        image_latents=image_latents, **timing,
     )
 
 
@@ -255,6 +368,70 @@ def long_prompt_capable(manifest: Manifest) -> bool:
     feeds = manifest.unet_feeds()
     text = [i for i in manifest.components[UNET].inputs if feeds[i.name] not in SPECIAL_FEEDS]
     return bool(text) and all(len(i.shape) == 3 and isinstance(i.shape[1], str) for i in text)
+
+
+def _added(manifest: Manifest, given: Mapping[str, object]) -> AddedConditions:
+    added = AddedConditions.parse(given)
+    if added != AddedConditions() and FEED_TIME_IDS not in manifest.unet_feeds().values():
+        name = next(k for k, v in given.items() if v is not None)
+        raise InvalidRequestError(name, "this model's UNet takes no added conditions (SDXL's time_ids)")
+    return added
+
+
+def _second(manifest: Manifest, value: object, field_name: str, count: int) -> tuple[str, ...] | None:
+    """A second text encoder's prompts: one, or one per prompt; None: the first's."""
+    if value is None:
+        return None
+    if "prompt_2" not in manifest.prompt_sources().values():
+        raise InvalidRequestError(field_name, "this model has no second text encoder that reads it (SDXL's)")
+    prompts = _prompts(value, field_name)
+    if len(prompts) == 1:
+        return prompts * count
+    if len(prompts) != count:
+        raise InvalidRequestError(field_name, f"give one, or one per prompt ({count}), got {len(prompts)}")
+    return prompts
+
+
+def _schedule(given: Mapping[str, object], image_input: bool) -> dict[str, object]:
+    """diffusers' `denoising_start` / `denoising_end` (fractions in (0, 1)) and `output_type`."""
+    unknown = sorted(set(given) - {"denoising_start", "denoising_end", "output_type"})
+    if unknown:
+        raise InvalidRequestError(unknown[0], "not an argument")
+    out = {"denoising_start": None, "denoising_end": None, "output_type": given.get("output_type") or "pil"}
+    for name in ("denoising_start", "denoising_end"):
+        value = given.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise InvalidRequestError(name, f"must be a fraction of the schedule between 0 and 1, got {value!r}")
+        out[name] = float(value)
+    if out["denoising_start"] is not None and not image_input:
+        raise InvalidRequestError("denoising_start", "applies to an input image (the base's latents, for a refiner)")
+    if None not in (out["denoising_start"], out["denoising_end"]) and out["denoising_start"] >= out["denoising_end"]:
+        raise InvalidRequestError("denoising_end", "must be after denoising_start")
+    if out["output_type"] not in ("pil", "latent"):
+        raise InvalidRequestError("output_type", f"must be 'pil' or 'latent', got {out['output_type']!r}")
+    return out
+
+
+def _image_latents(manifest: Manifest, image: object, count: int) -> np.ndarray | None:
+    """`image` given as latents (a float array (1 or images, C, h, w)), as diffusers' SDXL
+    img2img takes the base's output; None for any other image."""
+    if not isinstance(image, np.ndarray) or not np.issubdtype(image.dtype, np.floating):
+        return None
+    c = manifest.pipeline
+    if image.ndim != 4 or image.shape[1] != c.latent_channels or image.shape[0] not in (1, count):
+        raise InvalidRequestError("image", f"a float array image is latents of shape (1 or {count}, "
+                                           f"{c.latent_channels}, h, w), got {image.shape}")
+    if not np.isfinite(image).all():
+        raise InvalidRequestError("image", "latents contain NaN or Inf")
+    low, high, multiple = size_limits(manifest)
+    for side in image.shape[2:]:
+        pixels = side * c.vae_scale_factor
+        if not low <= pixels <= high or pixels % multiple:
+            raise InvalidRequestError("image", f"latents of {image.shape[2]}×{image.shape[3]} make a side of {pixels} "
+                                               f"pixels; this model draws {low} to {high}, a multiple of {multiple}")
+    return np.repeat(image, count // image.shape[0], axis=0).astype(np.float32)
 
 
 def _image_inputs(manifest: Manifest, image: ImageSource | None, mask_image: ImageSource | None):
@@ -290,16 +467,19 @@ def _size_of_image(manifest: Manifest, image) -> tuple[int, int]:
     return w, h
 
 
-def _strength(value: object, opened, has_mask: bool, steps: int) -> float:
-    if opened is None:
+def _strength(value: object, opened, has_mask: bool, steps: int, default: float | None = None,
+              starts_at: bool = False) -> float:
+    """`default`: the family's img2img default (diffusers' SDXL: 0.3); `starts_at`: denoising_start
+    decides where the run starts, not strength (as diffusers)."""
+    if not opened:
         if value is not None:
             raise InvalidRequestError("strength", "applies only with an input image (`image`)")
         return 1.0
     if value is None:
-        value = DEFAULT_STRENGTH_INPAINT if has_mask else DEFAULT_STRENGTH_IMAGE
+        value = DEFAULT_STRENGTH_INPAINT if has_mask else (default or DEFAULT_STRENGTH_IMAGE)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0 <= value <= 1:
         raise InvalidRequestError("strength", f"must be a number from 0 to 1, got {value!r}")
-    if int(steps * value) < 1:
+    if int(steps * value) < 1 and not starts_at:
         raise InvalidRequestError("strength", f"{value:g} × {steps} steps leaves no denoising step to run; "
                                               f"raise strength to at least {1 / steps:.3g} or the number of steps")
     return float(value)

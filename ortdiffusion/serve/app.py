@@ -99,7 +99,9 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
     def validated(body: GenerateImageRequest, n: int) -> GenerationRequest:
         width, height = (None, None) if body.size in (None, "auto") else parse_size(body.size)
         generation = make_request(pipeline.manifest, body.prompt, body.negative_prompt, n, body.steps,
-                                  body.guidance_scale, body.scheduler, body.seed, None, width, height)
+                                  body.guidance_scale, body.scheduler, body.seed, None, width, height,
+                                  prompt_2=body.prompt_2, negative_prompt_2=body.negative_prompt_2,
+                                  schedule={"denoising_end": body.denoising_end})
         admit(generation, config)
         return generation
 

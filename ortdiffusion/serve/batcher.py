@@ -25,7 +25,7 @@ from ..runtime.errors import DeadlineExceededError, OverloadedError
 from ..runtime.pipeline import Pipeline, PipelineResult
 from ..runtime.request import GenerationRequest
 from ..runtime.trace import Timings
-from .budget import chunks
+from .budget import chunks, second_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ class Job:
     def compat_key(self) -> tuple:
         r = self.request
         # an image request runs only with its own chunks (the plan has one input image)
-        return (r.width, r.height, r.steps, r.scheduler, r.guidance_scale, None if r.image is None else id(r.image))
+        return (r.width, r.height, r.steps, r.scheduler, r.guidance_scale, None if r.image is None else id(r.image),
+                r.added, r.denoising_end, r.negative_prompt_given)  # SDXL's: one value per run
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,9 @@ def merge(jobs: list[Job]) -> GenerationRequest:
         num_images_per_prompt=1,
         seeds=tuple(s for job in jobs for s in job.request.seeds),
         latents=None,
+        **second_prompts([job.request for job in jobs]),
     )
+
 
 
 def split(result: PipelineResult, jobs: list[Job]) -> list[PipelineResult]:

@@ -48,6 +48,15 @@ def chunk_size(request: GenerationRequest, config: ServeConfig) -> int:
     return max(1, min(config.max_batch_images, config.max_batch_pixels // (request.width * request.height)))
 
 
+def second_prompts(requests: list[GenerationRequest], start: int = 0, stop: int | None = None) -> dict:
+    """A second text encoder's prompts (SDXL's prompt_2) per image of `requests`, [start:stop]."""
+    if all(r.prompts_2 is None and r.negative_prompts_2 is None for r in requests):
+        return {}
+    prompts = [p for r in requests for p in r.texts("prompt_2")[0]]
+    negatives = [q for r in requests for q in r.texts("prompt_2")[1]]
+    return {"prompts_2": tuple(prompts[start:stop]), "negative_prompts_2": tuple(negatives[start:stop])}
+
+
 def chunks(request: GenerationRequest, size: int) -> list[GenerationRequest]:
     """A one-image-per-prompt request (as the batcher merges them) cut into runs of `size` images."""
     pairs = request.image_prompts()
@@ -60,5 +69,6 @@ def chunks(request: GenerationRequest, size: int) -> list[GenerationRequest]:
             request, prompts=tuple(p for p, _ in part), negative_prompts=tuple(n for _, n in part),
             num_images_per_prompt=1, seeds=request.seeds[start:start + size], latents=None,
             conditioning={k: v[start:start + size] for k, v in request.conditioning.items()},
+            **second_prompts([request], start, start + size),
         ))
     return out

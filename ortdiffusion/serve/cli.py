@@ -27,6 +27,8 @@ def add_parser(sub, run) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP images API with dynamic batching")
     p.add_argument("--model", default=None, help="bundle, diffusers checkpoint, preset, hub name (org/name), single-file "
                    "checkpoint or ONNX export in Optimum's layout (default: the built-in model)")
+    p.add_argument("--refiner", default=None, help="an SDXL refiner the model hands its latents to (diffusers' "
+                   "ensemble of experts; requests' denoising_end says where)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--provider", default=None)
@@ -70,7 +72,8 @@ def cmd_serve(args: argparse.Namespace, progress) -> int:
     from ..models import load_pipeline
 
     sock = bind(args.host, args.port)  # a busy port is said now, before the model loads
-    pipe = load_pipeline(args.model, progress=progress, providers=args.provider, allow_fallback=args.allow_fallback)
+    pipe = load_pipeline(args.model, progress=progress, refiner=args.refiner, providers=args.provider,
+                         allow_fallback=args.allow_fallback)
     progress(f"serving {config.model_name} on http://{args.host}:{args.port} "
              f"({', '.join(f'{k}={v}' for k, v in pipe.providers.items())})")
     serve(pipe, config, sock)
@@ -84,6 +87,8 @@ def _serve_ray(args: argparse.Namespace, config: ServeConfig, progress) -> int:
         raise ImportError(f"serve --ray needs the ray extra: pip install 'ortdiffusion[ray]' ({e})") from None
     if config.warmup_sizes:
         raise InvalidRequestError("warmup-size", "is not supported with --ray (each replica warms up at its model's size)")
+    if args.refiner:
+        raise InvalidRequestError("refiner", "is not supported with --ray (each replica loads one model)")
     options = from_namespace(RayOptions, args, model=args.model, provider=args.provider,
                              allow_fallback=args.allow_fallback, serve=config)
     options.validate()

@@ -27,6 +27,11 @@ class GenerateImageRequest(BaseModel):
     guidance_scale: Annotated[float | None, Field(strict=True, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)] = None
     seed: Annotated[int | None, Field(strict=True, ge=0, le=MAX_SEED)] = None
     scheduler: SchedulerName | None = None
+    # SDXL (extensions, diffusers' names): the second text encoder's prompts, and where the base
+    # hands over to the refiner the service was started with (`--refiner`).
+    prompt_2: Annotated[str | None, Field(strict=True, max_length=MAX_PROMPT_CHARS)] = None
+    negative_prompt_2: Annotated[str | None, Field(strict=True, max_length=MAX_PROMPT_CHARS)] = None
+    denoising_end: Annotated[float | None, Field(strict=True, gt=0, lt=1, allow_inf_nan=False)] = None
 
 
 class ImageGenerationRequest(GenerateImageRequest):
