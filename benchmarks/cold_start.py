@@ -2,11 +2,13 @@
 side by side in alternating order (the machine is shared, so ratios of neighbouring runs are what
 to quote, not absolute times).
 
+    git worktree add --detach /tmp/cold-base <baseline commit>
     python benchmarks/cold_start.py --tree base=/tmp/cold-base --tree new=. --runs 7 \\
         --json benchmarks/results/cold-start-cpu2.json
 
-Each run is a fresh `python` process per tree, `python -m ortdiffusion.cli generate PROMPT -o OUT -q`
-with that tree first on sys.path, driven by a small probe that times the phases in-process by
+Each run is a fresh `python` process per tree, as `python -m ortdiffusion.cli generate PROMPT -o OUT -q`
+(the tree's `cli.run` where it has one, else `sys.exit(cli.main())`) with that tree first on sys.path,
+driven by a small probe that times the phases in-process by
 wrapping the functions the CLI calls (so the CLI itself is unchanged); the parent measures the
 process's wall time from spawn to exit. Phases:
 
@@ -101,17 +103,23 @@ def timed_parser():
     p.parse_args = parse_args
     return p
 cli.build_parser = timed_parser
-code = cli.main(sys.argv[1:])
-end = time.perf_counter()
-marks["parse"] = clock["parse"]
-marks["resolve"] = clock["main_to_load"]
-marks["load"] = clock["load"]
-marks["generate"] = clock["generate"]
-marks["write"] = end - clock["after_generate"]
-with open(os.environ["COLD_OUT"], "w") as f:
-    json.dump({"code": code, "phases": marks, "sessions": sessions, "verify": extra["verify"],
-               "main_end_wall": time.time()}, f)
-sys.stdout.flush()
+main = cli.main
+def timed_main(argv=None):
+    code = main(argv)
+    end = time.perf_counter()
+    marks["parse"] = clock["parse"]
+    marks["resolve"] = clock["main_to_load"]
+    marks["load"] = clock["load"]
+    marks["generate"] = clock["generate"]
+    marks["write"] = end - clock["after_generate"]
+    with open(os.environ["COLD_OUT"], "w") as f:
+        json.dump({"code": code, "phases": marks, "sessions": sessions, "verify": extra["verify"],
+                   "main_end_wall": time.time()}, f)
+    return code
+cli.main = timed_main
+if hasattr(cli, "run"):  # what `python -m ortdiffusion.cli` and the script run
+    cli.run()
+sys.exit(cli.main(sys.argv[1:]))
 """
 
 PROMPT = "a red circle on the left"

@@ -208,6 +208,9 @@ class Sessions(MutableMapping):
         self._names.remove(name)
         self._loaded.pop(name, None)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's would create the session to answer
+        return name in self._names
+
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._names))
 
