@@ -214,7 +214,9 @@ def main() -> int:
                             "sessions_median_s": {c: statistics.median([r["sessions"].get(c, 0.0) for r in rs])
                                                   for c in components},
                             "verify_median_s": statistics.median([r["verify"] for r in rs]),
-                            "cli_lines": [r["cli_line"] for r in rs[:3]]}
+                            "cli_lines": [r["cli_line"] for r in rs[:3]],
+                            "runs": [{"wall_s": round(r["wall"], 3), **{k: round(v, 3) for k, v in r["phases"].items()}}
+                                     for r in rs]}
         detail["importtime"] = importtime(trees[name], caches[name])
         report["trees_detail"][name] = detail
     for name in order[1:]:
@@ -223,6 +225,9 @@ def main() -> int:
             if pairs:
                 ratios = [b["wall"] / n["wall"] for b, n in pairs]
                 report.setdefault("speedup_vs_" + base, {})[f"{name}_{kind}"] = summary(ratios)
+                # the same pairs without the generate phase (tokenize … decode: the networks' work)
+                outside = [(b["wall"] - b["phases"]["generate"]) / (n["wall"] - n["phases"]["generate"]) for b, n in pairs]
+                report["speedup_vs_" + base][f"{name}_{kind}_outside_generate"] = summary(outside)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
