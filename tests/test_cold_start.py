@@ -106,3 +106,10 @@ def test_placement_creates_what_it_reports(tiny_bundle, cache):
     pipe = Pipeline.load(tiny_bundle, providers="cpu")
     assert set(pipe.placement) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
     assert VAE_ENCODER in pipe.sessions.loaded()
+
+
+def test_load_all_creates_the_lazy_sessions(tiny_bundle, cache):
+    """What the service calls before it says it is ready: an edit request pays for no session."""
+    pipe = Pipeline.load(tiny_bundle, providers="cpu")
+    pipe.sessions.load_all()
+    assert set(pipe.sessions.loaded()) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}

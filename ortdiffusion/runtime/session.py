@@ -217,6 +217,11 @@ class Sessions(MutableMapping):
     def __len__(self) -> int:
         return len(self._names)
 
+    def load_all(self) -> None:
+        """Create every session not created yet (a service, before it says it is ready)."""
+        for name in self:
+            self[name]
+
     def loaded(self) -> dict[str, Session]:
         """The sessions created so far."""
         return {name: self._loaded[name] for name in self._names if name in self._loaded}
