@@ -20,15 +20,15 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from .. import __version__
+from .cache import cache_dir
 from .decoder import ImageDecoder
-from .device_loop import DeviceLoop
 from .errors import BundleError, InvalidRequestError, ProviderError
-from .graph_cache import GraphCache
 from .host_loop import HostLoop
 from .image_input import ImageSource
 from .manifest import (
@@ -48,11 +48,20 @@ from .png import encode_pngs, write_atomically
 from .providers import ComponentSettings, CudaOptions, ProviderKind, ProviderPreference, default_preference
 from .request import DEFAULT_STRENGTH_IMAGE, MAX_PROMPT_CHUNKS, GenerationRequest, make_request
 from .schedulers import SchedulerName
-from .session import Session
+from .session import Session, Sessions, expected_provider
 from .tokenizer import PromptTokenizer
 from .trace import Stage, Timings, Trace, Transfers
 
+if TYPE_CHECKING:  # imported where IO binding asks for them: a CPU run never needs them
+    from .device_loop import DeviceLoop
+    from .graph_cache import GraphCache
+
 logger = logging.getLogger(__name__)
+
+#: Components whose sessions are created on first use, not at load: the image encoder runs only for
+#: image inputs (img2img, inpainting). `Pipeline.providers` reports them before then as the provider
+#: their session is asked for first; creating one checks it like any other (`Session`).
+LAZY_COMPONENTS = frozenset({VAE_ENCODER})
 
 
 @dataclass
@@ -82,11 +91,11 @@ class PipelineResult:
 
 
 class Pipeline:
-    """A loaded bundle: its tokenizer, three sessions and constants."""
+    """A loaded bundle: its tokenizer, its sessions and constants."""
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, preference: ProviderPreference, intra_op_threads: int = 0,
                  io_binding: bool | None = None, cuda_graphs: Sequence[tuple[int, int, int]] = (), max_cuda_graphs: int = 2,
-                 component_settings: Mapping[str, ComponentSettings] | None = None):
+                 component_settings: Mapping[str, ComponentSettings] | None = None, graph_cache: bool = True):
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         c = manifest.pipeline
@@ -100,26 +109,29 @@ class Pipeline:
         self.refiner: Pipeline | None = None
         self.model_hash = manifest.bundle_sha256
         self.component_settings = dict(component_settings or {})
-        #: one session per component (the fp32 decoder is loaded only if the NaN guard needs it)
-        self.sessions: dict[str, Session] = {
-            name: Session(bundle_dir, component, preference, intra_op_threads, self.model_hash,
-                          settings=self.component_settings.get(name))
-            for name, component in manifest.components.items() if name != VAE_DECODER_FP32
-        }
+        graphs_dir = cache_dir() / "graphs" if graph_cache else None  # optimized_graphs.py
+
+        def load(name: str, settings_of: str | None = None) -> Session:
+            return Session(bundle_dir, manifest.components[name], preference, intra_op_threads, self.model_hash,
+                           settings=self.component_settings.get(settings_of or name), graph_cache=graphs_dir)
+
+        names = [name for name in manifest.components if name != VAE_DECODER_FP32]
+        lazy = LAZY_COMPONENTS if not io_binding else frozenset()  # the device loop checks every device at load
+        #: where each lazy component will run until its session exists (raises now if it cannot run anywhere)
+        self._expected = {name: expected_provider(manifest.components[name], preference) for name in names if name in lazy}
+        #: one session per component, the lazy ones created on first use (the fp32 decoder is loaded
+        #: only if the NaN guard needs it)
+        self.sessions: Sessions = Sessions(names, load, lazy)
         sessions = self.sessions
         load_fp32 = None
         if VAE_DECODER_FP32 in manifest.components:
             def load_fp32() -> Session:
-                return Session(bundle_dir, manifest.components[VAE_DECODER_FP32], preference, intra_op_threads,
-                               self.model_hash, settings=self.component_settings.get(VAE_DECODER))
+                return load(VAE_DECODER_FP32, VAE_DECODER)
         self.image_decoder = ImageDecoder(sessions[VAE_DECODER], load_fp32)
         #: what a call's `decoder` names → the decoder: the VAE's, and the tiny one where there is one
         self.decoders = {"full": self.image_decoder}
         if VAE_DECODER_TINY in sessions:
             self.decoders["tiny"] = ImageDecoder(sessions[VAE_DECODER_TINY])
-        self.providers = {name: s.providers[0].value for name, s in sessions.items()}
-        #: where each component's nodes run, provider -> count (checked at load: see providers.check_placement)
-        self.placement = {name: dict(s.placement.nodes) for name, s in sessions.items() if s.placement is not None}
         # IO binding (the loop on the device): by default where the UNet runs on a GPU
         on_gpu = sessions[UNET].device[0] != "cpu"
         if io_binding is None:
@@ -134,8 +146,26 @@ class Pipeline:
             graphs = self._graph_cache(sessions[UNET], preference, intra_op_threads, cuda_graphs, max_cuda_graphs)
         self._previewer: Previewer | None = None
         #: what runs the plans: the device loop (IO binding) or the host loop
-        self.executor: Executor = (DeviceLoop(sessions, self.decoders, graphs) if io_binding
-                                   else HostLoop(sessions, self.decoders))
+        if io_binding:
+            from .device_loop import DeviceLoop
+
+            self.executor: Executor = DeviceLoop(sessions, self.decoders, graphs)
+        else:
+            self.executor = HostLoop(sessions, self.decoders)
+
+    @property
+    def providers(self) -> dict[str, str]:
+        """The provider each component runs on, e.g. {"unet": "cpu", ...}: its session's, checked at
+        its creation; a lazy component not created yet (LAZY_COMPONENTS), the one it will be asked for."""
+        loaded = self.sessions.loaded()
+        return {name: loaded[name].providers[0].value if name in loaded else self._expected[name].value
+                for name in self.sessions}
+
+    @property
+    def placement(self) -> dict[str, dict[str, int]]:
+        """Where each component's nodes run, provider -> count (checked at load: providers.check_placement).
+        ONNX Runtime's record of a real session: reading it creates any lazy session not created yet."""
+        return {name: dict(s.placement.nodes) for name, s in self.sessions.items() if s.placement is not None}
 
     @property
     def previewer(self) -> Previewer:
@@ -156,12 +186,14 @@ class Pipeline:
     @property
     def device_loop(self) -> DeviceLoop | None:
         """The executor where it is the device loop (IO binding), else None."""
-        return self.executor if isinstance(self.executor, DeviceLoop) else None
+        return None if isinstance(self.executor, HostLoop) else self.executor
 
     def _graph_cache(self, unet: Session, preference: ProviderPreference, threads: int,
                      sizes: Sequence[tuple[int, int, int]], max_graphs: int) -> GraphCache:
         """Static-shape UNet sessions per bucket; on the CUDA provider each captures a CUDA graph.
         On the CPU provider (tests) they are the same sessions without the capture."""
+        from .graph_cache import GraphCache
+
         kind = unet.providers[0]
         if kind is ProviderKind.TENSORRT:
             raise ProviderError("cuda_graphs: for the cuda provider; the UNet runs on tensorrt "
@@ -193,7 +225,11 @@ class Pipeline:
         cuda_graphs: Sequence[tuple[int, int, int]] = (),
         max_cuda_graphs: int = 2,
         component_settings: Mapping[str, ComponentSettings | Mapping] | None = None,
+<<<<<<< HEAD
         refiner: Path | str | Pipeline | None = None,
+=======
+        graph_cache: bool = True,
+>>>>>>> cold
     ) -> Pipeline:
         """Load a bundle directory; `providers` is an ordered preference ("cuda,cpu"), None to choose.
         `io_binding`: keep the denoising loop on the device (device_loop.py); None: where the UNet
@@ -203,8 +239,13 @@ class Pipeline:
         over the preference's — CPU arena on or off, the CUDA arena's extend strategy and memory
         limit (providers.ComponentSettings, or a mapping of its fields). `path` is a bundle directory
         or a model name (`builtin`, a cached preset or checkpoint: ortdiffusion.models.find_bundle).
+<<<<<<< HEAD
         `refiner`: an SDXL refiner (a bundle, model name or loaded Pipeline) that every call of this
         one hands its latents to: diffusers' ensemble of experts (see `__call__`)."""
+=======
+        `graph_cache`: keep the graphs ONNX Runtime optimizes in the cache and load them from there
+        next time (CPU provider; runtime/optimized_graphs.py): the same outputs, a faster load."""
+>>>>>>> cold
         from ..models import find_bundle  # lazily: models imports the runtime; torch-free
 
         path = find_bundle(path)
@@ -225,7 +266,8 @@ class Pipeline:
                 raise InvalidRequestError("component_settings", f"unknown component {name!r}; allowed: "
                                           f"{', '.join(names)}")
             settings[name] = ComponentSettings.parse(value, f"component_settings.{name}")
-        pipe = cls(path, manifest, preference, intra_op_threads, io_binding, cuda_graphs, max_cuda_graphs, settings)
+        pipe = cls(path, manifest, preference, intra_op_threads, io_binding, cuda_graphs, max_cuda_graphs, settings,
+                   graph_cache)
         logger.info("loaded %s on %s", path, pipe.providers)
         if refiner is not None:
             pipe.refiner = refiner if isinstance(refiner, Pipeline) else cls.load(

@@ -5,8 +5,9 @@ with numpy arrays (`Session.run`) or with IO binding on OrtValues that stay wher
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 from .cache import cache_dir
 from .errors import BundleError, ProviderError
 from .manifest import ComponentManifest
+from .optimized_graphs import CacheEntry, entry_for
 from .providers import (
     GPU_KINDS,
     ComponentSettings,
@@ -39,10 +41,14 @@ logger = logging.getLogger(__name__)
 class Session:
     def __init__(self, bundle_dir: Path, component: ComponentManifest, preference: ProviderPreference,
                  intra_op_threads: int = 0, bundle_sha256: str = "", tensorrt_cache: Path | None = None,
-                 fixed_dims: Mapping[str, int] | None = None, settings: ComponentSettings | None = None):
+                 fixed_dims: Mapping[str, int] | None = None, settings: ComponentSettings | None = None,
+                 graph_cache: Path | None = None):
         """`fixed_dims`: symbolic dims fixed at load (ONNX Runtime's free dimension overrides), so
         the shape arithmetic folds away; what a CUDA graph needs (`device_loop.GraphCache`).
-        `settings`: this component's own session settings (arena, GPU memory limit)."""
+        `settings`: this component's own session settings (arena, GPU memory limit).
+        `graph_cache`: a folder of optimized graphs (`optimized_graphs.py`): the graph ONNX Runtime
+        optimized is saved there once and loaded from there after, unoptimized; None: optimize at
+        every load."""
         import onnxruntime as ort
 
         self.component = component
@@ -54,15 +60,14 @@ class Session:
             preference = self._with_tensorrt_cache(preference, bundle_sha256, tensorrt_cache or cache_dir() / "tensorrt")
         cached = self.tensorrt_engine_dir is not None and any(self.tensorrt_engine_dir.glob("*.engine"))
         start = time.perf_counter()
-        options = session_options(intra_op_threads, self.settings.cpu_memory_arena, fixed_dims)
         self.fixed_dims = dict(fixed_dims or {})
         self._ort_providers = preference.ort_providers(available_providers())
-        try:
-            self._session = ort.InferenceSession(str(self.path), options, providers=self._ort_providers)
-        except (ProviderError, BundleError):
-            raise
-        except Exception as e:  # onnxruntime raises its own (non-exported) exception types
-            raise BundleError(str(self.path), f"onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from None
+        entry = None
+        if graph_cache is not None:
+            entry = entry_for(graph_cache, component, ort.__version__, self._ort_providers, self.fixed_dims)
+        #: "loaded" (from the optimized-graph cache), "saved" (optimized here and saved), or None (not cached)
+        self.graph_cache: str | None = None
+        self._session = self._open(entry, intra_op_threads)
         self.load_s = time.perf_counter() - start
         self.providers = check_providers(preference, self._session.get_providers(), component.name)
         self.placement: Placement | None = None  # None where this onnxruntime cannot say
@@ -81,6 +86,45 @@ class Session:
         if self.settings.cpu_memory_arena:
             self._release = ort.RunOptions()
             self._release.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+    def _open(self, entry: CacheEntry | None, threads: int):
+        """The ONNX Runtime session: from the cached optimized graph where there is a whole one (with
+        optimizations off: they were applied when it was saved), else from the bundle's graph,
+        optimized here (and saved into `entry`)."""
+        import onnxruntime as ort
+
+        arena, dims = self.settings.cpu_memory_arena, self.fixed_dims
+        if entry is not None and entry.ready():
+            try:
+                session = ort.InferenceSession(str(entry.model), session_options(threads, arena, dims, "disable"),
+                                               providers=self._ort_providers)
+                self.graph_cache = "loaded"
+                return session
+            except Exception as e:  # a damaged entry: optimize afresh and replace it
+                logger.warning("%s: cached optimized graph %s does not load (%s); rebuilding it", self.component.name,
+                               entry.model, str(e).splitlines()[0][:200])
+                entry.discard()
+        scratch = None
+        if entry is not None:
+            try:
+                scratch = entry.scratch()
+            except OSError as e:  # a read-only cache: run without it
+                logger.info("%s: optimized-graph cache not writable (%s)", self.component.name, e)
+        options = session_options(threads, arena, dims, optimized_model_path=str(scratch) if scratch else None)
+        try:
+            session = ort.InferenceSession(str(self.path), options, providers=self._ort_providers)
+        except Exception as e:  # onnxruntime raises its own (non-exported) exception types
+            if scratch is not None:
+                scratch.unlink(missing_ok=True)
+            raise BundleError(str(self.path), f"onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from None
+        if scratch is not None and entry is not None and scratch.is_file():
+            try:
+                entry.commit(scratch)
+                self.graph_cache = "saved"
+            except OSError as e:
+                logger.info("%s: could not save its optimized graph (%s)", self.component.name, e)
+                scratch.unlink(missing_ok=True)
+        return session
 
     def _with_tensorrt_cache(self, preference: ProviderPreference, bundle_sha256: str, root: Path) -> ProviderPreference:
         """TensorRT options for this component: its shape profile from the manifest, and an engine
@@ -132,6 +176,66 @@ class Session:
         return run_bound(self._session, inputs, outputs, device, self._release if release_memory else None)
 
 
+class Sessions(MutableMapping):
+    """A bundle's sessions by component name; those named in `lazy` are created on first use
+    (`sessions[name]`), once, even with several threads asking at the same time. Iterating over the
+    names creates nothing; reading every value (`.values()`, `.items()`) creates them all."""
+
+    def __init__(self, names: Sequence[str], make: Callable[[str], Session], lazy: Collection[str] = ()):
+        self._names = list(names)
+        self._make = make
+        self._lock = threading.Lock()
+        self._loaded: dict[str, Session] = {name: make(name) for name in self._names if name not in lazy}
+
+    def __getitem__(self, name: str) -> Session:
+        session = self._loaded.get(name)
+        if session is None:
+            if name not in self._names:
+                raise KeyError(name)
+            with self._lock:
+                session = self._loaded.get(name)
+                if session is None:
+                    logger.info("%s: creating its session on first use", name)
+                    session = self._loaded[name] = self._make(name)
+        return session
+
+    def __setitem__(self, name: str, session: Session) -> None:  # a test's spy in place of a session
+        if name not in self._names:
+            self._names.append(name)
+        self._loaded[name] = session
+
+    def __delitem__(self, name: str) -> None:
+        self._names.remove(name)
+        self._loaded.pop(name, None)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's would create the session to answer
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def load_all(self) -> None:
+        """Create every session not created yet (a service, before it says it is ready)."""
+        for name in self:
+            self[name]
+
+    def loaded(self) -> dict[str, Session]:
+        """The sessions created so far."""
+        return {name: self._loaded[name] for name in self._names if name in self._loaded}
+
+
+def expected_provider(component: ComponentManifest, preference: ProviderPreference) -> ProviderKind:
+    """The provider a session of `component` is asked for first (what `Session` will check it got);
+    a `ProviderError` where it cannot run on any."""
+    kinds = _restrict_to_component(preference, component).kinds
+    have = set(available_providers())
+    preference.ort_providers(have)  # the same errors as at the session's creation
+    return next(k for k in kinds if k in have)
+
+
 def run_bound(session, inputs: Mapping, outputs: Mapping[str, object | None] | Sequence[str], device: tuple[str, int],
               run_options=None) -> dict:
     """Run an ONNX Runtime session with IO binding: OrtValue `inputs`; each output written into its
@@ -164,4 +268,4 @@ def _restrict_to_component(preference: ProviderPreference, component: ComponentM
     return replace(preference, kinds=tuple(supported))
 
 
-__all__ = ["Session", "run_bound"]
+__all__ = ["Session", "Sessions", "expected_provider", "run_bound"]

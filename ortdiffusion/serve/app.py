@@ -307,6 +307,7 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
 
 
 def _warm_up(pipeline: Pipeline, config: ServeConfig) -> None:
+    pipeline.sessions.load_all()  # the sessions made on first use too: an edit request should not pay for one
     c = pipeline.manifest.pipeline
     for width, height in config.warmup_sizes or ((c.default_width, c.default_height),):
         pipeline("warm up", num_inference_steps=1, width=width, height=height, seed=0)
