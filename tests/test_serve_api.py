@@ -114,3 +114,16 @@ def test_b64_images_carry_metadata_too(service):
     r = gen(service, response_format="b64_json", seed=4, steps=2)
     image = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
     assert image.text["seed"] == "4" and image.text["prompt"] == "a red circle"
+
+
+def test_family_extensions_pass_through_with_the_python_apis_names(service):
+    """guidance_rescale, decoder and long_prompts reach the pipeline; what the bundle cannot do is
+    refused naming the field (the tiny bundle has no tiny decoder; its UNet takes long prompts)."""
+    result = client(service).images.generate(
+        prompt="a blue square " * 30, response_format="b64_json",
+        extra_body={"steps": 2, "seed": 3, "guidance_rescale": 0.5, "long_prompts": True})
+    meta = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).text
+    assert meta["guidance_rescale"] == "0.5" and meta["long_prompts"] == "true"
+    r = gen(service, decoder="tiny")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "decoder"
+    assert gen(service, guidance_rescale=2).json()["error"]["param"] == "guidance_rescale"

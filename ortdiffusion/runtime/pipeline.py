@@ -225,11 +225,8 @@ class Pipeline:
         cuda_graphs: Sequence[tuple[int, int, int]] = (),
         max_cuda_graphs: int = 2,
         component_settings: Mapping[str, ComponentSettings | Mapping] | None = None,
-<<<<<<< HEAD
         refiner: Path | str | Pipeline | None = None,
-=======
         graph_cache: bool = True,
->>>>>>> cold
     ) -> Pipeline:
         """Load a bundle directory; `providers` is an ordered preference ("cuda,cpu"), None to choose.
         `io_binding`: keep the denoising loop on the device (device_loop.py); None: where the UNet
@@ -239,13 +236,10 @@ class Pipeline:
         over the preference's — CPU arena on or off, the CUDA arena's extend strategy and memory
         limit (providers.ComponentSettings, or a mapping of its fields). `path` is a bundle directory
         or a model name (`builtin`, a cached preset or checkpoint: ortdiffusion.models.find_bundle).
-<<<<<<< HEAD
         `refiner`: an SDXL refiner (a bundle, model name or loaded Pipeline) that every call of this
-        one hands its latents to: diffusers' ensemble of experts (see `__call__`)."""
-=======
+        one hands its latents to: diffusers' ensemble of experts (see `__call__`).
         `graph_cache`: keep the graphs ONNX Runtime optimizes in the cache and load them from there
         next time (CPU provider; runtime/optimized_graphs.py): the same outputs, a faster load."""
->>>>>>> cold
         from ..models import find_bundle  # lazily: models imports the runtime; torch-free
 
         path = find_bundle(path)
@@ -271,7 +265,7 @@ class Pipeline:
         logger.info("loaded %s on %s", path, pipe.providers)
         if refiner is not None:
             pipe.refiner = refiner if isinstance(refiner, Pipeline) else cls.load(
-                refiner, providers, allow_fallback, intra_op_threads, io_binding)
+                refiner, providers, allow_fallback, intra_op_threads, io_binding, graph_cache=graph_cache)
             a, b = manifest.pipeline, pipe.refiner.manifest.pipeline
             if (a.latent_channels, a.vae_scale_factor) != (b.latent_channels, b.vae_scale_factor):
                 raise BundleError(str(pipe.refiner.bundle_dir), f"a refiner must share the base's latent space: it has "

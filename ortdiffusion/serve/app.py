@@ -101,7 +101,9 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
         generation = make_request(pipeline.manifest, body.prompt, body.negative_prompt, n, body.steps,
                                   body.guidance_scale, body.scheduler, body.seed, None, width, height,
                                   prompt_2=body.prompt_2, negative_prompt_2=body.negative_prompt_2,
-                                  schedule={"denoising_end": body.denoising_end})
+                                  schedule={"denoising_end": body.denoising_end},
+                                  guidance_rescale=body.guidance_rescale, decoder=body.decoder,
+                                  long_prompts=bool(body.long_prompts))
         admit(generation, config)
         return generation
 

@@ -32,6 +32,11 @@ class GenerateImageRequest(BaseModel):
     prompt_2: Annotated[str | None, Field(strict=True, max_length=MAX_PROMPT_CHARS)] = None
     negative_prompt_2: Annotated[str | None, Field(strict=True, max_length=MAX_PROMPT_CHARS)] = None
     denoising_end: Annotated[float | None, Field(strict=True, gt=0, lt=1, allow_inf_nan=False)] = None
+    # Extensions with the Python API's names (docs/families.md): diffusers' guidance rescale, the
+    # bundle's tiny decoder, prompts past the tokenizer's length in windows.
+    guidance_rescale: Annotated[float | None, Field(strict=True, ge=0, le=1, allow_inf_nan=False)] = None
+    decoder: Literal["full", "tiny"] | None = None
+    long_prompts: Annotated[bool | None, Field(strict=True)] = None
 
 
 class ImageGenerationRequest(GenerateImageRequest):
