@@ -368,22 +368,12 @@ def add_image_encoder(checkpoint_dir: Path | str, bundle_dir: Path | str, option
     """Give a bundle exported before image inputs existed its image encoder (the VAE encoder of the
     checkpoint it came from), leaving every other file as it is: how the built-in bundle got one.
     Written beside the bundle and published like an export."""
-    say = progress or (lambda msg: logger.info("%s", msg))
-    from ..runtime.manifest import load_manifest
-
-    bundle_dir = Path(bundle_dir)
-    manifest = load_manifest(bundle_dir)
-    ckpt = load_checkpoint(checkpoint_dir)
-    with staged(bundle_dir) as tmp:
-        shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
-        for f in tmp.glob(f"{VAE_ENCODER}.onnx*"):
-            f.unlink()
+    def export(ckpt: Checkpoint, out: Path, options: ExportOptions) -> ComponentManifest:
         spec, module = vae_encoder_component(ckpt.vae, int(ckpt.unet.config.sample_size))
-        say(f"{VAE_ENCODER}: exporting and checking parity")
-        component = export_component(spec, module, tmp, replace(options, precision=manifest.components[VAE_DECODER].precision))
-        manifest = replace(manifest, components={**manifest.components, VAE_ENCODER: component})
-        write_manifest(tmp, manifest)
-    return manifest
+        return export_component(spec, module, out, options)
+
+    return _add_component(VAE_ENCODER, "exporting and checking parity", export, checkpoint_dir, bundle_dir,
+                          options, progress)
 
 
 #: The manifest's `extra` key that records where the tiny decoder came from (for `compare`).
@@ -394,6 +384,19 @@ def add_tiny_decoder(tiny_decoder: Path | str, checkpoint_dir: Path | str, bundl
                      options: ExportOptions = ExportOptions(), progress: Progress | None = None) -> Manifest:
     """Give an existing bundle a tiny decoder (a diffusers AutoencoderTiny directory), leaving every
     other file as it is; published like an export."""
+    def export(ckpt: Checkpoint, out: Path, options: ExportOptions) -> ComponentManifest:
+        return _tiny_decoder(tiny_decoder, ckpt, out, options)
+
+    return _add_component(VAE_DECODER_TINY, f"exporting {tiny_decoder} and checking parity", export, checkpoint_dir,
+                          bundle_dir, options, progress,
+                          extra={TINY_DECODER_SOURCE: str(Path(tiny_decoder).resolve())})
+
+
+def _add_component(name: str, doing: str, export: Callable[[Checkpoint, Path, ExportOptions], ComponentManifest],
+                   checkpoint_dir: Path | str, bundle_dir: Path | str, options: ExportOptions,
+                   progress: Progress | None, extra: dict | None = None) -> Manifest:
+    """Export component `name` of the checkpoint into a copy of an existing bundle (at its decoder's
+    precision), every other file as it is, and publish the copy over the bundle like an export."""
     say = progress or (lambda msg: logger.info("%s", msg))
     from ..runtime.manifest import load_manifest
 
@@ -402,13 +405,12 @@ def add_tiny_decoder(tiny_decoder: Path | str, checkpoint_dir: Path | str, bundl
     ckpt = load_checkpoint(checkpoint_dir)
     with staged(bundle_dir) as tmp:
         shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
-        for f in tmp.glob(f"{VAE_DECODER_TINY}.onnx*"):
+        for f in tmp.glob(f"{name}.onnx*"):
             f.unlink()
-        say(f"{VAE_DECODER_TINY}: exporting {tiny_decoder} and checking parity")
-        options = replace(options, precision=manifest.components[VAE_DECODER].precision)
-        manifest = replace(manifest, components={**manifest.components,
-                                                 VAE_DECODER_TINY: _tiny_decoder(tiny_decoder, ckpt, tmp, options)},
-                           extra={**manifest.extra, TINY_DECODER_SOURCE: str(Path(tiny_decoder).resolve())})
+        say(f"{name}: {doing}")
+        component = export(ckpt, tmp, replace(options, precision=manifest.components[VAE_DECODER].precision))
+        manifest = replace(manifest, components={**manifest.components, name: component},
+                           extra={**manifest.extra, **(extra or {})})
         write_manifest(tmp, manifest)
     return manifest
 

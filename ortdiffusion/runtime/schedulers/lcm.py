@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidRequestError
-from .linear_step import LinearScheduler, LinearStep
-from .noise_schedule import TrainingScheduleConfig, config_from_dict, require
+from .ddim import DDIMScheduler
+from .linear_step import LinearStep
+from .noise_schedule import TrainingScheduleConfig, config_from_dict
 
 #: diffusers' `sigma_data` of the boundary condition scalings.
 SIGMA_DATA = 0.5
@@ -37,17 +38,11 @@ class LCMConfig(TrainingScheduleConfig):
     timestep_scaling: float = 10.0
 
 
-class LCMScheduler(LinearScheduler):
-    needs_noise = True  # every step but the last adds fresh noise
+class LCMScheduler(DDIMScheduler):
+    """DDIM's training schedule, start and noising (the same ᾱ and q(x_t | x_0)); its own timesteps
+    and step."""
 
-    def __init__(self, config: LCMConfig):
-        require("prediction_type", config.prediction_type, ("epsilon", "v_prediction", "sample"))
-        require("thresholding", config.thresholding, (False,))
-        self.config = config
-        self.alphas_cumprod = config.alphas_cumprod(terminal_floor=False)
-        self.final_alpha_cumprod = 1.0 if config.set_alpha_to_one else float(self.alphas_cumprod[0])
-        self.init_noise_sigma = 1.0
-        self.timesteps = np.zeros(0, dtype=np.int64)
+    needs_noise = True  # every step but the last adds fresh noise
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any], **overrides: Any) -> LCMScheduler:
@@ -67,10 +62,6 @@ class LCMScheduler(LinearScheduler):
         origin = (np.arange(1, original + 1) * k - 1)[::-1]
         indices = np.floor(np.linspace(0, len(origin), num=num_inference_steps, endpoint=False)).astype(np.int64)
         self.timesteps = origin[indices].astype(np.int64)
-
-    def noising(self, step_index: int) -> tuple[float, float]:
-        a = float(self.alphas_cumprod[int(self.timesteps[step_index])])  # DDPM's q(x_t | x_0)
-        return a**0.5, (1.0 - a) ** 0.5
 
     def linear_step(self, step_index: int) -> LinearStep:
         c = self.config
