@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.errors import BundleError
+from ..runtime.manifest import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -101,15 +102,7 @@ def check_layout(path: Path) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise BundleError(str(path), "missing")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(str(path), f"unreadable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise BundleError(str(path), "expected a JSON object")
-    return data
+    return read_json_object(path)
 
 
 # -- graph interfaces ---------------------------------------------------------------------------

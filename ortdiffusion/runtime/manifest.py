@@ -254,17 +254,23 @@ def write_manifest(bundle_dir: Path, manifest: Manifest) -> None:
     (bundle_dir / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
 
 
-def load_manifest(bundle_dir: Path | str) -> Manifest:
-    """Read and parse a bundle's manifest, without checking its files (see `verify_files`)."""
-    path = Path(bundle_dir) / MANIFEST_NAME
+def read_json_object(path: Path, missing: str = "missing") -> dict[str, Any]:
+    """A JSON object from `path`; a `BundleError` naming the file when it is missing or not one."""
     if not path.is_file():
-        raise BundleError(str(path), "missing: not a bundle directory (no manifest.json)")
+        raise BundleError(str(path), missing)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(str(path), f"unreadable JSON ({e})") from None
     if not isinstance(data, dict):
         raise BundleError(str(path), "expected a JSON object")
+    return data
+
+
+def load_manifest(bundle_dir: Path | str) -> Manifest:
+    """Read and parse a bundle's manifest, without checking its files (see `verify_files`)."""
+    path = Path(bundle_dir) / MANIFEST_NAME
+    data = read_json_object(path, "missing: not a bundle directory (no manifest.json)")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(
