@@ -193,3 +193,57 @@ def test_fp16_converts_graphs_whose_weights_live_outside_them(tiny_checkpoint, t
     half = Pipeline.load(out, providers="cpu")("a red circle", num_inference_steps=10, seed=3).images[0]
     full = tiny_pipeline("a red circle", num_inference_steps=10, seed=3).images[0]
     assert psnr(half, full) >= 28.0
+
+
+def test_fp16_vae_whose_activations_leave_fp16s_range(tiny_checkpoint, tmp_path):
+    """SDXL's VAE in small: a real diffusers AutoencoderKL decoder with activations past fp16's
+    largest value inside it (SDXL's VAE reaches ~1e5 in its decoder, hence the black images), and
+    an ordinary output, because a GroupNorm follows them. The measured block list keeps the
+    overflowing convolutions fp32 and the decoder matches fp32; the naive conversion of the same
+    graph gives NaN/inf, which the runtime's guard (`check_fp32_decoder_retry` above) catches."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from ortdiffusion.export.bundle import pipeline_components
+    from ortdiffusion.export.checkpoint import load_checkpoint
+    from ortdiffusion.export.fp16 import FP16_MAX, topological_sort
+    from ortdiffusion.runtime.manifest import Precision
+
+    spec, decoder = next((s, m) for s, m in pipeline_components(load_checkpoint(tiny_checkpoint)) if s.name == "vae_decoder")
+    resnet = decoder.vae.decoder.mid_block.resnets[0] if hasattr(decoder, "vae") else decoder.decoder.mid_block.resnets[0]
+    with torch.no_grad():  # conv1 feeds norm2: scaling it changes the values inside, not the image
+        resnet.conv1.weight.mul_(1e5)
+        resnet.conv1.bias.mul_(1e5)
+    latents = torch.from_numpy(np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32))
+    inside = {}
+
+    def record(module, args, output) -> None:
+        inside["max"] = float(output.abs().max())
+
+    hook = resnet.conv1.register_forward_hook(record)
+    with torch.no_grad():
+        ref = decoder(latents)
+        ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
+    hook.remove()
+    assert inside["max"] > FP16_MAX, f"the activations must leave fp16's range ({inside['max']:.3g})"
+    assert np.isfinite(ref).all() and np.abs(ref).max() < 100
+
+    entry = export_component(spec, decoder, tmp_path, ExportOptions(precision=Precision.FP16))
+    assert entry.precision is Precision.FP16 and entry.fp32_nodes, "the overflowing convolution stays fp32"
+    plain_dir = tmp_path / "plain"
+    plain_dir.mkdir()
+    plain = export_component(spec, decoder, plain_dir)
+    feeds = {spec.input_names[0]: latents.numpy()}
+
+    def run_as_written(model) -> np.ndarray:  # each node in its own dtype, as a GPU would run it
+        topological_sort(model.graph)
+        return ReferenceEvaluator(model).run(None, feeds)[0]
+
+    measured = run_as_written(onnx.load(str(tmp_path / entry.files[0].path)))
+    with np.errstate(all="ignore"):  # inf − inf inside the naive graph's GroupNorm
+        naive = run_as_written(convert_float_to_float16(onnx.load(str(plain_dir / plain.files[0].path)), keep_io_types=True))
+    assert not np.isfinite(naive).all(), "fp16 throughout overflows: the black image"
+    assert np.isfinite(measured).all()
+    rel = np.linalg.norm(measured - ref) / np.linalg.norm(ref)
+    assert rel <= 2e-2, rel
