@@ -68,6 +68,38 @@ def test_lcm_matches_diffusers(lcm, steps, guidance):
     assert out.metadata[0]["scheduler"] == "lcm"
 
 
+@pytest.mark.parametrize("strength,steps", [(0.5, 4), (0.3, 2), (1.0, 4)])
+def test_lcm_img2img_matches_diffusers(lcm, strength, steps):
+    """LCM's img2img runs every requested step inside the first `strength` of its schedule
+    (diffusers' `LatentConsistencyModelImg2ImgPipeline`), not the last `strength` of the steps."""
+    from diffusers import LatentConsistencyModelImg2ImgPipeline
+    from test_image_inputs import picture
+
+    checkpoint, pipe = lcm
+    size = pipe.manifest.pipeline.default_width
+    image = picture().resize((size, size))
+    ref_pipe = LatentConsistencyModelImg2ImgPipeline.from_pretrained(str(checkpoint), safety_checker=None,
+                                                                     requires_safety_checker=False)
+    ref_pipe.set_progress_bar_config(disable=True)
+    with ancestral_noise_from_seeds([7], where=("lcm", "vae", "lcm_img2img")):
+        ref = ref_pipe(PROMPT, image=image, strength=strength, num_inference_steps=steps, guidance_scale=8.5).images[0]
+    ran = []
+    out = pipe(PROMPT, image=image, strength=strength, seed=7, num_inference_steps=steps, guidance_scale=8.5,
+               callback=lambda *args: ran.append(args))
+    assert np.asarray(ref).std() > 5, "a flat image would make the comparison meaningless"
+    assert psnr(out.images[0], ref) >= 40.0, f"PSNR {psnr(out.images[0], ref):.1f} dB"
+    assert len(ran) == steps, "every requested step runs, whatever the strength"
+
+
+def test_lcm_img2img_says_when_strength_leaves_too_few_steps(lcm):
+    from test_image_inputs import picture
+
+    _, pipe = lcm
+    size = pipe.manifest.pipeline.default_width
+    with pytest.raises(InvalidRequestError, match=r"strength: leaves 2 of the lcm schedule's 50 steps"):
+        pipe(PROMPT, image=picture().resize((size, size)), strength=0.05, num_inference_steps=4)
+
+
 def test_lcm_guidance_changes_the_image_through_the_embedding_alone(lcm):
     _, pipe = lcm
     a, b = (pipe(PROMPT, seed=4, guidance_scale=g) for g in (2.0, 8.5))

@@ -41,6 +41,7 @@ NOISE_MODULES = {
     "lcm": "diffusers.schedulers.scheduling_lcm",
     "vae": "diffusers.models.autoencoders.vae",
     "img2img": "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img",
+    "lcm_img2img": "diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_img2img",
     "inpaint": "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint",
     "sdxl": "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
     "sdxl_img2img": "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img",

@@ -158,8 +158,15 @@ def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict
     # 1. timesteps and each step's coefficients, from the first step the request runs (an input
     #    image's strength skips the noisiest ones: diffusers' `get_timesteps`)
     scheduler = make_scheduler(request.scheduler, c.scheduler_config)
-    scheduler.set_timesteps(request.steps)
-    first, stop = _window(request, scheduler.timesteps, int(c.scheduler_config.get("num_train_timesteps", 1000)))
+    # (LCM shortens its schedule to the strength instead, and runs every step of it)
+    strength_in_schedule = getattr(scheduler, "schedules_strength", False) and request.has_image \
+        and request.denoising_start is None
+    if strength_in_schedule:
+        scheduler.set_timesteps(request.steps, strength=request.strength)
+    else:
+        scheduler.set_timesteps(request.steps)
+    first, stop = _window(request, scheduler.timesteps, int(c.scheduler_config.get("num_train_timesteps", 1000)),
+                          0 if strength_in_schedule else request.first_step)
     scheduler.begin_index = first
     run = range(first, stop)
     steps = tuple(scheduler.linear_step(i) for i in run)
@@ -218,12 +225,12 @@ def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict
     )
 
 
-def _window(request: GenerationRequest, timesteps: np.ndarray, train_steps: int) -> tuple[int, int]:
+def _window(request: GenerationRequest, timesteps: np.ndarray, train_steps: int, first: int) -> tuple[int, int]:
     """(first, stop): the steps of the schedule the request runs. An input image's strength skips the
     noisiest (diffusers' `get_timesteps`); diffusers' ensemble of experts cuts the schedule at a
     timestep: the base runs the steps at or above it (`denoising_end`), the refiner the ones below
     (`denoising_start`)."""
-    first, stop = request.first_step, len(timesteps)
+    stop = len(timesteps)
     if request.denoising_start is not None:
         cutoff = int(round(train_steps - request.denoising_start * train_steps))
         first = len(timesteps) - int((timesteps < cutoff).sum())

@@ -334,8 +334,10 @@ def make_request(
     timing = _schedule(schedule or {}, opened is not None or image_latents is not None)
     if timing["denoising_start"] is not None and mask_image is not None:
         raise InvalidRequestError("denoising_start", "not with a mask_image: inpainting runs the image's own schedule")
+    # (the LCM scheduler fits its schedule to the strength, so strength skips none of its steps)
     strength_value = _strength(strength, opened or image_latents is not None, mask_pixels is not None, steps,
-                               manifest.pipeline.default_strength, timing["denoising_start"] is not None)
+                               manifest.pipeline.default_strength,
+                               timing["denoising_start"] is not None or scheduler_name is SchedulerName.LCM)
     count = len(prompts) * per_prompt
     if latents is not None and opened is not None:
         raise InvalidRequestError("latents", "not with an image: an input image makes the starting latents")
@@ -469,8 +471,9 @@ def _size_of_image(manifest: Manifest, image) -> tuple[int, int]:
 
 def _strength(value: object, opened, has_mask: bool, steps: int, default: float | None = None,
               starts_at: bool = False) -> float:
-    """`default`: the family's img2img default (diffusers' SDXL: 0.3); `starts_at`: denoising_start
-    decides where the run starts, not strength (as diffusers)."""
+    """`default`: the family's img2img default (diffusers' SDXL: 0.3); `starts_at`: strength skips no
+    step (denoising_start decides where the run starts, as diffusers; the LCM scheduler checks the
+    strength against its own schedule)."""
     if not opened:
         if value is not None:
             raise InvalidRequestError("strength", "applies only with an input image (`image`)")

@@ -27,6 +27,10 @@ class Scheduler(Protocol):
     init_noise_sigma: float
     #: True when `step` needs a fresh standard-normal `noise` array every step.
     needs_noise: bool
+    #: True when an input image's strength shortens the schedule itself (LCM: all the requested
+    #: steps run, inside the first `strength` of the distillation schedule) rather than skipping its
+    #: noisiest steps (diffusers' `get_timesteps`, every other scheduler).
+    schedules_strength: bool = False
 
     def set_timesteps(self, num_inference_steps: int) -> None: ...
 

@@ -43,13 +43,16 @@ class LCMScheduler(DDIMScheduler):
     and step."""
 
     needs_noise = True  # every step but the last adds fresh noise
+    schedules_strength = True  # diffusers' LCMScheduler.set_timesteps(..., strength=)
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any], **overrides: Any) -> LCMScheduler:
         return cls(config_from_dict(LCMConfig, raw, overrides))
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
-        """Evenly spaced indices into the distillation schedule (k·1 − 1, …, k·N − 1, k = T // N)."""
+    def set_timesteps(self, num_inference_steps: int, strength: float = 1.0) -> None:
+        """Evenly spaced indices into the distillation schedule (k·1 − 1, …, k·N − 1, k = T // N);
+        with an input image, into its first `strength` (k·1 − 1, …, k·⌊N·strength⌋ − 1), so that
+        img2img runs every requested step (diffusers' `LatentConsistencyModelImg2ImgPipeline`)."""
         c = self.config
         original = c.original_inference_steps
         if not 1 <= original <= c.num_train_timesteps:
@@ -59,7 +62,12 @@ class LCMScheduler(DDIMScheduler):
             raise InvalidRequestError("num_inference_steps", f"must be at most {original} with the lcm scheduler "
                                       f"(the schedule it was distilled on), got {num_inference_steps}")
         k = c.num_train_timesteps // original
-        origin = (np.arange(1, original + 1) * k - 1)[::-1]
+        kept = int(original * strength)
+        if kept < num_inference_steps:
+            raise InvalidRequestError("strength", f"leaves {kept} of the lcm schedule's {original} steps, fewer than "
+                                      f"num_inference_steps ({num_inference_steps}): raise strength to at least "
+                                      f"{num_inference_steps / original:g} or take fewer steps")
+        origin = (np.arange(1, kept + 1) * k - 1)[::-1]
         indices = np.floor(np.linspace(0, len(origin), num=num_inference_steps, endpoint=False)).astype(np.int64)
         self.timesteps = origin[indices].astype(np.int64)
 
