@@ -191,6 +191,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 # -- bench --------------------------------------------------------------------------------------
 
 
+def engine_pythons(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """The interpreters of the engines that live in environments of their own."""
+    from .bench.worker import OPENVINO_VARIANTS
+
+    pythons = [("optimum", args.optimum_python)] if args.optimum_python else []
+    if args.openvino_python:
+        pythons += [(name, args.openvino_python) for name in OPENVINO_VARIANTS]
+    return tuple(pythons)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # said before the run, not after it
         raise ImportError("bench --plot needs matplotlib: pip install 'ortdiffusion[bench]' (or leave out --plot)")
@@ -208,7 +218,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     scheduler = SchedulerName.parse(args.scheduler, field="scheduler").value if args.scheduler else None
     plan = BenchPlan(models=tuple(args.model or ["tiny"]), engines=engines, settings=settings, runs=args.runs,
                      warmup=args.warmup, provider=args.provider, guidance=args.guidance,
-                     pythons=(("optimum", args.optimum_python),) if args.optimum_python else (), scheduler=scheduler,
+                     pythons=engine_pythons(args), scheduler=scheduler,
                      task=args.task)
     report = run_bench(plan, progress=_err)
     table = markdown(report)
@@ -310,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", help="bundle, checkpoint or preset (tiny, sd15-arch, sd21-arch); repeatable")
     p.add_argument("--engines", default="ortdiffusion,torch,optimum", help="run side by side, in alternating order: ortdiffusion (generic fp32 bundle), ortdiffusion-cpu "
                    "(CPU fusions), ortdiffusion-int8, ortdiffusion-fp16, ortdiffusion-cuda (CUDA target, fp16), "
-                   "ortdiffusion-cuda-graphs, torch, optimum")
+                   "ortdiffusion-cuda-graphs, torch, optimum, openvino (OpenVINO GenAI fp32), openvino-int8, openvino-bf16")
     p.add_argument("--size", default="64x64", help="comma-separated WxH")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,2,4,8")
     p.add_argument("--steps", type=int, default=20)
@@ -326,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", default=None)
     p.add_argument("--optimum-python", default=None,
                    help="python of a separate environment with optimum[onnxruntime] (see README)")
+    p.add_argument("--openvino-python", default=None,
+                   help="python of a separate environment with optimum-intel and openvino-genai, for the engines "
+                        "openvino (fp32), openvino-int8 (int8 weights) and openvino-bf16 (docs/benchmarks.md)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="a PNG of the stages and rates (needs matplotlib)")

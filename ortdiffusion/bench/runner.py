@@ -19,7 +19,8 @@ import numpy as np
 from .records import Comparison, Record, Report, Sample, Skipped
 
 ENGINES = ("ortdiffusion", "ortdiffusion-cpu", "ortdiffusion-int8", "ortdiffusion-fp16", "ortdiffusion-cuda",
-           "ortdiffusion-cuda-graphs", "ortdiffusion-tiny", "ortdiffusion-int8-tiny", "torch", "torch-tiny", "optimum")
+           "ortdiffusion-cuda-graphs", "ortdiffusion-tiny", "ortdiffusion-int8-tiny", "torch", "torch-tiny", "optimum",
+           "openvino", "openvino-int8", "openvino-bf16")
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def environment() -> dict[str, Any]:
     gpu = nvidia_smi("--query-gpu=name,memory.total", "--format=csv,noheader")
     versions = {}
     for package in ("ortdiffusion", "onnxruntime", "onnxruntime-gpu", "numpy", "torch", "diffusers", "transformers",
-                    "optimum", "optimum-onnx"):
+                    "optimum", "optimum-onnx", "optimum-intel", "openvino", "openvino-genai", "nncf"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -116,13 +116,25 @@ class OrtDiffusionEngine:
         return Sample(end_to_end=end - start, stages=stages, transfers=result.transfers.as_dict())
 
 
+def _openvino(model: str, provider: str | None, **kwargs):
+    from .openvino_engine import OpenVINOEngine  # only OpenVINO's own environment has openvino_genai
+
+    return OpenVINOEngine(model, provider, **kwargs)
+
+
+#: OpenVINO GenAI's variants (bench/openvino_engine.py): fp32, int8 weights, its default bf16 compute.
+OPENVINO_VARIANTS = ("openvino", "openvino-int8", "openvino-bf16")
 ENGINES = {**{name: OrtDiffusionEngine for name in ORT_VARIANTS}, "torch": TorchEngine, "torch-tiny": TorchEngine,
-           "optimum": OptimumEngine}
+           "optimum": OptimumEngine, **{name: _openvino for name in OPENVINO_VARIANTS}}
 
 
 def prepare(engine: str, model: str) -> dict[str, Any]:
     """Export the bundle an engine of ours needs (a no-op when it is cached), in a process of its
-    own before the engine's worker starts; other engines need nothing."""
+    own before the engine's worker starts (OpenVINO's: its IR, by optimum-intel); others need nothing."""
+    if engine in OPENVINO_VARIANTS:
+        from .openvino_engine import prepare as prepare_openvino
+
+        return prepare_openvino(engine, model)
     if engine not in ORT_VARIANTS:
         return {"prepared": None}
     from ..models import resolve_bundle
@@ -153,13 +165,16 @@ def main() -> None:
         return
     start = time.perf_counter()
     try:
-        extra = {"variant": args.engine, "task": args.task} if args.engine in ORT_VARIANTS else {"task": args.task}
+        variant = args.engine in ORT_VARIANTS or args.engine in OPENVINO_VARIANTS
+        extra = {"variant": args.engine, "task": args.task} if variant else {"task": args.task}
         if args.engine == "torch-tiny":
             extra["tiny_decoder"] = True
         engine = ENGINES[args.engine](args.model, args.provider, scheduler=args.scheduler, **extra)
     except ImportError as e:
         fix = {"torch": "pip install 'ortdiffusion[export]'",
-               "optimum": "an environment with optimum[onnxruntime], given as --optimum-python (docs/benchmarks.md)"}
+               "optimum": "an environment with optimum[onnxruntime], given as --optimum-python (docs/benchmarks.md)",
+               **{name: "an environment with optimum-intel and openvino-genai, given as --openvino-python "
+                        "(docs/benchmarks.md)" for name in OPENVINO_VARIANTS}}
         hint = f" ({fix[args.engine]})" if args.engine in fix and "pip install" not in str(e) else ""
         out.write(json.dumps({"error": f"{args.engine} unavailable: {e}{hint}"}) + "\n")
         out.flush()
