@@ -77,3 +77,46 @@ def test_weights_past_the_threshold_live_beside_the_graph_and_compute_the_same(t
     assert np.array_equal(np.asarray(ours), np.asarray(reference))
     # below the threshold (the default, for a model this small) a graph stays one file
     assert [f.path for f in tiny_pipeline.manifest.components["unet"].files] == ["unet.onnx"]
+
+
+def test_gathering_external_data_copies_every_weight_without_loading_them_all(tmp_path):
+    """`gather_external_data` turns a graph whose weights sit in other files (the exporter's one file
+    per tensor, or a fused graph that refers to the original data) into one graph + one data file,
+    tensor by tensor: same values, page-aligned offsets, the sources left as they were."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from ortdiffusion.export.weights import DATA_ALIGNMENT, gather_external_data
+
+    rng = np.random.default_rng(0)
+    weights = {f"w{k}": rng.standard_normal((33, 17 + k), dtype=np.float32) for k in range(4)}
+    nodes, previous = [], "x"
+    for k, (name, w) in enumerate(weights.items()):
+        nodes.append(helper.make_node("MatMul", [previous, name], [f"y{k}"]))
+        nodes.append(helper.make_node("Slice", [f"y{k}", "zero", "end", "one"], [f"s{k}"]))
+        previous = f"s{k}"
+    small = {"zero": np.array([0], np.int64), "end": np.array([33], np.int64), "one": np.array([1], np.int64)}
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 33])],
+                              [helper.make_tensor_value_info(previous, onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in {**weights, **small}.items()])
+    src = tmp_path / "src"
+    src.mkdir()
+    # two source files, as a fused graph has: the original data and the fusions' own
+    model = helper.make_model(graph)
+    onnx.save_model(model, str(src / "a.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=1024)
+    structure = onnx.load(str(src / "a.onnx"), load_external_data=False)
+    assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in structure.graph.initializer) == 4
+    out = tmp_path / "out"
+    out.mkdir()
+    data = gather_external_data(structure, src, out / "g.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["g.onnx", "g.onnx.data"] and data == out / "g.onnx.data"
+    gathered = onnx.load(str(out / "g.onnx"), load_external_data=False)
+    for tensor in gathered.graph.initializer:
+        if tensor.name in weights:
+            info = {e.key: e.value for e in tensor.external_data}
+            assert info["location"] == "g.onnx.data" and int(info["offset"]) % DATA_ALIGNMENT == 0
+    loaded = onnx.load(str(out / "g.onnx"))
+    for tensor in loaded.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), {**weights, **small}[tensor.name])
+    assert len(list(src.iterdir())) == 5  # the graph and its four per-tensor files, untouched

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .specs import ComponentSpec
-from .weights import save_with_external_data
+from .weights import gather_external_data
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ def export_onnx(
         if external:
             import onnx
 
-            files.append(save_with_external_data(onnx.load(str(raw), load_external_data=True), path))
+            # the exporter's scattered tensor files, copied one at a time into one data file
+            files.append(gather_external_data(onnx.load(str(raw), load_external_data=False), raw.parent, path))
         else:
             shutil.move(str(raw), path)
     logger.info("exported %s (%s, opset %d) to %s", spec.name, exporter.value, opset, path)

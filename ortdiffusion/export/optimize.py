@@ -169,19 +169,53 @@ def numpy2_num_heads_fix() -> Iterator[None]:
             cls.get_num_heads = original
 
 
+def declare_contrib_opset(model) -> None:
+    """Import the com.microsoft domain where fused nodes use it, as the optimizer's own save does
+    (the graph is saved here without it: its save would load every weight)."""
+    if any(n.domain == "com.microsoft" for n in model.graph.node) and \
+            not any(o.domain == "com.microsoft" for o in model.opset_import):
+        opset = model.opset_import.add()
+        opset.domain, opset.version = "com.microsoft", 1
+
+
+@contextmanager
+def external_data_readable_from(directory: Path) -> Iterator[None]:
+    """Run the body with `directory` as the working directory. ONNX Runtime's fusions read the
+    few weights they need through `onnx.numpy_helper.to_array(tensor)`, which finds a tensor's
+    external data relative to the working directory; this is what lets them run on a graph loaded
+    without its weights. Export is the only caller, one component at a time."""
+    import os
+
+    before = Path.cwd()
+    os.chdir(directory)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def optimize_graph(files: list[Path], component: str, target: Target, fp16: bool = False,
                    fits: dict[str, bool] | None = None) -> dict[str, int]:
     """Optimize the graph (`files`: the graph, then its external data if any) in place for
     `target`; return the fused operator counts. A graph past 2 GB keeps its weights in the one
     external data file beside it. `fp16`: the graph will be converted to fp16 next (CUDA's packed
-    attention inputs are fused only then). `fits`: the CUDA fusions the module's shapes allow (`cuda_fusions_fit`)."""
+    attention inputs are fused only then). `fits`: the CUDA fusions the module's shapes allow (`cuda_fusions_fit`).
+
+    The fusions run on the graph without its weights in memory: loaded with
+    `load_external_data=False`, the few weights a fusion reads come from disk one by one, and the
+    fused graph refers to the original data file for all it left alone. Loaded whole, the
+    SD-1.5-sized UNet (3.4 GB of weights) took this step to a 23.7 GB peak
+    (`benchmarks/results/export-memory-sd15-cpu2.json`)."""
     if target in (Target.GENERIC, Target.TENSORRT):
         return {}
     import tempfile
     from contextlib import nullcontext
 
+    import onnx
     import onnxruntime as ort
     from onnxruntime.transformers.optimizer import optimize_model
+
+    from .weights import gather_external_data
 
     path, external = files[0], len(files) > 1
     model_type = MODEL_TYPES.get(component)
@@ -189,27 +223,46 @@ def optimize_graph(files: list[Path], component: str, target: Target, fp16: bool
     fused: dict[str, int] = {}
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}-opt-") as tmp:
         staged = Path(tmp) / path.name  # written aside, then moved over: the originals are read meanwhile
-        source = path
+        # The fused graph for ONNX Runtime's CPU optimizer sits beside the original, so that the
+        # weights it did not touch are read from the original data file where they are.
+        source, fused_graph = path, path.with_name(f".fused-{path.name}")
         if model_type is not None:
-            # The NumPy-2 workaround is needed only where the UNet attention fusion runs (CUDA).
-            with numpy2_num_heads_fix() if gpu else nullcontext():
-                model = optimize_model(str(path), model_type=model_type, opt_level=0, use_gpu=gpu,
+            structure = onnx.load(str(path), load_external_data=False)
+            with external_data_readable_from(path.parent), numpy2_num_heads_fix() if gpu else nullcontext():
+                # The NumPy-2 workaround is needed only where the UNet attention fusion runs (CUDA).
+                model = optimize_model(structure, model_type=model_type, opt_level=0, use_gpu=gpu,
                                        optimization_options=fusion_options(model_type, target, fp16, fits))
-            fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
-            if target is Target.CPU and model_type in ("unet", "vae"):
-                fused["MultiHeadAttention"] = fuse_attention(model.model)
-            # For CUDA the fused graph is the result; the CPU's goes through ONNX Runtime below.
-            source = staged if gpu else Path(tmp) / f"fused-{path.name}"
-            model.save_model_to_file(str(source), use_external_data_format=external, all_tensors_to_one_file=True)
+                fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
+                if target is Target.CPU and model_type in ("unet", "vae"):
+                    fused["MultiHeadAttention"] = fuse_attention(model.model)
+                model.topological_sort()
+                declare_contrib_opset(model.model)
+                if gpu:  # the fused graph is the result; its weights gathered into one data file
+                    if external:
+                        gather_external_data(model.model, path.parent, staged)
+                    else:
+                        onnx.save_model(model.model, str(staged))
+                elif external:  # new (fused) weights in a data file of their own; the rest stays where it is
+                    onnx.save_model(model.model, str(fused_graph), save_as_external_data=True,
+                                    all_tensors_to_one_file=True, location=f"{fused_graph.name}.data",
+                                    size_threshold=1024)
+                    source = fused_graph
+                else:  # under 2 GB, loaded whole: one file (ONNX Runtime's save would keep referring to a data file)
+                    onnx.save_model(model.model, str(fused_graph))
+                    source = fused_graph
             # The optimizer's model and fusion objects refer to each other: without a collection
-            # here, their cycles kept 9.3 GB (SD-1.5's UNet, 3.4 GB of weights) into the next step.
-            del model
+            # here, their cycles kept 9.3 GB (SD-1.5's UNet, loaded whole then) into the next step.
+            del model, structure
             gc.collect()
-        if target is Target.CPU:
-            config = {"session.optimized_model_external_initializers_file_name": f"{path.name}.data",
-                      "session.optimized_model_external_initializers_min_size_in_bytes": "1024"} if external else {}
-            options = session_options(optimization="extended", config=config, optimized_model_path=str(staged))
-            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        try:
+            if target is Target.CPU:
+                config = {"session.optimized_model_external_initializers_file_name": f"{path.name}.data",
+                          "session.optimized_model_external_initializers_min_size_in_bytes": "1024"} if external else {}
+                options = session_options(optimization="extended", config=config, optimized_model_path=str(staged))
+                ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        finally:
+            fused_graph.unlink(missing_ok=True)
+            fused_graph.with_name(f"{fused_graph.name}.data").unlink(missing_ok=True)
         if staged.exists():
             staged.replace(path)
             if external:

@@ -101,3 +101,61 @@ def store_weights_externally(files: list[Path], min_bytes: int = EXTERNAL_WEIGHT
     data = save_with_external_data(model, path)
     logger.info("%s: weights moved to %s (%d MB)", path.name, data.name, data.stat().st_size // 2**20)
     return [path, data]
+
+
+#: Offsets of weights in a gathered data file are multiples of this (a page): ONNX Runtime
+#: memory-maps an external tensor only where its offset suits the mapping's granularity.
+DATA_ALIGNMENT = 4096
+
+
+def gather_external_data(model, source_dir: Path, path: Path, min_bytes: int = 1024) -> Path:
+    """Write `model` as the graph `path` with its weights in one `<path>.data`; return that file.
+
+    `model` may hold weights in memory (raw data) or refer to them in files under `source_dir`
+    (loaded with `load_external_data=False`); the latter are copied over one tensor at a time, so
+    the weights are never all in memory together. Why by hand: onnx's own save writes only weights
+    held in memory, so saving a graph whose weights sit in other files meant loading all of them
+    first — for the SD-1.5-sized UNet 3.4 GB in protobuf on top of the exporter's or optimizer's
+    own (the export's memory peaks, `benchmarks/export_memory.py`). Written aside and renamed:
+    `source_dir` may hold the data file being replaced."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    data = path.with_name(path.name + ".data")
+    partial = path.with_name(f".{data.name}.partial")
+    sources: dict[str, object] = {}
+    offset = 0
+    try:
+        with open(partial, "wb") as out:
+            for tensor in _get_all_tensors(model):
+                if tensor.HasField("raw_data") and len(tensor.raw_data) >= min_bytes:
+                    blob = tensor.raw_data
+                elif uses_external_data(tensor) and not tensor.HasField("raw_data"):
+                    info = ExternalDataInfo(tensor)
+                    if info.location not in sources:
+                        sources[info.location] = open(source_dir / info.location, "rb")  # noqa: SIM115 - closed below
+                    source = sources[info.location]
+                    source.seek(int(info.offset or 0))
+                    blob = source.read(int(info.length)) if info.length else source.read()
+                else:
+                    continue
+                padding = -offset % DATA_ALIGNMENT
+                out.write(b"\0" * padding)
+                offset += padding
+                out.write(blob)
+                tensor.ClearField("raw_data")
+                del tensor.external_data[:]
+                # (onnx's set_external_data wants the weight in memory, which is what this avoids)
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(len(blob)))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+                offset += len(blob)
+                del blob
+    finally:
+        for source in sources.values():
+            source.close()
+    onnx.save_model(model, str(path))  # the graph alone: every weight past `min_bytes` is in `data` now
+    partial.replace(data)
+    _readable_like(path, data)
+    return data
