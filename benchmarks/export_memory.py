@@ -2,9 +2,12 @@
 to find where an SD-sized export's memory goes.
 
     python benchmarks/export_memory.py --model sd15-arch --out benchmarks/results/export-memory-sd15-cpu2.json
+    python benchmarks/export_memory.py --model sd15-arch --target cpu --out benchmarks/results/export-memory-sd15-cpu-target-cpu2.json
 
 Steps, in the order `export_component` runs them for `--target cuda --precision fp16` (the CUDA
-parity check, which needs a GPU, is left out): the TorchScript export, the fp16 range measurement
+parity check, which needs a GPU, is left out); with `--target cpu`, the TorchScript export and the
+CPU optimization (the transformer optimizer's CPU fusions, then ONNX Runtime's own optimizer saving
+the graph): the TorchScript export, the fp16 range measurement
 on the plain graph (`fp16.measure_ranges`), ONNX Runtime's transformer optimizer with the CUDA
 fusions (`optimize.optimize_graph`), the fp16 conversion (`fp16.convert_to_fp16`). For each: wall
 time, the process's peak resident memory during it (sampled every 50 ms), and what stays resident
@@ -54,6 +57,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sd15-arch", help="a checkpoint directory or preset")
     p.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
+    p.add_argument("--target", choices=["cuda", "cpu"], default="cuda")
     args = p.parse_args()
 
     import onnxruntime
@@ -87,13 +91,16 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="export-memory-"))
     try:
         files = step("torchscript export", lambda: export_onnx(spec, module, work / "unet.onnx"))
-        ranges = step("fp16 range measurement", lambda: measure_ranges(files, spec))
-        step("optimizer, CUDA fusions", lambda: optimize_graph(files, "unet", Target.CUDA, fp16=True,
-                                                              fits=cuda_fusions_fit(module)))
-        step("fp16 conversion", lambda: convert_to_fp16(files, spec, ranges))
+        if args.target == "cpu":
+            step("optimizer, CPU fusions + ONNX Runtime", lambda: optimize_graph(files, "unet", Target.CPU))
+        else:
+            ranges = step("fp16 range measurement", lambda: measure_ranges(files, spec))
+            step("optimizer, CUDA fusions", lambda: optimize_graph(files, "unet", Target.CUDA, fp16=True,
+                                                                  fits=cuda_fusions_fit(module)))
+            step("fp16 conversion", lambda: convert_to_fp16(files, spec, ranges))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    record = {"model": args.model, "component": "unet", "steps": steps,
+    record = {"model": args.model, "component": "unet", "target": args.target, "steps": steps,
               "parity_shapes": [dict(d) for d in spec.parity_points()],
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
@@ -106,3 +107,32 @@ def test_cuda_fusions_are_left_out_where_the_kernels_refuse_the_shapes(tiny_chec
     ops = {n.op_type for n in onnx.load(str(files[0])).graph.node}
     assert {"MultiHeadAttention", "NhwcConv"} <= ops
     assert not ops & {"GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd"}, ops
+
+
+def test_cuda_fusions_of_a_graph_with_external_weights_leave_one_data_file(tiny_checkpoint, tmp_path, monkeypatch):
+    """The SD-sized path: the fusions run on the graph without its weights loaded, and the fused
+    graph's weights (the untouched ones read from the original file, tensor by tensor) end in one
+    data file beside it, nothing else left in the folder; the weights keep their values."""
+    import onnx
+    from onnx import numpy_helper
+
+    from ortdiffusion.export import onnx_export
+    from ortdiffusion.export.bundle import pipeline_components
+    from ortdiffusion.export.checkpoint import load_checkpoint
+    from ortdiffusion.export.optimize import Target, optimize_graph
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    spec, module = next((s, m) for s, m in pipeline_components(load_checkpoint(tiny_checkpoint)) if s.name == "unet")
+    files = onnx_export.export_onnx(spec, module, tmp_path / "unet.onnx")
+    assert [f.name for f in files] == ["unet.onnx", "unet.onnx.data"]
+    before = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(files[0])).graph.initializer}
+    optimize_graph(files, "unet", Target.CUDA)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.onnx", "unet.onnx.data"]
+    graph = onnx.load(str(files[0]), load_external_data=False).graph
+    assert "MultiHeadAttention" in {n.op_type for n in graph.node}
+    assert {e.value for t in graph.initializer for e in t.external_data if e.key == "location"} == {"unet.onnx.data"}
+    after = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(files[0])).graph.initializer}
+    kept = before.keys() & after.keys()
+    assert len(kept) > len(before) // 2
+    for name in kept:
+        np.testing.assert_array_equal(after[name], before[name])
