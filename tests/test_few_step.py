@@ -38,6 +38,11 @@ def turbo(tmp_path_factory):
     return _export("tiny-turbo", tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def sdxl_turbo(tmp_path_factory):
+    return _export("tiny-sdxl-turbo", tmp_path_factory)
+
+
 def _latents(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1, 4, 16, 16)).astype(np.float32)
 
@@ -145,6 +150,32 @@ def test_turbo_settings_match_diffusers(turbo, steps):
                                                        requires_safety_checker=False)
     ref_pipe.set_progress_bar_config(disable=True)
     latents = _latents(6)
+    ref = ref_pipe(PROMPT, latents=torch.from_numpy(latents), num_inference_steps=steps, guidance_scale=0.0).images[0]
+    calls = []
+    unet = pipe.sessions["unet"]
+    original = unet.run
+    unet.run = lambda feeds, **kw: (calls.append(feeds["sample"].shape[0]), original(feeds, **kw))[1]
+    try:
+        ours = pipe(PROMPT, latents=latents, num_inference_steps=steps).images[0]  # the bundle's defaults
+    finally:
+        unet.run = original
+    assert calls == [1] * steps, "guidance 0: one UNet row per image, no unconditional half"
+    assert np.asarray(ours).std() > 5
+    assert psnr(ours, ref) >= 40.0, f"PSNR {psnr(ours, ref):.1f} dB"
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sdxl_turbo_settings_match_diffusers(sdxl_turbo, steps):
+    """SDXL-Turbo as diffusers runs it (`StableDiffusionXLPipeline`, guidance 0, trailing Euler):
+    the SDXL family's two text encoders and added conditions with Turbo's defaults, no doubled batch."""
+    from diffusers import StableDiffusionXLPipeline
+
+    checkpoint, pipe = sdxl_turbo
+    p = pipe.manifest.pipeline
+    assert (p.default_scheduler, p.default_steps, p.default_guidance) == ("euler", 1, 0.0)
+    ref_pipe = StableDiffusionXLPipeline.from_pretrained(str(checkpoint))
+    ref_pipe.set_progress_bar_config(disable=True)
+    latents = _latents(8)
     ref = ref_pipe(PROMPT, latents=torch.from_numpy(latents), num_inference_steps=steps, guidance_scale=0.0).images[0]
     calls = []
     unet = pipe.sessions["unet"]

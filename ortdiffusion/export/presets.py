@@ -262,8 +262,13 @@ TINY_SDXL_REFINER = replace(
     pipeline_class="StableDiffusionXLImg2ImgPipeline", pipeline_config=_SDXL_REFINER_CONFIG,
 )
 
+#: The tiny SDXL laid out as SDXL-Turbo is (Euler on trailing timesteps; "turbo" in the name gives
+#: Turbo's defaults at export: 1 step, guidance 0).
+TINY_SDXL_TURBO = replace(TINY_SDXL, name="tiny-sdxl-turbo", scheduler=_TURBO_SCHEDULER)
+
 PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, TINY_INPAINT, TINY_LCM, TINY_TURBO, TINY_LDM, SD15, SD21,
-                                                  SD_TURBO, SDXL, SDXL_TURBO, TINY_SDXL, TINY_SDXL_REFINER)}
+                                                  SD_TURBO, SDXL, SDXL_TURBO, TINY_SDXL, TINY_SDXL_REFINER,
+                                                  TINY_SDXL_TURBO)}
 
 
 def write_clip_tokenizer(out_dir: Path, words: Iterable[str] = (), max_length: int = 77, pad_token: str = EOS) -> None:
