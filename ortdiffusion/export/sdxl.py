@@ -34,6 +34,7 @@ from ..runtime.manifest import (
     DimRange,
     PipelineConstants,
 )
+from ..runtime.request import MAX_PROMPT_CHUNKS
 from ..runtime.tokenizer import PromptTokenizer
 from .specs import ComponentSpec, Distribution, InputSpec, _tensor, unet_size_multiple, vae_decoder_component, \
     vae_encoder_component
@@ -107,7 +108,8 @@ def unet_spec(ckpt, max_length: int, batch: DimRange = DimRange(1, 2, 64)) -> tu
     side = DimRange(min=multiple, opt=opt, max=max(opt * 4, multiple), multiple_of=multiple)
     pooled_dim = int(ckpt.text_encoder_2.config.projection_dim)
     names = ["encoder_hidden_states", "encoder_hidden_states_2"]
-    hidden = tuple(InputSpec(_tensor(names[k], "float32", "batch", max_length, m.config.hidden_size))
+    # the text length: one window of tokens, or up to MAX_PROMPT_CHUNKS of them (long prompts)
+    hidden = tuple(InputSpec(_tensor(names[k], "float32", "batch", "sequence", m.config.hidden_size))
                    for k, (_, m) in enumerate(encoders(ckpt)))
     spec = ComponentSpec(
         name="unet",
@@ -120,7 +122,8 @@ def unet_spec(ckpt, max_length: int, batch: DimRange = DimRange(1, 2, 64)) -> tu
                       Distribution.UNIFORM, 0, 1024),
         ),
         outputs=(_tensor("out_sample", "float32", "batch", c.out_channels, "height", "width"),),
-        dims={"batch": batch, "height": side, "width": side},
+        dims={"batch": batch, "height": side, "width": side,
+              "sequence": DimRange(max_length, max_length, max_length * MAX_PROMPT_CHUNKS, max_length)},
     )
     return spec, SdxlUNetWrapper(unet, len(hidden)).eval()
 

@@ -377,12 +377,15 @@ class Pipeline:
         # 1. tokenize for each text encoder its prompts (SDXL: `prompt_2` for the second), the
         #    negative prompts first, as diffusers stacks [uncond; cond]
         pairs = request.image_prompts()
-        text_inputs, chunks = {}, 1
+        text_inputs, chunks, texts_of = {}, 1, {}
         for component, source in self.manifest.prompt_sources().items():
             prompts, negatives = request.texts(source)
-            texts = negatives + prompts if request.do_guidance else prompts
+            texts_of[component] = negatives + prompts if request.do_guidance else prompts
+        if request.long_prompts:  # every text encoder gives the UNet as many windows (SDXL: prompt_2 may be longer)
+            chunks = max(self.tokenizers[c].chunked(t, MAX_PROMPT_CHUNKS)[1] for c, t in texts_of.items())
+        for component, texts in texts_of.items():
             if request.long_prompts:
-                ids, chunks = self.tokenizers[component].chunked(texts, MAX_PROMPT_CHUNKS)
+                ids, _ = self.tokenizers[component].chunked(texts, MAX_PROMPT_CHUNKS, min_chunks=chunks)
                 batch = self.manifest.components[component].dims["batch"].max
                 if len(ids) > batch:
                     raise InvalidRequestError("num_images_per_prompt", f"{len(texts)} prompts × {chunks} windows of a "

@@ -368,8 +368,9 @@ def make_request(
 def long_prompt_capable(manifest: Manifest) -> bool:
     """Whether the UNet's text inputs take more than one window of tokens (a symbolic length)."""
     feeds = manifest.unet_feeds()
-    text = [i for i in manifest.components[UNET].inputs if feeds[i.name] not in SPECIAL_FEEDS]
-    return bool(text) and all(len(i.shape) == 3 and isinstance(i.shape[1], str) for i in text)
+    # hidden states (batch, tokens, width); a pooled output (SDXL's text_embeds) is the first window's
+    text = [i for i in manifest.components[UNET].inputs if feeds[i.name] not in SPECIAL_FEEDS and len(i.shape) == 3]
+    return bool(text) and all(isinstance(i.shape[1], str) for i in text)
 
 
 def _added(manifest: Manifest, given: Mapping[str, object]) -> AddedConditions:

@@ -42,17 +42,18 @@ class PromptTokenizer:
         encodings = self._fixed.encode_batch(list(prompts))
         return np.array([e.ids for e in encodings], dtype=np.int64)
 
-    def chunked(self, prompts: Sequence[str], max_chunks: int) -> tuple[np.ndarray, int]:
+    def chunked(self, prompts: Sequence[str], max_chunks: int, min_chunks: int = 1) -> tuple[np.ndarray, int]:
         """Long prompts as the well-known web UIs encode them: each prompt's tokens in windows of
         max_length − 2, each window wrapped in BOS … EOS and padded like a prompt of its own; every
         prompt gets as many windows as the longest (the rest: empty prompts). (ids of shape
         (len(prompts) × chunks, max_length), chunks), a prompt's windows on consecutive rows. A prompt
-        that fits gives exactly `__call__`'s ids; a longer one's first window is `__call__`'s too."""
+        that fits gives exactly `__call__`'s ids; a longer one's first window is `__call__`'s too.
+        `min_chunks`: at least this many windows (SDXL's two encoders must give the UNet as many)."""
         bos, eos = self._fixed.encode("").ids[:2]  # the post-processor's BOS and EOS
         pad = self._fixed.padding["pad_id"]
         width = self.max_length - 2
         bodies = [e.ids[1:-1] for e in self._full.encode_batch(list(prompts))]
-        chunks = max(1, *(-(-len(b) // width) for b in bodies))
+        chunks = max(min_chunks, *(-(-len(b) // width) for b in bodies))
         if chunks > max_chunks:
             longest = max(len(b) for b in bodies)
             raise InvalidRequestError("prompt", f"is {longest} tokens long; long prompts take at most "
