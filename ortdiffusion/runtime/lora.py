@@ -86,6 +86,25 @@ class LoraFile:
         return sum(l.down.nbytes + l.up.nbytes for c in self.layers.values() for l in c.values())
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA file and its scale, as the command line names it: `FILE` or `FILE:SCALE`."""
+
+    path: Path
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        """The last colon splits (a Windows drive letter survives); no number after it: scale 1."""
+        path, sep, scale = text.rpartition(":")
+        if sep and path:
+            try:
+                return cls(Path(path), float(scale))
+            except ValueError:
+                pass
+        return cls(Path(text), 1.0)
+
+
 def canonical_layer(component: str, module_path: str) -> str:
     """The one name of a layer in files and graphs: the module path inside the diffusers UNet or, for
     a text encoder, inside its `text_model` (`encoder.layers.0.self_attn.q_proj`)."""
@@ -362,5 +381,5 @@ class LoraRegistry:
         return self._loras[name].nbytes()
 
 
-__all__ = ["LoraFile", "LoraLayer", "LoraRegistry", "LoraTarget", "bundle_targets", "canonical_layer",
+__all__ = ["LoraFile", "LoraLayer", "LoraRegistry", "LoraSpec", "LoraTarget", "bundle_targets", "canonical_layer",
            "read_lora", "resolve_names"]
