@@ -15,6 +15,7 @@ path torch's exporter writes into node names (`/unet/down_blocks.0/.../attn1/to_
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from dataclasses import replace
@@ -128,10 +129,23 @@ def add_lora_inputs(bundle_dir: Path | str, components: tuple[str, ...] = (UNET,
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir)
     out = Path(out_dir) if out_dir is not None else bundle_dir
+    out.parent.mkdir(parents=True, exist_ok=True)
     with staged(out) as tmp:
-        shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
+        shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True, copy_function=_link_weights)
         manifest = add_lora_inputs_in_place(tmp, manifest, components)
     return manifest
+
+
+def _link_weights(src: str, dst: str) -> None:
+    """External weight files are never rewritten here (only the graphs are): a hard link instead of
+    gigabytes copied where the file system allows; everything else is copied."""
+    if src.endswith(".data"):
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
 
 
 def add_lora_inputs_in_place(bundle_dir: Path, manifest: Manifest,
