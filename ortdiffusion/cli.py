@@ -173,8 +173,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     checkpoint = resolve_checkpoint(str(args.checkpoint), config=args.config, progress=_err)
     bundle = _resolve_bundle(str(args.bundle if args.bundle is not None else args.checkpoint), "compare", args.config)
+    from .runtime.lora import LoraSpec
+
     report = compare(checkpoint, bundle, args.prompt, args.steps, args.guidance, args.scheduler, args.seed,
-                     args.image, args.provider)
+                     args.image, args.provider, tuple(LoraSpec.parse(t) for t in args.lora or ()))
     print(f"torch ({checkpoint}, fp32) against ONNX Runtime ({bundle}), {report.precision}\n")
     print("| what | figures | limit | result |\n|---|---|---|---|")
     for line in report.lines:
@@ -309,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", type=Path, default=None, help="write torch | ONNX | difference as one PNG")
     p.add_argument("--provider", default=None, help="where the bundle runs (default: the CPU, or the provider a "
                    "CUDA export was made for)")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="the end-to-end image with this LoRA on "
+                   "both sides (diffusers' load_lora_weights; the bundle needs --lora-inputs); repeatable")
     _config_arg(p)
     p.set_defaults(func=cmd_compare)
 
