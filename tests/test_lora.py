@@ -229,3 +229,15 @@ def test_cli_generate_with_a_lora(lora_bundle, lora_files, lora_pipeline, tmp_pa
     image = Image.open(tmp_path / "x.png")
     assert image.text["lora"] == "kohya-3:0.6"
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(ours))
+
+
+def test_compare_judges_a_bundle_run_with_a_lora(tiny_checkpoint, lora_bundle, lora_files):
+    """`ortdiffusion compare CKPT BUNDLE --lora FILE:SCALE`'s end-to-end line: diffusers with the LoRA
+    loaded against the bundle with it chosen per request."""
+    from ortdiffusion.export.compare import TOLERANCES, compare_end_to_end
+    from ortdiffusion.runtime.manifest import Precision
+
+    lines, _, a, _ = compare_end_to_end(tiny_checkpoint, lora_bundle, PROMPT, 4, 5.0, "ddim", 0,
+                                        TOLERANCES[Precision.FP32], "cpu", (LoraSpec(lora_files["kohya-3"], 0.7),))
+    assert "LoRA kohya-3.safetensors×0.7" in lines[0].what
+    assert all(line.passed for line in lines), [(line.what, line.figures) for line in lines]
