@@ -29,7 +29,7 @@ FLAGS = {
     "num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_images_per_prompt": "--num-images",
     "negative_prompt": "--negative-prompt", "seed": "--seed", "scheduler": "--scheduler", "providers": "--provider",
     "size": "--size", "width": "--size", "height": "--size", "output": "-o", "engines": "--engines", "image": "--image",
-    "mask_image": "--mask", "strength": "--strength"}
+    "mask_image": "--mask", "strength": "--strength", "lora": "--lora"}
 
 
 def _err(message: str) -> None:
