@@ -241,3 +241,17 @@ def test_compare_judges_a_bundle_run_with_a_lora(tiny_checkpoint, lora_bundle, l
                                         TOLERANCES[Precision.FP32], "cpu", (LoraSpec(lora_files["kohya-3"], 0.7),))
     assert "LoRA kohya-3.safetensors×0.7" in lines[0].what
     assert all(line.passed for line in lines), [(line.what, line.figures) for line in lines]
+
+
+def test_device_loop_binds_the_lora_inputs_itself(lora_bundle, lora_files, lora_pipeline):
+    """IO binding (the GPU's loop, here on the CPU provider): the same images as the host loop, with
+    a LoRA, with another, and with none (ONNX Runtime's own adapters are not applied to bound runs)."""
+    bound = Pipeline.load(lora_bundle, providers="cpu", io_binding=True)
+    assert bound.device_loop is not None
+    for name, path in lora_files.items():
+        bound.load_lora(path, name)
+    for lora in ({"peft-1": 0.8, "kohya-3": 0.5}, {"peft-2": 1.0}, None):
+        args = dict(num_inference_steps=3, seed=9, width=64, height=64, lora=lora)
+        a = np.asarray(bound(PROMPT, **args).images[0], int)
+        b = np.asarray(lora_pipeline(PROMPT, **args).images[0], int)
+        assert np.abs(a - b).max() <= 1, lora
