@@ -67,8 +67,8 @@ class LoraLayer:
 
     def delta(self) -> np.ndarray:
         """alpha / rank · up @ down as (out, in) (a 1×1 conv's kernel dims dropped)."""
-        down = self.down.reshape(self.down.shape[0], -1)
-        up = self.up.reshape(self.up.shape[0], -1)
+        down = self.down.reshape(self.down.shape[0], -1).astype(np.float32)
+        up = self.up.reshape(self.up.shape[0], -1).astype(np.float32)
         return (np.float32(self.alpha / self.rank) * (up @ down)).astype(np.float32)
 
 
@@ -162,10 +162,13 @@ def _grouped(tensors: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarra
 def _layer(module: str, parts: Mapping[str, np.ndarray], alpha: float | None) -> LoraLayer:
     if "down" not in parts or "up" not in parts:
         raise InvalidRequestError("lora", f"layer {module}: has {sorted(parts)}; a LoRA layer needs down and up")
-    down = np.asarray(parts["down"], dtype=np.float32)
+    # kept in the file's precision (most are fp16): a loaded LoRA costs its file size; sets are
+    # blended in fp32 (`LoraRegistry._blend`)
+    down, up = (np.asarray(parts[k]) if np.asarray(parts[k]).dtype == np.float16 else
+                np.asarray(parts[k], dtype=np.float32) for k in ("down", "up"))
     if "alpha" in parts:
         alpha = float(np.asarray(parts["alpha"]).reshape(-1)[0])
-    return LoraLayer(down, np.asarray(parts["up"], dtype=np.float32), float(down.shape[0] if alpha is None else alpha))
+    return LoraLayer(down, up, float(down.shape[0] if alpha is None else alpha))
 
 
 def _peft_layers(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> dict[str, dict[str, LoraLayer]]:
@@ -363,8 +366,9 @@ class LoraRegistry:
                 layer = lora.layers.get(component, {}).get(layer_name)
                 if layer is None:
                     continue
-                down = layer.down.reshape(layer.rank, -1)  # (rank, in)
-                up = layer.up.reshape(layer.up.shape[0], layer.rank) * np.float32(scale * layer.alpha / layer.rank)
+                down = layer.down.reshape(layer.rank, -1).astype(np.float32)  # (rank, in)
+                up = layer.up.reshape(layer.up.shape[0], layer.rank).astype(np.float32) \
+                    * np.float32(scale * layer.alpha / layer.rank)
                 downs.append(down)
                 ups.append(up)
             down = np.concatenate(downs) if downs else np.zeros((0, t.in_features), np.float32)
