@@ -255,3 +255,19 @@ def test_device_loop_binds_the_lora_inputs_itself(lora_bundle, lora_files, lora_
         a = np.asarray(bound(PROMPT, **args).images[0], int)
         b = np.asarray(lora_pipeline(PROMPT, **args).images[0], int)
         assert np.abs(a - b).max() <= 1, lora
+
+
+def test_batches_gather_only_requests_with_the_same_lora_set(lora_pipeline):
+    """Requests with another LoRA set run other weights: the batcher's compatibility key tells them apart."""
+    from dataclasses import replace
+
+    from ortdiffusion.runtime.request import make_request
+    from ortdiffusion.serve.batcher import Job
+
+    base = make_request(lora_pipeline.manifest, PROMPT, num_inference_steps=2)
+    keys = [Job(replace(base, lora=lora_pipeline.loras.selection(lora)), deadline=0).compat_key
+            for lora in ({"peft-1": 0.8}, {"peft-1": 0.8}, {"peft-1": 0.5}, {"kohya-3": 0.8}, None)]
+    assert keys[0] == keys[1] and len(set(keys)) == 4
+    # the same set named in another order is the same set
+    assert lora_pipeline.loras.selection({"peft-1": 1, "kohya-3": 2}) == lora_pipeline.loras.selection(
+        {"kohya-3": 2, "peft-1": 1})
