@@ -29,7 +29,7 @@ FLAGS = {
     "num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_images_per_prompt": "--num-images",
     "negative_prompt": "--negative-prompt", "seed": "--seed", "scheduler": "--scheduler", "providers": "--provider",
     "size": "--size", "width": "--size", "height": "--size", "output": "-o", "engines": "--engines", "image": "--image",
-    "mask_image": "--mask", "strength": "--strength"}
+    "mask_image": "--mask", "strength": "--strength", "lora": "--lora"}
 
 
 def _err(message: str) -> None:
@@ -122,6 +122,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     refiner = _resolve_bundle(args.refiner, "--refiner") if args.refiner else None
     pipe = Pipeline.load(bundle, providers=preference, allow_fallback=args.allow_fallback, refiner=refiner)
+    if args.lora:
+        request = _with_loras(pipe, request, args.lora)
     load_s = time.perf_counter() - started
     bar = ProgressBar("denoising", enabled=not args.quiet)
     result = pipe.generate(request, callback=bar)
@@ -171,8 +173,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     checkpoint = resolve_checkpoint(str(args.checkpoint), config=args.config, progress=_err)
     bundle = _resolve_bundle(str(args.bundle if args.bundle is not None else args.checkpoint), "compare", args.config)
+    from .runtime.lora import LoraSpec
+
     report = compare(checkpoint, bundle, args.prompt, args.steps, args.guidance, args.scheduler, args.seed,
-                     args.image, args.provider)
+                     args.image, args.provider, tuple(LoraSpec.parse(t) for t in args.lora or ()))
     print(f"torch ({checkpoint}, fp32) against ONNX Runtime ({bundle}), {report.precision}\n")
     print("| what | figures | limit | result |\n|---|---|---|---|")
     for line in report.lines:
@@ -281,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-guidance", type=float, help="guidance a call that names none gets (7.5; 8.5 LCM; 0 turbo)")
     p.add_argument("--tiny-decoder", type=Path, default=None, help="a diffusers AutoencoderTiny directory (TAESD) to add "
                    "as a fast decoder, chosen per call with --decoder tiny")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="fuse a LoRA (diffusers/PEFT or kohya "
+                   "safetensors) into the weights at SCALE (default 1); repeatable")
+    p.add_argument("--lora-inputs", action="store_true", help="give the UNet and text encoder LoRA inputs, so that "
+                   "LoRAs are chosen per request (generate --lora, serve --lora-dir) with no rebuild")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new bundle passed)")
     p.set_defaults(func=cmd_export)
 
@@ -313,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", type=Path, default=None, help="write torch | ONNX | difference as one PNG")
     p.add_argument("--provider", default=None, help="where the bundle runs (default: the CPU, or the provider a "
                    "CUDA export was made for)")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="the end-to-end image with this LoRA on "
+                   "both sides (diffusers' load_lora_weights; the bundle needs --lora-inputs); repeatable")
     _config_arg(p)
     p.set_defaults(func=cmd_compare)
 
@@ -361,6 +371,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _with_loras(pipe, request, specs: list[str]):
+    """`--lora FILE[:SCALE]` (repeatable): each file loaded into `pipe`, the request's set."""
+    from dataclasses import replace
+
+    from .runtime.lora import LoraSpec
+
+    chosen = {}
+    for text in specs:
+        spec = LoraSpec.parse(text)
+        chosen[pipe.load_lora(spec.path)] = spec.scale
+    return replace(request, lora=pipe.loras.selection(chosen))
+
+
 def _config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="for a single-file checkpoint: a diffusers directory or hub name with "
                    "the model's configs and tokenizer (default: the one diffusers infers from its keys)")
@@ -383,6 +406,8 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
                    "(as the web UIs do) instead of truncating it")
     p.add_argument("--scheduler", default=None, help=", ".join(s.value for s in SchedulerName))
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="a LoRA file applied at SCALE (default 1) "
+                   "to a bundle exported with --lora-inputs; repeatable, blended")
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's native size)")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--provider", default=None, help="ordered preference, e.g. cuda,cpu (default: best available)")

@@ -28,12 +28,14 @@ def cmd_export(args: argparse.Namespace, say: Say) -> int:
     from .export.onnx_export import Exporter
     from .export.optimize import Target
     from .models import resolve_checkpoint
+    from .export.lora_fuse import FusedLora
     from .runtime.manifest import Precision
 
     options = ExportOptions(
         opset=args.opset, precision=Precision(args.precision), exporter=Exporter(args.exporter), overwrite=args.overwrite,
         default_steps=args.default_steps, default_guidance=args.default_guidance, target=Target(args.target),
-        tiny_decoder=args.tiny_decoder,
+        tiny_decoder=args.tiny_decoder, loras=tuple(FusedLora.parse(t) for t in args.lora or ()),
+        lora_inputs=args.lora_inputs,
     )
     checkpoint = resolve_checkpoint(source, config=args.config, progress=say)
     start = time.perf_counter()

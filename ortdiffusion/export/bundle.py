@@ -40,6 +40,8 @@ from ..runtime.tokenizer import PromptTokenizer
 from .checkpoint import Checkpoint, load_checkpoint
 from .fp16 import FP16_TOLERANCE, convert_to_fp16, measure_ranges
 from .quantize import INT8_TOLERANCE, Calibration, quantize_unet, unet_calibration_feeds
+from .lora_fuse import FusedLora, checkpoint_models, fuse_loras
+from .lora_inputs import add_lora_inputs_in_place
 from .onnx_export import DEFAULT_OPSET, Exporter, export_onnx
 from .optimize import Target, cuda_fusions_fit, optimize_graph
 from .parity import FP32_TOLERANCE, check_parity, measure_parity
@@ -81,6 +83,10 @@ class ExportOptions:
     #: A diffusers AutoencoderTiny directory (TAESD for SD 1/2, TAESDXL for SDXL) to add as the
     #: bundle's tiny decoder (`decoder="tiny"` per call), or None.
     tiny_decoder: Path | None = None
+    #: LoRAs fused into the weights before export (`--lora FILE:SCALE`, export/lora_fuse.py).
+    loras: tuple[FusedLora, ...] = ()
+    #: Give the UNet and text encoder(s) LoRA inputs, switched per request (export/lora_inputs.py).
+    lora_inputs: bool = False
 
 
 def export_component(
@@ -311,6 +317,9 @@ def export_checkpoint(
     ckpt = load_checkpoint(checkpoint_dir)
     if ckpt.is_sdxl and options.precision is Precision.INT8:
         raise ExportError("precision int8: calibration runs diffusers' SD pipeline; SDXL exports fp32 or fp16")
+    if options.loras:
+        say(f"fusing {len(options.loras)} LoRA(s) into the weights")
+        fuse_loras(checkpoint_models(ckpt), options.loras)
     with staged(out_dir) as tmp:
         components = {}
         specs = pipeline_components(ckpt)
@@ -335,6 +344,8 @@ def export_checkpoint(
             components[VAE_DECODER_TINY] = _tiny_decoder(options.tiny_decoder, ckpt, tmp, options)
         write_tokenizer(ckpt, tmp)
         extra = {TINY_DECODER_SOURCE: str(Path(options.tiny_decoder).resolve())} if options.tiny_decoder else {}
+        if options.loras:  # what the weights carry beyond the checkpoint's
+            extra[FUSED_LORAS] = [{"path": str(f.path.resolve()), "scale": f.scale} for f in options.loras]
         tokenizers = {}
         if ckpt.is_sdxl and ckpt.text_encoder is not None:  # the refiner's one tokenizer is tokenizer.json
             from .sdxl import write_tokenizer_2
@@ -352,7 +363,14 @@ def export_checkpoint(
             tokenizers=tokenizers,
         )
         write_manifest(tmp, manifest)
+        if options.lora_inputs:
+            say("adding LoRA inputs to the UNet and text encoder(s)")
+            manifest = add_lora_inputs_in_place(tmp, manifest)
     return manifest
+
+
+#: The manifest's `extra` key listing the LoRAs fused at export (path, scale).
+FUSED_LORAS = "fused_loras"
 
 
 def _component_options(ckpt: Checkpoint, name: str, options: ExportOptions) -> ExportOptions:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ..runtime.errors import BundleError
+from ..runtime.lora import LoraRegistry, LoraSpec
 from ..runtime.manifest import Precision, load_manifest, verify_files
 from ..runtime.quality import psnr
 from ..runtime.session import Session
@@ -137,12 +138,14 @@ def compare_components(ckpt, bundle_dir: Path, manifest, tol: Tolerances, seed: 
 
     lines = []
     preference = ProviderPreference.parse(provider)
+    no_lora = LoraRegistry(manifest).feeds(())
     for spec, module in pipeline_components(ckpt) + _tiny_decoder_component(ckpt, manifest):
         if spec.name not in manifest.components:  # a bundle from before the image encoder
             continue
         # at the shapes the bundle takes: one exported before a dim became symbolic keeps it fixed
         spec = as_exported(spec, manifest.components[spec.name])
         session = Session(bundle_dir, manifest.components[spec.name], preference)
+        extra = no_lora.get(spec.name, {})  # a bundle with LoRA inputs: rank 0, the checkpoint's own weights
         for k, dims in enumerate(spec.parity_points()):
             inputs = spec.sample_inputs(dims, seed=seed + k)
             if spec.name == "unet" and manifest.extra.get("one_timestep_per_batch"):
@@ -151,7 +154,7 @@ def compare_components(ckpt, bundle_dir: Path, manifest, tol: Tolerances, seed: 
             with torch.no_grad():
                 ref = module(*inputs)
             ref = ref if isinstance(ref, tuple) else (ref,)
-            got = list(session.run({n: t.numpy() for n, t in zip(spec.input_names, inputs)}).values())
+            got = list(session.run({**{n: t.numpy() for n, t in zip(spec.input_names, inputs)}, **extra}).values())
             for name, g, r in zip(spec.output_names, got, ref):
                 max_abs, rel_l2, cosine = error_figures(g, r.numpy())
                 figures = {"max_abs_error": max_abs, "rel_l2_error": rel_l2, "cosine_similarity": cosine, **_counts(g)}
@@ -189,8 +192,8 @@ def reference_pipeline(ckpt_dir: Path, task: str = "text-to-image"):
 
 
 def compare_end_to_end(ckpt_dir: Path, bundle_dir: Path, prompt: str, steps: int, guidance: float,
-                       scheduler: str, seed: int, tol: Tolerances,
-                       provider: str = "cpu") -> tuple[list[Line], list[dict], np.ndarray, np.ndarray]:
+                       scheduler: str, seed: int, tol: Tolerances, provider: str = "cpu",
+                       loras: tuple[LoraSpec, ...] = ()) -> tuple[list[Line], list[dict], np.ndarray, np.ndarray]:
     import inspect
 
     from ..runtime.pipeline import Pipeline
@@ -201,14 +204,19 @@ def compare_end_to_end(ckpt_dir: Path, bundle_dir: Path, prompt: str, steps: int
     shape = (1, c.latent_channels, c.default_height // c.vae_scale_factor, c.default_width // c.vae_scale_factor)
     latents = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     ours_steps: list[np.ndarray] = []
+    chosen = {ours.load_lora(spec.path, f"lora{k}"): spec.scale for k, spec in enumerate(loras)}
     result = ours(prompt, latents=latents, seed=seed, num_inference_steps=steps, guidance_scale=guidance,
-                  scheduler=scheduler, callback=lambda i, n, x: ours_steps.append(x.copy()))
+                  scheduler=scheduler, callback=lambda i, n, x: ours_steps.append(x.copy()), lora=chosen or None)
 
     # fp32 whatever dtype the weights were saved in: a checkpoint saved in fp16 (the built-in one)
     # otherwise loads its text encoder in fp16 (transformers 5 keeps the saved dtype) beside an fp32
     # UNet, and the first cross-attention fails with "c10::Half != float".
     ref = reference_pipeline(ckpt_dir)
     ref.scheduler = reference_scheduler(scheduler, ref.scheduler.config)
+    if chosen:  # diffusers' own LoRA loading (PEFT), the same scales
+        for name, spec in zip(chosen, loras):
+            ref.load_lora_weights(str(spec.path), adapter_name=name)
+        ref.set_adapters(list(chosen), adapter_weights=list(chosen.values()))
     ref_steps: list[np.ndarray] = []
 
     def keep(pipe, i, t, kwargs):
@@ -226,7 +234,8 @@ def compare_end_to_end(ckpt_dir: Path, bundle_dir: Path, prompt: str, steps: int
         max_abs, rel_l2, cosine = error_figures(y, x)
         divergence.append({"step": i + 1, "max_abs_error": max_abs, "rel_l2_error": rel_l2, "cosine_similarity": cosine})
     figures = {"psnr_db": psnr(a, b), "ssim": ssim(a, b), "max_abs_error": float(np.abs(a.astype(int) - b.astype(int)).max())}
-    lines = [Line(f"image [{prompt!r}, {scheduler}, {steps} steps]", figures,
+    with_lora = ", LoRA " + " + ".join(f"{spec.path.name}×{spec.scale:g}" for spec in loras) if loras else ""
+    lines = [Line(f"image [{prompt!r}, {scheduler}, {steps} steps{with_lora}]", figures,
                   figures["psnr_db"] >= tol.min_psnr_db and figures["ssim"] >= tol.min_ssim,
                   f"PSNR ≥ {tol.min_psnr_db:g} dB, SSIM ≥ {tol.min_ssim:g}")]
     if divergence:
@@ -285,8 +294,10 @@ def side_by_side(a: np.ndarray, b: np.ndarray, path: Path, amplify: float = 10.0
 
 def compare(checkpoint: Path | str, bundle: Path | str, prompt: str = "a red circle on the left", steps: int = 20,
             guidance: float = 7.5, scheduler: str | None = None, seed: int = 0, image_path: Path | None = None,
-            provider: str | None = None) -> CompareReport:
-    """torch (fp32, CPU) against the bundle run on `provider` (default: `default_provider`)."""
+            provider: str | None = None, loras: tuple[LoraSpec, ...] = ()) -> CompareReport:
+    """torch (fp32, CPU) against the bundle run on `provider` (default: `default_provider`).
+    `loras`: LoRA files and scales applied to the end-to-end image on both sides (diffusers'
+    `load_lora_weights` + `set_adapters`; ours per request: a bundle exported with --lora-inputs)."""
     checkpoint, bundle = Path(checkpoint), Path(bundle)
     manifest = load_manifest(bundle)
     verify_files(bundle, manifest)
@@ -307,7 +318,7 @@ def compare(checkpoint: Path | str, bundle: Path | str, prompt: str = "a red cir
     if _class_name(checkpoint) != "StableDiffusionXLImg2ImgPipeline":
         lines, divergence, a, b = compare_end_to_end(
             checkpoint, bundle, prompt, steps, guidance, scheduler or manifest.pipeline.default_scheduler, seed, tol,
-            provider)
+            provider, tuple(loras))
         report.lines += lines
         report.latent_divergence = divergence
     else:  # an SDXL refiner: image-to-image only, on a picture of its own

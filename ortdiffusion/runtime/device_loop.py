@@ -148,8 +148,14 @@ class DeviceLoop:
 
         # 1. text encoder(s): the token ids go over, the outputs the UNet reads stay
         conditioning = {name: put(name, array) for name, array in plan.conditioning.items()}
+        # a LoRA set's side-branch weights: bound like any other input, once per run (ONNX Runtime's
+        # own adapters are not applied to runs with IO binding); their rank varies by set, so never
+        # into a CUDA graph's fixed buffers
+        adapters = plan.adapter_feeds
+        conditioning.update({name: self._send(array, trace) for name, array in adapters.get(UNET, {}).items()})
         text_feeds = plan.text_feeds()
         for component, feeds in plan.text_inputs.items():
+            feeds = {**feeds, **adapters.get(component, {})}
             if plan.text_chunks > 1:  # long prompts: the windows are joined on the host, once, before the loop
                 outputs = plan.join_chunks(self.sessions[component].run({n: a for n, a in feeds.items()}, release_memory=True))
                 conditioning.update({name: put(name, outputs[output])

@@ -37,9 +37,11 @@ class HostLoop:
 
     def __call__(self, plan: Plan, trace: Trace, callback: StepCallback | None = None) -> np.ndarray:
         # 1. text encoder(s) → the UNet's conditioning (one batch for both halves when guided)
-        encoded = {component: plan.join_chunks(self._run(component, feeds, trace, release=True))
+        adapters = plan.adapter_feeds
+        encoded = {component: plan.join_chunks(self._run(component, {**feeds, **adapters.get(component, {})}, trace,
+                                                         release=True))
                    for component, feeds in plan.text_inputs.items()}
-        conditioning = dict(plan.conditioning)
+        conditioning = {**plan.conditioning, **adapters.get(UNET, {})}
         for name, (component, output) in plan.text_feeds().items():
             conditioning[name] = encoded[component][output].astype(np.float32, copy=False)
             if plan.zero_uncond:  # SDXL's force_zeros_for_empty_prompt: zero negative embeddings

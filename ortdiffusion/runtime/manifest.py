@@ -47,8 +47,10 @@ FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST, FEED_INPAINT = "latents", "timestep",
 FEED_GUIDANCE = "guidance_embedding"
 #: SDXL's `time_ids`: the plan's, per row, from the request's sizes (and aesthetic scores).
 FEED_TIME_IDS = "time_ids"
+#: A LoRA side branch's weights (`<layer>.lora_down` / `.lora_up`, runtime/lora.py): the request's LoRA set.
+FEED_LORA = "lora"
 #: The sources that are not a text encoder's output.
-SPECIAL_FEEDS = (FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST, FEED_INPAINT, FEED_GUIDANCE, FEED_TIME_IDS)
+SPECIAL_FEEDS = (FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST, FEED_INPAINT, FEED_GUIDANCE, FEED_TIME_IDS, FEED_LORA)
 
 
 class Task(str, Enum):

@@ -31,6 +31,7 @@ from .decoder import ImageDecoder
 from .errors import BundleError, InvalidRequestError, ProviderError
 from .host_loop import HostLoop
 from .image_input import ImageSource
+from .lora import LoraRegistry
 from .manifest import (
     UNET,
     VAE_DECODER,
@@ -145,6 +146,8 @@ class Pipeline:
                 raise ProviderError("cuda_graphs: needs io_binding (a CUDA graph replays into fixed device buffers)")
             graphs = self._graph_cache(sessions[UNET], preference, intra_op_threads, cuda_graphs, max_cuda_graphs)
         self._previewer: Previewer | None = None
+        #: the LoRAs this bundle knows by name (`load_lora`), fed per request where it has LoRA inputs
+        self.loras = LoraRegistry(manifest)
         #: what runs the plans: the device loop (IO binding) or the host loop
         if io_binding:
             from .device_loop import DeviceLoop
@@ -299,6 +302,7 @@ class Pipeline:
         denoising_end: float | None = None,
         denoising_start: float | None = None,
         output_type: str = "pil",
+        lora: Mapping[str, float] | None = None,
         **added_conditions: object,
     ) -> PipelineResult:
         """diffusers' argument names. `conditioning`: the UNet inputs a bundle's family takes from
@@ -319,7 +323,10 @@ class Pipeline:
         their negative_ forms, aesthetic_score, negative_aesthetic_score: `request.AddedConditions`),
         `image` may be latents (the base's, for a refiner), `denoising_end` / `denoising_start`
         (the ensemble of experts' hand-off) and output_type="latent" (`PipelineResult.latents`).
-        With a refiner loaded (`load(..., refiner=)`) one call runs both (`generate`)."""
+        With a refiner loaded (`load(..., refiner=)`) one call runs both (`generate`).
+
+        `lora`: {name: scale} of LoRAs loaded with `load_lora`, blended (a bundle exported with
+        `--lora-inputs`); each call may name another set, nothing is rebuilt."""
         schedule = {"denoising_start": denoising_start, "denoising_end": denoising_end, "output_type": output_type}
         request = make_request(
             self.manifest, prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
@@ -327,7 +334,16 @@ class Pipeline:
             keep_unmasked, guidance_rescale, decoder, long_prompts, prompt_2, negative_prompt_2, added_conditions,
             schedule,
         )
+        if lora:
+            request = replace(request, lora=self.loras.selection(lora))
         return self.generate(request, callback)
+
+    def load_lora(self, path: Path | str, name: str | None = None) -> str:
+        """Read a LoRA file (diffusers/PEFT or kohya safetensors) and know it by `name` (default: the
+        file's stem) for calls' `lora={name: scale}`; the bundle needs LoRA inputs (`--lora-inputs`)."""
+        name = name or Path(path).stem
+        self.loras.register(name, path)
+        return name
 
     @property
     def tasks(self) -> tuple[Task, ...]:
@@ -400,6 +416,8 @@ class Pipeline:
 
         # 3. the plan: timesteps, step coefficients, seeded noise, starting latents, conditioning
         plan = build_plan(self.manifest, request, text_inputs, encoded, chunks)
+        if self.loras.enabled:  # the LoRA set's side-branch weights (rank 0 without one)
+            plan = replace(plan, adapter_feeds=self.loras.feeds(request.lora))
         trace.lap(Stage.SCHEDULER)
 
         # 4–6. text encoder → denoising loop → image decoder, on the host or on the device
@@ -441,6 +459,8 @@ class Pipeline:
             "size": f"{request.width}x{request.height}", "model_hash": self.model_hash[:16],
             "software": f"ortdiffusion {__version__}",
         }
+        if request.lora:
+            meta["lora"] = ",".join(f"{name}:{scale:g}" for name, scale in request.lora)
         if request.long_prompts:
             meta["long_prompts"] = "true"
         if request.decoder != "full":

@@ -18,8 +18,8 @@ more conditioning input (manifest feed "inpaint").
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -73,6 +73,9 @@ class Plan:
     #: Long prompts: each prompt's windows of tokens on this many consecutive text-encoder rows,
     #: joined after the text encoder (`join_chunks`); 1 for ordinary prompts.
     text_chunks: int = 1
+    #: Inputs of a component that are the same for every row and step: the LoRA set's side-branch
+    #: weights (runtime/lora.py), component → {input: array}; the executors add them to its feeds.
+    adapter_feeds: Mapping[str, Mapping[str, np.ndarray]] = field(default_factory=dict)
 
     @property
     def guided(self) -> bool:

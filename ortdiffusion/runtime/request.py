@@ -145,6 +145,9 @@ class GenerationRequest:
     denoising_start: float | None = None
     #: "pil" (images) or "latent" (the final latents, not decoded: diffusers' output_type).
     output_type: str = "pil"
+    #: The LoRA set, ((name, scale), ...) in name order (`LoraRegistry.selection`): part of the
+    #: batching key, as requests with other sets run other weights.
+    lora: tuple[tuple[str, float], ...] = ()
 
     @property
     def has_image(self) -> bool:

@@ -10,6 +10,7 @@ import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -69,6 +70,8 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
     store = store if store is not None else ImageStore(config.image_ttl_s, max_bytes=config.image_store_bytes)
     instance = instance or default_instance()
     vocabulary = load_vocabulary(pipeline.bundle_dir)
+    if config.lora_dir:  # registered before the first request; a bad file stops the start, naming it
+        logger.info("LoRAs from %s: %s", config.lora_dir, pipeline.loras.register_dir(config.lora_dir))
     state = {"ready": False}
     batcher_holder: dict[str, Batcher] = {}
 
@@ -104,6 +107,8 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
                                   schedule={"denoising_end": body.denoising_end},
                                   guidance_rescale=body.guidance_rescale, decoder=body.decoder,
                                   long_prompts=bool(body.long_prompts))
+        if body.lora:
+            generation = replace(generation, lora=pipeline.loras.selection(body.lora))
         admit(generation, config)
         return generation
 
@@ -275,7 +280,8 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
                     "size_min": low, "size_max": high, "size_multiple": multiple, "max_images": config.max_images}
         return ModelList(data=[ModelCard(id=model_name, created=int(time.time()),
                                          tasks=[t.value for t in pipeline.manifest.tasks()],
-                                         defaults=defaults, schedulers=[s.value for s in SchedulerName])])
+                                         defaults=defaults, schedulers=[s.value for s in SchedulerName],
+                                         loras=pipeline.loras.names if pipeline.loras.enabled else None)])
 
     @app.get("/", include_in_schema=False)
     async def page():

@@ -37,6 +37,9 @@ class GenerateImageRequest(BaseModel):
     guidance_rescale: Annotated[float | None, Field(strict=True, ge=0, le=1, allow_inf_nan=False)] = None
     decoder: Literal["full", "tiny"] | None = None
     long_prompts: Annotated[bool | None, Field(strict=True)] = None
+    # LoRAs the service registered (`--lora-dir`, listed in /v1/models) by name → scale, blended.
+    lora: Annotated[dict[Annotated[str, Field(max_length=200)], Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)]]
+                    | None, Field(max_length=16)] = None
 
 
 class ImageGenerationRequest(GenerateImageRequest):
@@ -96,6 +99,8 @@ class ModelCard(BaseModel):
     #: width, height, steps, guidance_scale, scheduler; schedulers; size_min, size_max, size_multiple.
     defaults: dict[str, int | float | str] | None = None
     schedulers: list[str] | None = None
+    #: The LoRAs a request may name in `lora` (an extension; `serve --lora-dir`).
+    loras: list[str] | None = None
 
 
 class ModelList(BaseModel):

@@ -53,6 +53,9 @@ class ServeConfig:
     (docs/serving.md gives the measured peak memory of the worst request they admit)."""
 
     model_name: str | None = setting(None, "the id clients pass as `model` (default: the model's folder name)")
+    lora_dir: str | None = setting(None, "a folder of LoRA files (*.safetensors, diffusers/PEFT or kohya) registered "
+                                   "at start by file name; requests choose them with `lora` (the bundle needs "
+                                   "export --lora-inputs)")
     api_key: str | None = setting(None, "", cli=False)  # --api-key-file / $ORTDIFFUSION_API_KEY / --api-key
     # -- admission: what one request may cost ------------------------------------------------
     max_images: int = setting(4, "images one request may ask for (`n`)")
