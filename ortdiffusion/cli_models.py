@@ -33,7 +33,7 @@ def cmd_export(args: argparse.Namespace, say: Say) -> int:
     options = ExportOptions(
         opset=args.opset, precision=Precision(args.precision), exporter=Exporter(args.exporter), overwrite=args.overwrite,
         default_steps=args.default_steps, default_guidance=args.default_guidance, target=Target(args.target),
-        tiny_decoder=args.tiny_decoder,
+        tiny_decoder=args.tiny_decoder, controlnets=tuple(getattr(args, "controlnet", None) or ()),
     )
     checkpoint = resolve_checkpoint(source, config=args.config, progress=say)
     start = time.perf_counter()
