@@ -319,3 +319,36 @@ def test_http_control_image_field_over_a_real_socket(one_pipeline, tiny_pipeline
         response = post(url, control_image=control)
         assert response.status_code == 400 and response.json()["error"]["param"] == "control_image"
         assert "no ControlNet" in json.dumps(response.json())
+
+
+# -- compare --------------------------------------------------------------------------------------
+
+
+def test_compare_judges_a_controlnet_bundle_against_diffusers(one_bundle, tiny_checkpoint):
+    """`ortdiffusion compare` adds a ControlNet line (the whole command ran on the two-ControlNet bundle
+    by hand: every line passes); here the line itself, and that a wrong ControlNet fails it."""
+    from ortdiffusion.export.compare import TOLERANCES, _test_picture, compare_controlnets
+    from ortdiffusion.runtime.manifest import Precision, load_manifest
+
+    manifest = load_manifest(one_bundle)
+    picture = _test_picture(64, 64)
+    (line,) = compare_controlnets(tiny_checkpoint, one_bundle, manifest, picture, PROMPT, 3, GUIDANCE, "ddim", 0,
+                                  TOLERANCES[Precision.FP32])
+    assert line.passed and line.what.startswith("controlnet ×1"), line
+
+
+def test_compare_needs_the_controlnet_source(two_bundle, tmp_path):
+    import shutil
+
+    from ortdiffusion.export.compare import _with_controlnets
+    from ortdiffusion.runtime.errors import BundleError
+    from ortdiffusion.runtime.manifest import load_manifest
+
+    manifest = load_manifest(two_bundle)
+    moved = tmp_path / "gone"
+    shutil.move(manifest.controlnets[1].source, moved)
+    try:
+        with pytest.raises(BundleError, match="controlnets"):
+            _with_controlnets([], None, manifest)
+    finally:
+        shutil.move(moved, manifest.controlnets[1].source)
