@@ -161,3 +161,23 @@ def with_controlnets(specs: list[tuple[ComponentSpec, torch.nn.Module]], paths: 
 def controlnet_feeds(constants: PipelineConstants, residuals: tuple[TensorInfo, ...]) -> PipelineConstants:
     """The manifest's `unet_feeds` with the residual inputs fed from the ControlNets."""
     return replace(constants, unet_feeds={**constants.unet_feeds, **{r.name: FEED_CONTROLNET for r in residuals}})
+
+
+def random_controlnet(unet_dir: Path | str, out: Path | str, seed: int, vae_scale: int = 8,
+                      std: float = 0.3) -> Path:
+    """A ControlNet for the UNet at `unet_dir` (diffusers' `from_unet`: its encoder's weights), its
+    conditioning embedding reading images at `vae_scale` × the latents, and its zero-initialized
+    convolutions given random weights (`std`) so that it changes the picture: for tests and
+    benchmarks on the presets, which have no trained ControlNet."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(unet_dir))
+    widths = (16, 32, 96, 256)[:vae_scale.bit_length()]  # diffusers' default for 8×: 4 blocks, 3 halvings
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding")):
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+    net.save_pretrained(str(out))
+    return Path(out)
