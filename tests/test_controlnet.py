@@ -339,3 +339,25 @@ def test_compare_needs_the_controlnet_source(two_bundle, tmp_path):
             _with_controlnets([], None, manifest)
     finally:
         shutil.move(moved, manifest.controlnets[1].source)
+
+
+def test_control_requests_batch_only_with_their_own_chunks(one_pipeline):
+    from ortdiffusion.runtime.control import make_control
+    from ortdiffusion.runtime.request import make_request
+    from ortdiffusion.serve.batcher import Job
+    from ortdiffusion.serve.budget import chunks
+
+    m = one_pipeline.manifest
+
+    def job(request):
+        return Job(request, deadline=0.0)
+
+    plain = [job(make_request(m, PROMPT, num_inference_steps=2, seed=s)) for s in (1, 2)]
+    controlled = [job(make_request(m, PROMPT, num_inference_steps=2, seed=s,
+                                   control=make_control(m, control_picture()))) for s in (1, 2)]
+    assert plain[0].compat_key == plain[1].compat_key  # as before: plain requests merge
+    assert controlled[0].compat_key != controlled[1].compat_key != plain[0].compat_key
+    big = make_request(m, PROMPT, num_images_per_prompt=4, num_inference_steps=2, seed=1,
+                       control=make_control(m, control_picture()))
+    parts = [job(r) for r in chunks(big, 2)]
+    assert len(parts) == 2 and parts[0].compat_key == parts[1].compat_key
