@@ -155,12 +155,12 @@ def _control(manifest, args: argparse.Namespace):
     if not images:
         return None
 
-    def one_or_each(values: list[float] | None, default: float):
+    def one_or_each(values: list[float] | None, default: float | None):
         return default if not values else values[0] if len(values) == 1 else list(values)
 
-    return make_control(manifest, [str(p) for p in images], one_or_each(args.controlnet_scale, 1.0),
+    return make_control(manifest, [str(p) for p in images], one_or_each(args.controlnet_scale, None),
                         one_or_each(args.control_start, 0.0), one_or_each(args.control_end, 1.0),
-                        args.guess_mode, args.canny)
+                        args.guess_mode, args.canny, image_input=getattr(args, "image", None) is not None)
 
 
 # -- info ---------------------------------------------------------------------------------------
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a control image (edges, depth, pose); one per ControlNet of the bundle, in order")
     control.add_argument("--canny", action="store_true", help="turn the control images into Canny edges first")
     control.add_argument("--controlnet-scale", type=float, action="append", default=None,
-                         help="controlnet_conditioning_scale: one, or one per ControlNet (default 1)")
+                         help="controlnet_conditioning_scale: one, or one per ControlNet (default 1; 0.8 with --image)")
     control.add_argument("--control-start", type=float, action="append", default=None,
                          help="control_guidance_start: the fraction of the schedule where control begins (default 0)")
     control.add_argument("--control-end", type=float, action="append", default=None,

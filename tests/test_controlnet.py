@@ -174,6 +174,29 @@ def test_two_controlnets_match_diffusers_multicontrolnet(two_pipeline, two_refer
         assert psnr(a, b) >= 40.0, f"{kwargs}: PSNR {psnr(a, b):.1f} dB"
 
 
+def test_two_controlnets_on_img2img_match_diffusers(two_pipeline, tiny_checkpoint, controlnet_dirs):
+    """Image-to-image with ControlNets, as `StableDiffusionControlNetImg2ImgPipeline` (its default
+    conditioning scale, 0.8, on both sides), the same image, noise and ancestral noise."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
+    from test_image_inputs import picture
+
+    from ortdiffusion.export.reference import ancestral_noise_from_seeds
+
+    pipe = StableDiffusionControlNetImg2ImgPipeline.from_pretrained(
+        str(tiny_checkpoint), controlnet=[ControlNetModel.from_pretrained(str(d)) for d in controlnet_dirs],
+        safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = reference_scheduler("euler-ancestral", pipe.scheduler.config)
+    control = [control_picture(0), control_picture(3)]
+    with ancestral_noise_from_seeds([11], where=("ancestral", "vae", "controlnet_img2img")):
+        ref = pipe(PROMPT, image=picture(), control_image=control, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                   strength=0.6).images[0]
+    ours = two_pipeline(PROMPT, image=picture(), control_image=control, seed=11, num_inference_steps=STEPS,
+                        guidance_scale=GUIDANCE, scheduler="euler-ancestral", strength=0.6)
+    assert psnr(ours.images[0], ref) >= 40.0, f"PSNR {psnr(ours.images[0], ref):.1f} dB"
+    assert ours.metadata[0]["controlnet_conditioning_scale"] == "0.8,0.8"
+
+
 def test_without_a_control_image_a_controlnet_bundle_draws_as_the_plain_one(two_pipeline, tiny_pipeline):
     x = latents(7)
     a = two_pipeline(PROMPT, latents=x, num_inference_steps=4, scheduler="ddim", seed=1).images[0]
@@ -224,7 +247,7 @@ BAD = [
     ({"controlnet_conditioning_scale": [1.0]}, "controlnet_conditioning_scale", "one per ControlNet (2)"),
     ({"control_guidance_start": 0.8, "control_guidance_end": 0.2}, "control_guidance_start", "before"),
     ({"controlnet_conditioning_scale": float("nan")}, "controlnet_conditioning_scale", "from 0 to 10"),
-    ({"image": control_picture()}, "control_image", "not with an input image"),
+    ({"image": control_picture(), "mask_image": control_picture()}, "control_image", "not with a mask_image"),
 ]
 
 

@@ -32,6 +32,9 @@ from .manifest import Manifest, resolve_dim
 
 #: The largest conditioning scale a call may give (diffusers sets none; past ~2 the image breaks up).
 MAX_CONTROL_SCALE = 10.0
+#: diffusers' default conditioning scale: 1 for text-to-image, 0.8 with an input image
+#: (`StableDiffusionControlNetImg2ImgPipeline`'s own default).
+DEFAULT_SCALE, DEFAULT_SCALE_IMAGE = 1.0, 0.8
 #: The field names, shared by the Python API, the CLI's flags and the HTTP service.
 CONTROL_IMAGE, CONTROL_SCALE = "control_image", "controlnet_conditioning_scale"
 CONTROL_START, CONTROL_END, GUESS_MODE = "control_guidance_start", "control_guidance_end", "guess_mode"
@@ -52,11 +55,12 @@ class ControlRequest:
 
 
 def make_control(manifest: Manifest, control_image: ImageSource | Sequence[ImageSource] | None,
-                 scale: float | Sequence[float] = 1.0, start: float | Sequence[float] = 0.0,
-                 end: float | Sequence[float] = 1.0, guess_mode: bool = False, canny: bool = False
-                 ) -> ControlRequest | None:
+                 scale: float | Sequence[float] | None = None, start: float | Sequence[float] = 0.0,
+                 end: float | Sequence[float] = 1.0, guess_mode: bool = False, canny: bool = False,
+                 image_input: bool = False) -> ControlRequest | None:
     """Validate a call's control arguments (diffusers' names) against the bundle's ControlNets; None
-    without a control image. Every refusal names the field."""
+    without a control image. `scale` None: diffusers' default for the task (`image_input`: an
+    image-to-image request). Every refusal names the field."""
     if control_image is None:
         return None
     nets = len(manifest.controlnets)
@@ -71,6 +75,8 @@ def make_control(manifest: Manifest, control_image: ImageSource | Sequence[Image
     images = tuple(open_image(source, name) for source, name in zip(given, names))
     if canny:
         images = tuple(canny_edges(image) for image in images)
+    if scale is None:
+        scale = DEFAULT_SCALE_IMAGE if image_input else DEFAULT_SCALE
     scales = _per_net(scale, CONTROL_SCALE, nets, 0.0, MAX_CONTROL_SCALE)
     starts = _per_net(start, CONTROL_START, nets, 0.0, 1.0)
     ends = _per_net(end, CONTROL_END, nets, 0.0, 1.0)

@@ -301,7 +301,7 @@ class Pipeline:
         denoising_start: float | None = None,
         output_type: str = "pil",
         control_image: ImageSource | Sequence[ImageSource] | None = None,
-        controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+        controlnet_conditioning_scale: float | Sequence[float] | None = None,
         control_guidance_start: float | Sequence[float] = 0.0,
         control_guidance_end: float | Sequence[float] = 1.0,
         guess_mode: bool = False,
@@ -331,9 +331,10 @@ class Pipeline:
         ControlNet, by diffusers' names (`StableDiffusionControlNetPipeline`; bundles exported with
         `--controlnet`): `control_image`, one per ControlNet (a list for several), and per ControlNet
         (one number, or a list) `controlnet_conditioning_scale`, `control_guidance_start` / `_end`;
-        `guess_mode`; `canny` turns the control images into Canny edges first (runtime/canny.py)."""
+        `guess_mode`; `canny` turns the control images into Canny edges first (runtime/canny.py). The
+        scale's default is diffusers': 1, or 0.8 with an input `image` (its ControlNet img2img pipeline's)."""
         control = make_control(self.manifest, control_image, controlnet_conditioning_scale, control_guidance_start,
-                               control_guidance_end, guess_mode, canny)
+                               control_guidance_end, guess_mode, canny, image_input=image is not None)
         schedule = {"denoising_start": denoising_start, "denoising_end": denoising_end, "output_type": output_type}
         request = make_request(
             self.manifest, prompt, negative_prompt, num_images_per_prompt, num_inference_steps,

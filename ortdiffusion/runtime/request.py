@@ -332,10 +332,10 @@ def make_request(
     if opened is not None and width is None and height is None:
         default_w, default_h = _size_of_image(manifest, opened[0])
     if control is not None:
-        if opened is not None or image_latents is not None:
-            raise InvalidRequestError("control_image", "not with an input image yet: ControlNets run on text-to-image "
-                                                       "requests (no image, mask_image)")
-        if width is None and height is None:  # diffusers: the control image's own size
+        if mask_image is not None or image_latents is not None:
+            raise InvalidRequestError("control_image", "not with a mask_image (inpainting) or latents as the image yet: "
+                                                       "ControlNets run on text-to-image and image-to-image requests")
+        if opened is None and width is None and height is None:  # diffusers: the control image's own size
             default_w, default_h = _size_of_image(manifest, control.images[0], "control_image")
     w = _side(width, "width", manifest, default_w)
     h = _side(height, "height", manifest, default_h)

@@ -46,7 +46,7 @@ def control_from_body(manifest: Manifest, body) -> ControlRequest | None:
     names = [CONTROL_IMAGE] if not isinstance(given, list) else [f"{CONTROL_IMAGE}[{k}]" for k in range(len(items))]
     images = [_decoded(v, n) for v, n in zip(items, names)]
     return make_control(manifest, images if isinstance(given, list) else images[0],
-                        1.0 if body.controlnet_conditioning_scale is None else body.controlnet_conditioning_scale,
+                        body.controlnet_conditioning_scale,
                         0.0 if body.control_guidance_start is None else body.control_guidance_start,
                         1.0 if body.control_guidance_end is None else body.control_guidance_end,
                         bool(body.guess_mode), bool(body.canny))
