@@ -64,8 +64,10 @@ def engines(checkpoint: Path, nets: list[Path], bundles: dict[str, Path]):
     kwargs = {"safety_checker": None, "requires_safety_checker": False}
     torch_pipes = {
         "plain": StableDiffusionPipeline.from_pretrained(str(checkpoint), **kwargs),
-        "controlnet x1": StableDiffusionControlNetPipeline.from_pretrained(str(checkpoint), controlnet=models[0], **kwargs),
-        "controlnet x2": StableDiffusionControlNetPipeline.from_pretrained(str(checkpoint), controlnet=models, **kwargs),
+        "controlnet x1": StableDiffusionControlNetPipeline.from_pretrained(str(checkpoint), controlnet=models[0],
+                                                                          **kwargs),
+        "controlnet x2": StableDiffusionControlNetPipeline.from_pretrained(str(checkpoint), controlnet=models,
+                                                                          **kwargs),
     }
     for pipe in torch_pipes.values():
         pipe.set_progress_bar_config(disable=True)
@@ -119,7 +121,8 @@ def markdown(result: dict) -> str:
              "medians.", ""]
     for r in result["results"]:
         lines += [f"## {r['size']}×{r['size']}", "",
-                  "| variant | ortdiffusion s | torch s | torch / ortdiffusion | ortdiffusion over plain | torch over plain |",
+                  "| variant | ortdiffusion s | torch s | torch / ortdiffusion | ortdiffusion over plain "
+                  "| torch over plain |",
                   "|---|---|---|---|---|---|"]
         for name in r["torch_over_ortdiffusion"]:
             o, t = r["median_s"][f"ortdiffusion | {name}"], r["median_s"][f"torch | {name}"]

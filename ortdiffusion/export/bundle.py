@@ -357,7 +357,8 @@ def export_checkpoint(
             format_version=FORMAT_VERSION,
             created_by=_versions(),
             source=SourceInfo(checkpoint=str(Path(checkpoint_dir).resolve()), weights_sha256=ckpt.weights_sha256),
-            pipeline=_with_controlnet_feeds(pipeline_constants(ckpt, options, components[UNET]), components, controlnets),
+            pipeline=_with_controlnet_feeds(pipeline_constants(ckpt, options, components[UNET]), components,
+                                            controlnets),
             components={k: components[k] for k in (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_DECODER_FP32,
                                                    VAE_ENCODER, VAE_DECODER_TINY, *(c.component for c in controlnets))
                         if k in components},

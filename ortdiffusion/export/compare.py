@@ -148,7 +148,8 @@ def _with_controlnets(components: list, ckpt, manifest) -> list:
 
 
 def compare_controlnets(ckpt_dir: Path, bundle_dir: Path, manifest, image: np.ndarray, prompt: str, steps: int,
-                        guidance: float, scheduler: str, seed: int, tol: Tolerances, provider: str = "cpu") -> list[Line]:
+                        guidance: float, scheduler: str, seed: int, tol: Tolerances,
+                        provider: str = "cpu") -> list[Line]:
     """The bundle's ControlNets on the Canny edges of `image` against diffusers'
     `StableDiffusionControlNetPipeline` (a list of ControlNets: its MultiControlNetModel), the same
     latents, edges and noise fed to both."""
@@ -173,9 +174,9 @@ def compare_controlnets(ckpt_dir: Path, bundle_dir: Path, manifest, image: np.nd
     ref.set_progress_bar_config(disable=True)
     ref.scheduler = reference_scheduler(scheduler, ref.scheduler.config)
     with ancestral_noise_from_seeds([seed]):
-        want = np.asarray(ref(prompt, image=controls if len(nets) > 1 else controls[0], latents=torch.from_numpy(latents),
-                              num_inference_steps=steps, guidance_scale=guidance, height=image.shape[0],
-                              width=image.shape[1]).images[0])
+        want = np.asarray(ref(prompt, image=controls if len(nets) > 1 else controls[0],
+                              latents=torch.from_numpy(latents), num_inference_steps=steps, guidance_scale=guidance,
+                              height=image.shape[0], width=image.shape[1]).images[0])
     figures = {"psnr_db": psnr(want, got), "ssim": ssim(want, got)}
     return [Line(f"controlnet ×{len(nets)} [{prompt!r}, {scheduler}, {steps} steps, Canny edges, "
                  f"{type(ref).__name__}]", figures,
@@ -188,7 +189,8 @@ def compare_components(ckpt, bundle_dir: Path, manifest, tol: Tolerances, seed: 
 
     lines = []
     preference = ProviderPreference.parse(provider)
-    for spec, module in _with_controlnets(pipeline_components(ckpt), ckpt, manifest) + _tiny_decoder_component(ckpt, manifest):
+    components = _with_controlnets(pipeline_components(ckpt), ckpt, manifest) + _tiny_decoder_component(ckpt, manifest)
+    for spec, module in components:
         if spec.name not in manifest.components:  # a bundle from before the image encoder
             continue
         # at the shapes the bundle takes: one exported before a dim became symbolic keeps it fixed
@@ -371,9 +373,9 @@ def compare(checkpoint: Path | str, bundle: Path | str, prompt: str = "a red cir
                                             scheduler or manifest.pipeline.default_scheduler, seed, tol, provider)
     if manifest.controlnets:  # on the picture the image tasks use, as edges
         c = manifest.pipeline
-        report.lines += compare_controlnets(checkpoint, bundle, manifest, _test_picture(c.default_height, c.default_width),
-                                            prompt, steps, guidance, scheduler or manifest.pipeline.default_scheduler,
-                                            seed, tol, provider)
+        picture = _test_picture(c.default_height, c.default_width)
+        report.lines += compare_controlnets(checkpoint, bundle, manifest, picture, prompt, steps, guidance,
+                                            scheduler or manifest.pipeline.default_scheduler, seed, tol, provider)
     if image_path is not None:
         side_by_side(a, b, image_path)
     return report

@@ -114,7 +114,8 @@ def controlnet_component(controlnet: torch.nn.Module, unet_spec: ComponentSpec, 
     if controlnet.config.in_channels != sample.info.shape[1] or \
             controlnet.config.cross_attention_dim != text.info.shape[2]:
         raise ExportError(f"{name}: made for a UNet with {c.in_channels} input channels and cross-attention width "
-                          f"{c.cross_attention_dim}; this checkpoint's has {sample.info.shape[1]} and {text.info.shape[2]}")
+                          f"{c.cross_attention_dim}; this checkpoint's has {sample.info.shape[1]} and "
+                          f"{text.info.shape[2]}")
     channels = int(c.conditioning_channels)
     image = InputSpec(TensorInfo(CONTROL_IMAGE, "float32", ("batch", channels, f"height*{vae_scale}",
                                                              f"width*{vae_scale}")), Distribution.UNIFORM, 0, 1)

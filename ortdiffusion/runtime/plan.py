@@ -26,8 +26,8 @@ import numpy as np
 
 from .control import ControlPlan, control_plan, zero_residual
 from .errors import InvalidRequestError
-from .manifest import (FEED_CONTROLNET, FEED_GUIDANCE, FEED_INPAINT, FEED_LATENTS, FEED_REQUEST, FEED_TIME_IDS, FEED_TIMESTEP,
-                       SPECIAL_FEEDS, Manifest)
+from .manifest import (FEED_CONTROLNET, FEED_GUIDANCE, FEED_INPAINT, FEED_LATENTS, FEED_REQUEST, FEED_TIME_IDS,
+                       FEED_TIMESTEP, SPECIAL_FEEDS, Manifest)
 from .request import GenerationRequest
 from .schedulers import make_scheduler
 from .schedulers.linear_step import LinearStep
