@@ -29,7 +29,9 @@ FLAGS = {
     "num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_images_per_prompt": "--num-images",
     "negative_prompt": "--negative-prompt", "seed": "--seed", "scheduler": "--scheduler", "providers": "--provider",
     "size": "--size", "width": "--size", "height": "--size", "output": "-o", "engines": "--engines", "image": "--image",
-    "mask_image": "--mask", "strength": "--strength", "lora": "--lora"}
+    "mask_image": "--mask", "strength": "--strength", "lora": "--lora", "control_image": "--control-image",
+    "controlnet_conditioning_scale": "--controlnet-scale", "control_guidance_start": "--control-start",
+    "control_guidance_end": "--control-end"}
 
 
 def _err(message: str) -> None:
@@ -108,6 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # 2. the model's bundle (exported once if it is a checkpoint or preset), its manifest, the request
     bundle = _resolve_bundle(args.model, "--model", args.config)
     manifest = load_manifest(bundle)
+    control = _control(manifest, args)
     request = make_request(manifest, args.prompt, negative_prompt=args.negative_prompt,
                            num_images_per_prompt=args.num_images, num_inference_steps=args.steps,
                            guidance_scale=args.guidance, scheduler=args.scheduler, seed=args.seed,
@@ -115,7 +118,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                            guidance_rescale=args.guidance_rescale, decoder=args.decoder,
                            long_prompts=args.long_prompt,
                            prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2,
-                           added=_added_conditions(args), schedule={"denoising_end": args.denoising_end})
+                           added=_added_conditions(args), schedule={"denoising_end": args.denoising_end},
+                           control=control)
     for warning in prompt_warnings(bundle, request.prompts, request.width, request.height):
         _err(f"warning: {warning}")
     # 3. load (1–2 s), generate, write
@@ -143,6 +147,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"postprocess {t.postprocess * 1e3:.1f} ms | {fmt.value} {encode_s * 1e3:.1f} ms | total {t.total + encode_s:.3f} s"
     )
     return 0
+
+
+def _control(manifest, args: argparse.Namespace):
+    """The ControlNet flags → the request's control (runtime/control.py), or None without --control-image."""
+    from .runtime.control import make_control
+
+    images = getattr(args, "control_image", None)
+    if not images:
+        return None
+
+    def one_or_each(values: list[float] | None, default: float | None):
+        return default if not values else values[0] if len(values) == 1 else list(values)
+
+    return make_control(manifest, [str(p) for p in images], one_or_each(args.controlnet_scale, None),
+                        one_or_each(args.control_start, 0.0), one_or_each(args.control_end, 1.0),
+                        args.guess_mode, args.canny, image_input=getattr(args, "image", None) is not None)
 
 
 # -- info ---------------------------------------------------------------------------------------
@@ -289,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "safetensors) into the weights at SCALE (default 1); repeatable")
     p.add_argument("--lora-inputs", action="store_true", help="give the UNet and text encoder LoRA inputs, so that "
                    "LoRAs are chosen per request (generate --lora, serve --lora-dir) with no rebuild")
+    p.add_argument("--controlnet", type=Path, action="append", default=None, metavar="DIR",
+                   help="a diffusers ControlNetModel directory to add (repeatable: several ControlNets, in order); "
+                        "the UNet then takes their residuals, chosen per call with generate --control-image")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new bundle passed)")
     p.set_defaults(func=cmd_export)
 
@@ -298,6 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", type=Path, default=None, help="with --image: inpaint where the mask is white")
     p.add_argument("--strength", type=float, default=None,
                    help="with --image: how much of the schedule runs on it, 0–1 (default 0.8; 1 with --mask)")
+    control = p.add_argument_group("ControlNet (bundles exported with --controlnet; diffusers' semantics)")
+    control.add_argument("--control-image", type=Path, action="append", default=None,
+                         help="a control image (edges, depth, pose); one per ControlNet of the bundle, in order")
+    control.add_argument("--canny", action="store_true", help="turn the control images into Canny edges first")
+    control.add_argument("--controlnet-scale", type=float, action="append", default=None,
+                         help="controlnet_conditioning_scale: one, or one per ControlNet (default 1; 0.8 with --image)")
+    control.add_argument("--control-start", type=float, action="append", default=None,
+                         help="control_guidance_start: the fraction of the schedule where control begins (default 0)")
+    control.add_argument("--control-end", type=float, action="append", default=None,
+                         help="control_guidance_end: where it ends (default 1)")
+    control.add_argument("--guess-mode", action="store_true",
+                         help="diffusers' guess_mode: the ControlNets see the conditional prompt only")
     _generation_args(p)
 
     p = sub.add_parser("vary", help="an image → variations of it (img2img with the empty prompt)")

@@ -36,6 +36,7 @@ def cmd_export(args: argparse.Namespace, say: Say) -> int:
         default_steps=args.default_steps, default_guidance=args.default_guidance, target=Target(args.target),
         tiny_decoder=args.tiny_decoder, loras=tuple(FusedLora.parse(t) for t in args.lora or ()),
         lora_inputs=args.lora_inputs,
+        controlnets=tuple(getattr(args, "controlnet", None) or ()),
     )
     checkpoint = resolve_checkpoint(source, config=args.config, progress=say)
     start = time.perf_counter()

@@ -87,6 +87,9 @@ class ExportOptions:
     loras: tuple[FusedLora, ...] = ()
     #: Give the UNet and text encoder(s) LoRA inputs, switched per request (export/lora_inputs.py).
     lora_inputs: bool = False
+    #: diffusers ControlNetModel directories: each becomes a component `controlnet_<k>`, and the UNet
+    #: takes their residuals as inputs (export/controlnet.py). Empty: the plain UNet.
+    controlnets: tuple[Path, ...] = ()
 
 
 def export_component(
@@ -297,6 +300,10 @@ def check_options(options: ExportOptions) -> None:
     if options.tiny_decoder is not None and not (Path(options.tiny_decoder) / "config.json").is_file():
         raise ExportError(f"{options.tiny_decoder}: not a diffusers AutoencoderTiny directory (no config.json); "
                           "--tiny-decoder takes one, e.g. a local copy of madebyollin/taesd")
+    for path in options.controlnets:
+        if not (Path(path) / "config.json").is_file():
+            raise ExportError(f"{path}: not a diffusers ControlNetModel directory (no config.json); --controlnet "
+                              "takes one, e.g. a local copy of lllyasviel/sd-controlnet-canny")
     if options.precision is Precision.FP16 and not options.target.onnx_fp16:
         logger.info("target %s: the graph stays fp32; TensorRT builds fp16 engines from it (trt_fp16_enable)",
                     options.target.value)
@@ -323,6 +330,12 @@ def export_checkpoint(
     with staged(out_dir) as tmp:
         components = {}
         specs = pipeline_components(ckpt)
+        controlnets = ()
+        if options.controlnets:
+            from .controlnet import with_controlnets
+
+            specs, controlnets = with_controlnets(specs, tuple(options.controlnets),
+                                                  2 ** (len(ckpt.vae.config.block_out_channels) - 1))
         feeds = None
         if options.precision is Precision.INT8:
             say("int8: recording the UNet's inputs in diffusers' pipeline for calibration")
@@ -355,12 +368,15 @@ def export_checkpoint(
             format_version=FORMAT_VERSION,
             created_by=_versions(),
             source=SourceInfo(checkpoint=str(Path(checkpoint_dir).resolve()), weights_sha256=ckpt.weights_sha256),
-            pipeline=pipeline_constants(ckpt, options, components[UNET]),
+            pipeline=_with_controlnet_feeds(pipeline_constants(ckpt, options, components[UNET]), components,
+                                            controlnets),
             components={k: components[k] for k in (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_DECODER_FP32,
-                                                   VAE_ENCODER, VAE_DECODER_TINY) if k in components},
+                                                   VAE_ENCODER, VAE_DECODER_TINY, *(c.component for c in controlnets))
+                        if k in components},
             tokenizer=file_record(tmp, tmp / TOKENIZER_NAME),
             extra=extra,
             tokenizers=tokenizers,
+            controlnets=controlnets,
         )
         write_manifest(tmp, manifest)
         if options.lora_inputs:
@@ -371,6 +387,16 @@ def export_checkpoint(
 
 #: The manifest's `extra` key listing the LoRAs fused at export (path, scale).
 FUSED_LORAS = "fused_loras"
+
+
+def _with_controlnet_feeds(constants: PipelineConstants, components: dict[str, ComponentManifest],
+                           controlnets: tuple) -> PipelineConstants:
+    """The UNet's residual inputs are fed by the ControlNets (none: the constants as they are)."""
+    if not controlnets:
+        return constants
+    from .controlnet import controlnet_feeds
+
+    return controlnet_feeds(constants, components[controlnets[0].component].outputs)
 
 
 def _component_options(ckpt: Checkpoint, name: str, options: ExportOptions) -> ExportOptions:

@@ -133,13 +133,66 @@ def _tiny_decoder_component(ckpt, manifest) -> list:
     return [tiny_decoder_component(tiny, float(ckpt.vae.config.scaling_factor), int(ckpt.unet.config.sample_size))]
 
 
+def _with_controlnets(components: list, ckpt, manifest) -> list:
+    """The pipeline's specs as a ControlNet bundle has them: the UNet with residual inputs and each
+    ControlNet (from its recorded source directory; BundleError where that is not on this machine)."""
+    if not manifest.controlnets:
+        return components
+    from .controlnet import with_controlnets
+
+    sources = [Path(c.source) for c in manifest.controlnets]
+    missing = [str(s) for s in sources if not s.is_dir()]
+    if missing:
+        raise BundleError(missing[0], "the ControlNet this bundle was exported from is not on this machine; "
+                                      "compare needs it (manifest.json: controlnets[].source)")
+    return with_controlnets(components, tuple(sources), 2 ** (len(ckpt.vae.config.block_out_channels) - 1))[0]
+
+
+def compare_controlnets(ckpt_dir: Path, bundle_dir: Path, manifest, image: np.ndarray, prompt: str, steps: int,
+                        guidance: float, scheduler: str, seed: int, tol: Tolerances,
+                        provider: str = "cpu") -> list[Line]:
+    """The bundle's ControlNets on the Canny edges of `image` against diffusers'
+    `StableDiffusionControlNetPipeline` (a list of ControlNets: its MultiControlNetModel), the same
+    latents, edges and noise fed to both."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from ..runtime.canny import canny_edges
+    from ..runtime.pipeline import Pipeline
+    from .reference import ancestral_noise_from_seeds, reference_scheduler
+
+    ours = Pipeline.load(bundle_dir, providers=provider)
+    edges = canny_edges(Image.fromarray(image))
+    controls = [edges] * len(manifest.controlnets)
+    c = manifest.pipeline
+    shape = (1, c.latent_channels, image.shape[0] // c.vae_scale_factor, image.shape[1] // c.vae_scale_factor)
+    latents = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    got = np.asarray(ours(prompt, control_image=controls, latents=latents, seed=seed, num_inference_steps=steps,
+                          guidance_scale=guidance, scheduler=scheduler).images[0])
+    nets = [ControlNetModel.from_pretrained(info.source, torch_dtype=torch.float32) for info in manifest.controlnets]
+    ref = StableDiffusionControlNetPipeline.from_pretrained(
+        str(ckpt_dir), controlnet=nets if len(nets) > 1 else nets[0], safety_checker=None, requires_safety_checker=False)
+    ref.to(torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = reference_scheduler(scheduler, ref.scheduler.config)
+    with ancestral_noise_from_seeds([seed]):
+        want = np.asarray(ref(prompt, image=controls if len(nets) > 1 else controls[0],
+                              latents=torch.from_numpy(latents), num_inference_steps=steps, guidance_scale=guidance,
+                              height=image.shape[0], width=image.shape[1]).images[0])
+    figures = {"psnr_db": psnr(want, got), "ssim": ssim(want, got)}
+    return [Line(f"controlnet ×{len(nets)} [{prompt!r}, {scheduler}, {steps} steps, Canny edges, "
+                 f"{type(ref).__name__}]", figures,
+                 figures["psnr_db"] >= tol.min_psnr_db and figures["ssim"] >= tol.min_ssim,
+                 f"PSNR ≥ {tol.min_psnr_db:g} dB, SSIM ≥ {tol.min_ssim:g}")]
+
+
 def compare_components(ckpt, bundle_dir: Path, manifest, tol: Tolerances, seed: int, provider: str = "cpu") -> list[Line]:
     from ..runtime.providers import ProviderPreference
 
     lines = []
     preference = ProviderPreference.parse(provider)
     no_lora = LoraRegistry(manifest).feeds(())
-    for spec, module in pipeline_components(ckpt) + _tiny_decoder_component(ckpt, manifest):
+    components = _with_controlnets(pipeline_components(ckpt), ckpt, manifest) + _tiny_decoder_component(ckpt, manifest)
+    for spec, module in components:
         if spec.name not in manifest.components:  # a bundle from before the image encoder
             continue
         # at the shapes the bundle takes: one exported before a dim became symbolic keeps it fixed
@@ -328,6 +381,11 @@ def compare(checkpoint: Path | str, bundle: Path | str, prompt: str = "a red cir
     # family's (or SDXL's) img2img and inpainting pipelines to judge them by
     if "vae_encoder" in manifest.components and manifest.pipeline.family.startswith("stable-diffusion"):
         report.lines += compare_image_tasks(checkpoint, bundle, a, prompt, steps, guidance,
+                                            scheduler or manifest.pipeline.default_scheduler, seed, tol, provider)
+    if manifest.controlnets:  # on the picture the image tasks use, as edges
+        c = manifest.pipeline
+        picture = _test_picture(c.default_height, c.default_width)
+        report.lines += compare_controlnets(checkpoint, bundle, manifest, picture, prompt, steps, guidance,
                                             scheduler or manifest.pipeline.default_scheduler, seed, tol, provider)
     if image_path is not None:
         side_by_side(a, b, image_path)

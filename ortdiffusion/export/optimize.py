@@ -218,7 +218,8 @@ def optimize_graph(files: list[Path], component: str, target: Target, fp16: bool
     from .weights import gather_external_data
 
     path, external = files[0], len(files) > 1
-    model_type = MODEL_TYPES.get(component)
+    # a ControlNet is a UNet's encoder half: the UNet's fusions (export/controlnet.py names them controlnet_<k>)
+    model_type = MODEL_TYPES.get(component, "unet" if component.startswith("controlnet_") else None)
     gpu = target is Target.CUDA
     fused: dict[str, int] = {}
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}-opt-") as tmp:

@@ -43,6 +43,7 @@ NOISE_MODULES = {
     "img2img": "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img",
     "lcm_img2img": "diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_img2img",
     "inpaint": "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint",
+    "controlnet_img2img": "diffusers.pipelines.controlnet.pipeline_controlnet_img2img",
     "sdxl": "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
     "sdxl_img2img": "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img",
     "sdxl_inpaint": "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint",

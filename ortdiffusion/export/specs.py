@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..runtime.manifest import DimRange, TensorInfo
+from ..runtime.manifest import DimRange, TensorInfo, resolve_dim
 from ..runtime.request import MAX_PROMPT_CHUNKS
 
 
@@ -35,7 +35,7 @@ class InputSpec:
     high: float = 1.0
 
     def sample(self, dims: Mapping[str, int], generator: torch.Generator) -> torch.Tensor:
-        shape = tuple(d if isinstance(d, int) else dims[d] for d in self.info.shape)
+        shape = tuple(resolve_dim(d, dims) for d in self.info.shape)
         if self.distribution is Distribution.INTEGER:
             return torch.randint(int(self.low), int(self.high), shape, generator=generator, dtype=torch.int64)
         if self.distribution is Distribution.UNIFORM:

@@ -57,6 +57,11 @@ class HostLoop:
                      plan.timestep_input: np.full((model_input.shape[0],), float(t), dtype=np.float32), **conditioning}
             trace.lap(Stage.SCHEDULER)
             with trace.transfers.looping():
+                if plan.control is not None:  # ControlNets first: their residuals are UNet inputs (timed as the UNet's)
+                    residuals = plan.control.residuals(i, model_input, feeds[plan.timestep_input],
+                                                       feeds[plan.control.input_names[2]],
+                                                       lambda c, f: self._run(c, f, trace, release=i == steps - 1))
+                    feeds.update(residuals or {})
                 (prediction,) = self._run(UNET, feeds, trace, release=i == steps - 1).values()
             prediction = prediction.astype(np.float32, copy=False)
             trace.lap(Stage.UNET)

@@ -49,8 +49,12 @@ FEED_GUIDANCE = "guidance_embedding"
 FEED_TIME_IDS = "time_ids"
 #: A LoRA side branch's weights (`<layer>.lora_down` / `.lora_up`, runtime/lora.py): the request's LoRA set.
 FEED_LORA = "lora"
+#: A ControlNet residual (`down_block_additional_residual_<i>`, `mid_block_additional_residual`):
+#: the sum over the bundle's ControlNets' outputs of the same name, zeros when a call gives no control image.
+FEED_CONTROLNET = "controlnet"
 #: The sources that are not a text encoder's output.
-SPECIAL_FEEDS = (FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST, FEED_INPAINT, FEED_GUIDANCE, FEED_TIME_IDS, FEED_LORA)
+SPECIAL_FEEDS = (FEED_LATENTS, FEED_TIMESTEP, FEED_REQUEST, FEED_INPAINT, FEED_GUIDANCE, FEED_TIME_IDS, FEED_LORA,
+                 FEED_CONTROLNET)
 
 
 class Task(str, Enum):
@@ -92,6 +96,20 @@ class DimRange:
     def describe(self) -> str:
         step = f", a multiple of {self.multiple_of}" if self.multiple_of > 1 else ""
         return f"{self.min} to {self.max}{step}"
+
+
+def resolve_dim(dim: int | str, sizes: Mapping[str, int]) -> int:
+    """A dimension's size: an int as it is; a symbolic name from `sizes`; a derived one, "height/8" or
+    "height*8" (a ControlNet residual at 1/8 of the latents, a control image at 8× them)."""
+    if isinstance(dim, int):
+        return dim
+    if dim in sizes:
+        return sizes[dim]
+    for op in ("/", "*"):
+        name, sep, factor = dim.partition(op)
+        if sep and name in sizes and factor.isdigit():
+            return sizes[name] // int(factor) if op == "/" else sizes[name] * int(factor)
+    raise KeyError(dim)
 
 
 @dataclass(frozen=True)
@@ -176,6 +194,18 @@ class PipelineConstants:
 
 
 @dataclass(frozen=True)
+class ControlNetInfo:
+    """One ControlNet of a bundle (diffusers' ControlNetModel): its component, whose outputs are named
+    as the UNet inputs they add to (feed "controlnet"), and the control image it reads."""
+
+    component: str
+    #: The diffusers ControlNetModel directory it was exported from (for `compare`).
+    source: str
+    #: Channels of its control image (3: an RGB edge, depth or pose map), at the output's size.
+    conditioning_channels: int = 3
+
+
+@dataclass(frozen=True)
 class SourceInfo:
     checkpoint: str
     weights_sha256: str
@@ -192,6 +222,9 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     #: Text encoder → its tokenizer file, where it is not `tokenizer` (SDXL's text_encoder_2).
     tokenizers: dict[str, FileRecord] = field(default_factory=dict)
+    #: The ControlNets, in the order a call's control images are given (empty: none; the UNet then
+    #: has no residual inputs).
+    controlnets: tuple[ControlNetInfo, ...] = ()
 
     def prompt_sources(self) -> dict[str, str]:
         """Text encoder component → the prompt argument it reads (`PipelineConstants.text_encoders`)."""
@@ -364,6 +397,8 @@ def _convert(cls: type, name: str, value: Any) -> Any:
     }
     if (cls, name) in nested:
         return _from_plain(nested[(cls, name)], value)
+    if (cls, name) == (Manifest, "controlnets"):
+        return tuple(_from_plain(ControlNetInfo, v) for v in value)
     if (cls, name) == (Manifest, "tokenizers"):
         return {k: _from_plain(FileRecord, v) for k, v in value.items()}
     if (cls, name) == (Manifest, "components"):

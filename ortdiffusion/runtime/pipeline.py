@@ -27,6 +27,7 @@ from PIL import Image
 
 from .. import __version__
 from .cache import cache_dir
+from .control import make_control
 from .decoder import ImageDecoder
 from .errors import BundleError, InvalidRequestError, ProviderError
 from .host_loop import HostLoop
@@ -303,6 +304,12 @@ class Pipeline:
         denoising_start: float | None = None,
         output_type: str = "pil",
         lora: Mapping[str, float] | None = None,
+        control_image: ImageSource | Sequence[ImageSource] | None = None,
+        controlnet_conditioning_scale: float | Sequence[float] | None = None,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
+        guess_mode: bool = False,
+        canny: bool = False,
         **added_conditions: object,
     ) -> PipelineResult:
         """diffusers' argument names. `conditioning`: the UNet inputs a bundle's family takes from
@@ -326,13 +333,21 @@ class Pipeline:
         With a refiner loaded (`load(..., refiner=)`) one call runs both (`generate`).
 
         `lora`: {name: scale} of LoRAs loaded with `load_lora`, blended (a bundle exported with
-        `--lora-inputs`); each call may name another set, nothing is rebuilt."""
+        `--lora-inputs`); each call may name another set, nothing is rebuilt.
+
+        ControlNet, by diffusers' names (`StableDiffusionControlNetPipeline`; bundles exported with
+        `--controlnet`): `control_image`, one per ControlNet (a list for several), and per ControlNet
+        (one number, or a list) `controlnet_conditioning_scale`, `control_guidance_start` / `_end`;
+        `guess_mode`; `canny` turns the control images into Canny edges first (runtime/canny.py). The
+        scale's default is diffusers': 1, or 0.8 with an input `image` (its ControlNet img2img pipeline's)."""
+        control = make_control(self.manifest, control_image, controlnet_conditioning_scale, control_guidance_start,
+                               control_guidance_end, guess_mode, canny, image_input=image is not None)
         schedule = {"denoising_start": denoising_start, "denoising_end": denoising_end, "output_type": output_type}
         request = make_request(
             self.manifest, prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
             guidance_scale, scheduler, seed, latents, width, height, conditioning, image, mask_image, strength,
             keep_unmasked, guidance_rescale, decoder, long_prompts, prompt_2, negative_prompt_2, added_conditions,
-            schedule,
+            schedule, control,
         )
         if lora:
             request = replace(request, lora=self.loras.selection(lora))
@@ -420,8 +435,9 @@ class Pipeline:
             plan = replace(plan, adapter_feeds=self.loras.feeds(request.lora))
         trace.lap(Stage.SCHEDULER)
 
-        # 4–6. text encoder → denoising loop → image decoder, on the host or on the device
-        pixels = self.executor(plan, trace, callback)
+        # 4–6. text encoder → denoising loop → image decoder, on the host or on the device (ControlNets:
+        #      on the host: the device loop binds the UNet alone)
+        pixels = self._executor_for(plan)(plan, trace, callback)
         if not plan.decode:  # output_type="latent": the latents, for a refiner
             return PipelineResult([], list(request.seeds), trace.finish(), dict(self.providers),
                                   [self._metadata(request, p, n, s) for (p, n), s in zip(pairs, request.seeds)],
@@ -437,6 +453,13 @@ class Pipeline:
         trace.lap(Stage.POSTPROCESS)
         return PipelineResult(images, list(request.seeds), trace.finish(), dict(self.providers), metadata,
                               trace.transfers)
+
+    def _executor_for(self, plan) -> Executor:
+        """The pipeline's executor; the host loop for a plan with ControlNets where that is the device
+        loop (it binds the UNet's inputs alone; docs/families.md says so)."""
+        if plan.control is None or isinstance(self.executor, HostLoop):
+            return self.executor
+        return HostLoop(self.sessions, self.decoders)
 
     def _encode_images(self, request: GenerationRequest, trace: Trace) -> dict[str, ImageLatents]:
         """The image encoder's latent distribution of the input image and, with a mask, of the image
@@ -467,6 +490,15 @@ class Pipeline:
             meta["decoder"] = request.decoder
         if request.guidance_rescale and request.do_guidance:
             meta["guidance_rescale"] = f"{request.guidance_rescale:g}"
+        if request.control is not None:
+            c = request.control
+            meta["controlnet_conditioning_scale"] = ",".join(f"{v:g}" for v in c.scales)
+            if c.starts != (0.0,) * len(c.starts) or c.ends != (1.0,) * len(c.ends):
+                meta["control_guidance"] = ",".join(f"{s:g}-{e:g}" for s, e in zip(c.starts, c.ends))
+            if c.guess_mode:
+                meta["guess_mode"] = "true"
+            if c.canny:
+                meta["control_preprocessor"] = "canny"
         if request.has_image:
             meta["task"] = (Task.INPAINTING if request.mask is not None else Task.IMAGE_TO_IMAGE).value
             meta["strength"] = f"{request.strength:g}"

@@ -24,9 +24,10 @@ from typing import Protocol
 
 import numpy as np
 
+from .control import ControlPlan, control_plan, zero_residual
 from .errors import InvalidRequestError
-from .manifest import (FEED_GUIDANCE, FEED_INPAINT, FEED_LATENTS, FEED_REQUEST, FEED_TIME_IDS, FEED_TIMESTEP,
-                       SPECIAL_FEEDS, Manifest)
+from .manifest import (FEED_CONTROLNET, FEED_GUIDANCE, FEED_INPAINT, FEED_LATENTS, FEED_REQUEST, FEED_TIME_IDS,
+                       FEED_TIMESTEP, SPECIAL_FEEDS, Manifest)
 from .request import GenerationRequest
 from .schedulers import make_scheduler
 from .schedulers.linear_step import LinearStep
@@ -76,6 +77,9 @@ class Plan:
     #: Inputs of a component that are the same for every row and step: the LoRA set's side-branch
     #: weights (runtime/lora.py), component → {input: array}; the executors add them to its feeds.
     adapter_feeds: Mapping[str, Mapping[str, np.ndarray]] = field(default_factory=dict)
+    #: The ControlNets' part (runtime/control.py): run before the UNet at each step, their summed
+    #: residuals replacing the zeros `conditioning` holds for those inputs. None: no control image.
+    control: ControlPlan | None = None
 
     @property
     def guided(self) -> bool:
@@ -213,6 +217,13 @@ def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict
                                                         request.has_image)
             rows = [negative] * request.num_images * request.do_guidance + [positive] * request.num_images
             conditioning[name] = np.asarray(rows, dtype=np.float32)
+        elif source == FEED_CONTROLNET:  # zeros: no effect, unless a control image's ControlNets replace them
+            conditioning[name] = zero_residual(manifest, name, request.num_images * (1 + request.do_guidance),
+                                               shape[1], shape[2])
+    control = None
+    if request.control is not None:
+        control = control_plan(manifest, request.control, request.num_images, request.do_guidance, len(run),
+                               request.width, request.height)
     return Plan(
         images=request.num_images,
         guidance_scale=request.guidance_scale if request.do_guidance else None,
@@ -224,7 +235,7 @@ def build_plan(manifest: Manifest, request: GenerationRequest, text_inputs: dict
         zero_uncond=request.do_guidance and c.force_zeros_for_empty_prompt and not request.negative_prompt_given,
         decode=request.output_type != "latent",
         guidance_rescale=request.guidance_rescale if request.do_guidance else 0.0,
-        decoder=request.decoder, text_chunks=text_chunks,
+        decoder=request.decoder, text_chunks=text_chunks, control=control,
     )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from .errors import InvalidRequestError, ProviderError
+from .manifest import resolve_dim
 
 
 class ProviderKind(str, Enum):
@@ -100,7 +101,8 @@ class ShapeProfile:
         def shapes(which: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
             out = []
             for tensor in component.inputs:
-                dims = tuple(d if isinstance(d, int) else getattr(component.dims[d], which) for d in tensor.shape)
+                sizes = {k: getattr(r, which) for k, r in component.dims.items()}
+                dims = tuple(resolve_dim(d, sizes) for d in tensor.shape)  # "height/8": a ControlNet residual
                 out.append((tensor.name, dims))
             return tuple(out)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InvalidRequestError
+from .control import ControlRequest
 from .image_input import ImageSource, default_size, image_array, mask_array, open_image
 from .manifest import FEED_INPAINT, FEED_REQUEST, FEED_TIME_IDS, SPECIAL_FEEDS, UNET, VAE_ENCODER, Manifest
 from .schedulers import SchedulerName
@@ -148,6 +149,8 @@ class GenerationRequest:
     #: The LoRA set, ((name, scale), ...) in name order (`LoraRegistry.selection`): part of the
     #: batching key, as requests with other sets run other weights.
     lora: tuple[tuple[str, float], ...] = ()
+    #: The ControlNets' control images and settings (runtime/control.py), or None.
+    control: ControlRequest | None = field(default=None, compare=False)
 
     @property
     def has_image(self) -> bool:
@@ -265,9 +268,12 @@ def make_request(
     negative_prompt_2: str | Sequence[str] | None = None,
     added: Mapping[str, object] | None = None,
     schedule: Mapping[str, object] | None = None,
+    control: ControlRequest | None = None,
 ) -> GenerationRequest:
     """`added`: SDXL's added conditions by diffusers' names (`AddedConditions`); `schedule`:
-    diffusers' `denoising_start`, `denoising_end` and `output_type`."""
+    diffusers' `denoising_start`, `denoising_end` and `output_type`; `control`: the ControlNets'
+    images and settings (`control.make_control`); without width and height, the first control
+    image's size."""
     if num_inference_steps is None:
         num_inference_steps = manifest.pipeline.default_steps
     if guidance_scale is None:
@@ -328,6 +334,12 @@ def make_request(
     default_w, default_h = manifest.pipeline.default_width, manifest.pipeline.default_height
     if opened is not None and width is None and height is None:
         default_w, default_h = _size_of_image(manifest, opened[0])
+    if control is not None:
+        if mask_image is not None or image_latents is not None:
+            raise InvalidRequestError("control_image", "not with a mask_image (inpainting) or latents as the image yet: "
+                                                       "ControlNets run on text-to-image and image-to-image requests")
+        if opened is None and width is None and height is None:  # diffusers: the control image's own size
+            default_w, default_h = _size_of_image(manifest, control.images[0], "control_image")
     w = _side(width, "width", manifest, default_w)
     h = _side(height, "height", manifest, default_h)
     image_pixels = mask_pixels = None
@@ -364,7 +376,7 @@ def make_request(
         prompts_2=_second(manifest, prompt_2, "prompt_2", len(prompts)),
         negative_prompts_2=_second(manifest, negative_prompt_2, "negative_prompt_2", len(prompts)),
         negative_prompt_given=negative_prompt is not None, added=_added(manifest, added or {}),
-        image_latents=image_latents, **timing,
+        image_latents=image_latents, **timing, control=control,
     )
 
 
@@ -464,11 +476,11 @@ def _image_inputs(manifest: Manifest, image: ImageSource | None, mask_image: Ima
     return opened, mask
 
 
-def _size_of_image(manifest: Manifest, image) -> tuple[int, int]:
+def _size_of_image(manifest: Manifest, image, field_name: str = "image") -> tuple[int, int]:
     low, high, multiple = size_limits(manifest)
     w, h = default_size(image, multiple)
     if not (low <= w <= high and low <= h <= high):
-        raise InvalidRequestError("image", f"is {image.size[0]}×{image.size[1]}; this model draws sides from {low} to "
+        raise InvalidRequestError(field_name, f"is {image.size[0]}×{image.size[1]}; this model draws sides from {low} to "
                                            f"{high} pixels: give width and height (the image is resized to them)")
     return w, h
 

@@ -24,6 +24,7 @@ from ..runtime.schedulers import SchedulerName
 from ..runtime.vocabulary import load_vocabulary, prompt_warnings
 from .batcher import Batcher, Cancelled
 from .budget import admit, chunk_size
+from .control_inputs import control_from_body
 from .errors import error_response, install_error_handlers
 from .image_inputs import image_request_args, read_form
 from .images import ImageStore
@@ -106,7 +107,8 @@ def create_app(pipeline: Pipeline, config: ServeConfig = ServeConfig(), store=No
                                   prompt_2=body.prompt_2, negative_prompt_2=body.negative_prompt_2,
                                   schedule={"denoising_end": body.denoising_end},
                                   guidance_rescale=body.guidance_rescale, decoder=body.decoder,
-                                  long_prompts=bool(body.long_prompts))
+                                  long_prompts=bool(body.long_prompts),
+                                  control=control_from_body(pipeline.manifest, body))
         if body.lora:
             generation = replace(generation, lora=pipeline.loras.selection(body.lora))
         admit(generation, config)

@@ -63,7 +63,8 @@ class Job:
         # an image request runs only with its own chunks (the plan has one input image)
         return (r.width, r.height, r.steps, r.scheduler, r.guidance_scale, None if r.image is None else id(r.image),
                 r.added, r.denoising_end, r.negative_prompt_given,  # SDXL's: one value per run
-                r.guidance_rescale, r.decoder, r.long_prompts, r.lora)  # a LoRA set: other weights
+                r.guidance_rescale, r.decoder, r.long_prompts, r.lora,  # a LoRA set: other weights
+                None if r.control is None else id(r.control))  # control images: only with its own chunks
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from ..runtime.schedulers import SchedulerName
 MAX_PROMPT_CHARS = 4000  # OpenAI's limit for its newest image models
 
 Prompt = Annotated[str, Field(strict=True, min_length=1, max_length=MAX_PROMPT_CHARS)]
+#: A ControlNet's scale or schedule fraction (ranges checked by runtime.control.make_control, naming the field).
+ControlNumber = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class GenerateImageRequest(BaseModel):
@@ -40,6 +42,14 @@ class GenerateImageRequest(BaseModel):
     # LoRAs the service registered (`--lora-dir`, listed in /v1/models) by name → scale, blended.
     lora: Annotated[dict[Annotated[str, Field(max_length=200)], Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)]]
                     | None, Field(max_length=16)] = None
+    # ControlNet (extensions, diffusers' names; serve/control_inputs.py): base64 control images, one
+    # per ControlNet of the bundle, and per ControlNet one number or a list.
+    control_image: Annotated[str, Field(strict=True)] | list[Annotated[str, Field(strict=True)]] | None = None
+    controlnet_conditioning_scale: ControlNumber | list[ControlNumber] | None = None
+    control_guidance_start: ControlNumber | list[ControlNumber] | None = None
+    control_guidance_end: ControlNumber | list[ControlNumber] | None = None
+    guess_mode: Annotated[bool | None, Field(strict=True)] = None
+    canny: Annotated[bool | None, Field(strict=True)] = None
 
 
 class ImageGenerationRequest(GenerateImageRequest):
