@@ -135,6 +135,18 @@ def test_fp16_measurement_finds_each_tensors_largest_value_nan_and_inf_included(
     for name, value in zip(floats, values):
         assert ranges[name] == pytest.approx(float(np.abs(value).max()) if value.size else 0.0, rel=1e-6), name
 
+    # Measured one batch row at a time (export's way: one row's activations held, not the batch's),
+    # every tensor's largest value is the whole batch's.
+    from ortdiffusion.export.fp16 import one_row_at_a_time
+
+    assert len(feeds[0]["sample"]) == 2
+    rows = one_row_at_a_time(feeds, spec)
+    assert len(rows) == 2 and all(len(r["sample"]) == 1 for r in rows)
+    by_rows = tensor_ranges(structure, files[0], rows)
+    assert by_rows.keys() == ranges.keys()
+    for name, value in ranges.items():
+        assert by_rows[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
 
 def test_fp16_bundle_generates_like_fp32(tiny_checkpoint, tiny_pipeline, tmp_path):
     from ortdiffusion import Pipeline
