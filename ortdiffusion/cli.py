@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", help="bundle, checkpoint or preset (tiny, sd15-arch, sd21-arch); repeatable")
     p.add_argument("--engines", default="ortdiffusion,torch,optimum", help="run side by side, in alternating order: ortdiffusion (generic fp32 bundle), ortdiffusion-cpu "
                    "(CPU fusions), ortdiffusion-int8, ortdiffusion-fp16, ortdiffusion-cuda (CUDA target, fp16), "
-                   "ortdiffusion-cuda-graphs, torch, optimum, openvino (OpenVINO GenAI fp32), openvino-int8, openvino-bf16")
+                   "ortdiffusion-cuda-graphs, torch, torch-compile (UNet and decode compiled; max-autotune on a GPU), optimum, openvino (OpenVINO GenAI fp32), openvino-int8, openvino-bf16")
     p.add_argument("--size", default="64x64", help="comma-separated WxH")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,2,4,8")
     p.add_argument("--steps", type=int, default=20)

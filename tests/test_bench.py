@@ -252,3 +252,32 @@ def test_bench_times_the_tiny_decoder_against_diffusers_with_the_same(tmp_path):
     assert records["ortdiffusion-tiny"]["providers"]["vae_decoder_tiny"] == "cpu"
     for r in records.values():
         assert r["stages_s"]["decoder"]["runs"] == 1
+
+
+def test_torch_compile_engine_compiles_unet_and_decode_with_the_gpu_users_mode(tiny_checkpoint):
+    """The engine a GPU user picks over eager: the UNet and the VAE's decode compiled (lazily: the
+    first run compiles, inside the cold start), max-autotune on CUDA, the default mode on a CPU;
+    FLOPs counted on the eager UNet. (A CPU run compiles for minutes: measured by the bench, not here.)"""
+    import torch
+
+    from ortdiffusion.bench.diffusers_engines import TorchEngine
+
+    engine = TorchEngine(str(tiny_checkpoint), "cpu", compile_unet=True)
+    assert engine.name == "torch-compile" and engine.compile_mode == "default"
+    assert isinstance(engine.pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert not isinstance(engine.eager_unet, torch._dynamo.eval_frame.OptimizedModule)
+    proc = run("bench", "--help")
+    assert "torch-compile" in proc.stdout
+
+
+@pytest.mark.gpu
+def test_torch_compile_runs_on_the_gpu_in_max_autotune(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    out = tmp_path / "bench.json"
+    run("bench", "--model", "tiny", "--engines", "torch-compile", "--provider", "cuda", "--steps", "2", "--runs", "1",
+        "--json", out, cache=tmp_path / "cache")
+    (record,) = json.loads(out.read_text())["records"]
+    assert record["engine"] == "torch-compile" and record["precision"] == "fp16" and record["providers"]["unet"] == "cuda"

@@ -19,8 +19,8 @@ import numpy as np
 from .records import Comparison, Record, Report, Sample, Skipped
 
 ENGINES = ("ortdiffusion", "ortdiffusion-cpu", "ortdiffusion-int8", "ortdiffusion-fp16", "ortdiffusion-cuda",
-           "ortdiffusion-cuda-graphs", "ortdiffusion-tiny", "ortdiffusion-int8-tiny", "torch", "torch-tiny", "optimum",
-           "openvino", "openvino-int8", "openvino-bf16")
+           "ortdiffusion-cuda-graphs", "ortdiffusion-tiny", "ortdiffusion-int8-tiny", "torch", "torch-tiny", "torch-compile",
+           "optimum", "openvino", "openvino-int8", "openvino-bf16")
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,7 @@ def _openvino(model: str, provider: str | None, **kwargs):
 #: OpenVINO GenAI's variants (bench/openvino_engine.py): fp32, int8 weights, its default bf16 compute.
 OPENVINO_VARIANTS = ("openvino", "openvino-int8", "openvino-bf16")
 ENGINES = {**{name: OrtDiffusionEngine for name in ORT_VARIANTS}, "torch": TorchEngine, "torch-tiny": TorchEngine,
+           "torch-compile": TorchEngine,
            "optimum": OptimumEngine, **{name: _openvino for name in OPENVINO_VARIANTS}}
 
 
@@ -169,6 +170,8 @@ def main() -> None:
         extra = {"variant": args.engine, "task": args.task} if variant else {"task": args.task}
         if args.engine == "torch-tiny":
             extra["tiny_decoder"] = True
+        if args.engine == "torch-compile":
+            extra["compile_unet"] = True
         engine = ENGINES[args.engine](args.model, args.provider, scheduler=args.scheduler, **extra)
     except ImportError as e:
         fix = {"torch": "pip install 'ortdiffusion[export]'",
