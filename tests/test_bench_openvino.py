@@ -39,8 +39,10 @@ def test_openvino_runs_beside_ours_with_its_stages_and_precision(tmp_path):
     report = json.loads(out.read_text())
     assert not report["skipped"], report["skipped"]
     records = {r["engine"]: r for r in report["records"]}
-    assert {e: r["precision"] for e, r in records.items()} == {
-        "ortdiffusion": "fp32", "openvino": "fp32", "openvino-int8": "int8-weights", "openvino-bf16": "bf16"}
+    precisions = {e: r["precision"] for e, r in records.items()}
+    # bf16 where the CPU has it; otherwise OpenVINO computes f32 and the record says so
+    assert precisions.pop("openvino-bf16") in ("bf16", "fp32 (no bf16 on this CPU)")
+    assert precisions == {"ortdiffusion": "fp32", "openvino": "fp32", "openvino-int8": "int8-weights"}
     for engine in ("openvino", "openvino-int8", "openvino-bf16"):
         r = records[engine]
         assert r["scheduler"] == "ddim" and r["providers"]["unet"] == "cpu"

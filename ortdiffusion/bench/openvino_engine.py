@@ -8,14 +8,15 @@ bench as `--openvino-python` (docs/benchmarks.md says how to make it). Kept apar
 `worker.py`'s imports so that no other engine's process imports OpenVINO.
 
 Precision: OpenVINO's CPU plugin runs fp32 models in bf16 where the CPU has bf16 instructions
-(this machine's AMD EPYC does: `benchmarks/results/openvino-probe-cpu2.json`), so each variant
-sets `INFERENCE_PRECISION_HINT` and says what it ran:
+(the AMD EPYC of `benchmarks/results/openvino-probe-cpu2.json` did; the one of this session's
+bench has no AVX-512 and OpenVINO reports f32 as its default), so each variant sets
+`INFERENCE_PRECISION_HINT` and says what it ran:
 
 - `openvino`: fp32 weights, f32 compute — the same precision as ours' fp32 bundle;
 - `openvino-int8`: int8 weights (NNCF's weight compression, what `--weight-format int8` does),
   f32 compute;
-- `openvino-bf16`: fp32 weights, OpenVINO's default bf16 compute on this CPU — what a user who
-  changes nothing gets.
+- `openvino-bf16`: fp32 weights, bf16 compute where the CPU has it (OpenVINO's own default there:
+  what a user who changes nothing gets); recorded as fp32 on a CPU without bf16.
 """
 
 from __future__ import annotations
@@ -91,6 +92,12 @@ class OpenVINOEngine:
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path}: not exported (the runner's prepare step exports it)")
         _, hint, self.precision = VARIANTS[variant]
+        import openvino as ov
+
+        if hint == "bf16" and "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            # a CPU without bf16 instructions: OpenVINO computes in f32 whatever the hint says (its
+            # default there); the record says what ran, not what was asked
+            self.precision = "fp32 (no bf16 on this CPU)"
         self.pipe = ov_genai.Text2ImagePipeline(str(path), "CPU", INFERENCE_PRECISION_HINT=hint)
         self.scheduler = type_name = None
         if scheduler:
