@@ -241,8 +241,17 @@ def test_canny_edges_outline_shapes_and_leave_flat_areas_empty():
 # -- bad input ------------------------------------------------------------------------------------
 
 
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 BAD = [
     ({"control_image": [b"not an image", control_picture()]}, "control_image[0]", "is not an image"),
+    # the worst a caller can send: a few kB that declare 2.5 billion pixels, refused before decoding
+    ({"control_image": [control_picture(), _png(Image.new("1", (50_000, 50_000)))]}, "control_image[1]",
+     "pixels; at most"),
     ({"control_image": [control_picture()]}, "control_image", "one control image per ControlNet of this model (2)"),
     ({"controlnet_conditioning_scale": [1.0]}, "controlnet_conditioning_scale", "one per ControlNet (2)"),
     ({"control_guidance_start": 0.8, "control_guidance_end": 0.2}, "control_guidance_start", "before"),

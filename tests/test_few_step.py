@@ -43,6 +43,18 @@ def sdxl_turbo(tmp_path_factory):
     return _export("tiny-sdxl-turbo", tmp_path_factory)
 
 
+def _with_unet_rows(pipe, latents: np.ndarray, steps: int):
+    """The image at the bundle's defaults, and the batch rows of each UNet call that made it."""
+    calls = []
+    unet = pipe.sessions["unet"]
+    original = unet.run
+    unet.run = lambda feeds, **kw: (calls.append(feeds["sample"].shape[0]), original(feeds, **kw))[1]
+    try:
+        return pipe(PROMPT, latents=latents, num_inference_steps=steps).images[0], calls
+    finally:
+        unet.run = original
+
+
 def _latents(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1, 4, 16, 16)).astype(np.float32)
 
@@ -151,14 +163,7 @@ def test_turbo_settings_match_diffusers(turbo, steps):
     ref_pipe.set_progress_bar_config(disable=True)
     latents = _latents(6)
     ref = ref_pipe(PROMPT, latents=torch.from_numpy(latents), num_inference_steps=steps, guidance_scale=0.0).images[0]
-    calls = []
-    unet = pipe.sessions["unet"]
-    original = unet.run
-    unet.run = lambda feeds, **kw: (calls.append(feeds["sample"].shape[0]), original(feeds, **kw))[1]
-    try:
-        ours = pipe(PROMPT, latents=latents, num_inference_steps=steps).images[0]  # the bundle's defaults
-    finally:
-        unet.run = original
+    ours, calls = _with_unet_rows(pipe, latents, steps)  # the bundle's defaults
     assert calls == [1] * steps, "guidance 0: one UNet row per image, no unconditional half"
     assert np.asarray(ours).std() > 5
     assert psnr(ours, ref) >= 40.0, f"PSNR {psnr(ours, ref):.1f} dB"
@@ -177,14 +182,7 @@ def test_sdxl_turbo_settings_match_diffusers(sdxl_turbo, steps):
     ref_pipe.set_progress_bar_config(disable=True)
     latents = _latents(8)
     ref = ref_pipe(PROMPT, latents=torch.from_numpy(latents), num_inference_steps=steps, guidance_scale=0.0).images[0]
-    calls = []
-    unet = pipe.sessions["unet"]
-    original = unet.run
-    unet.run = lambda feeds, **kw: (calls.append(feeds["sample"].shape[0]), original(feeds, **kw))[1]
-    try:
-        ours = pipe(PROMPT, latents=latents, num_inference_steps=steps).images[0]  # the bundle's defaults
-    finally:
-        unet.run = original
+    ours, calls = _with_unet_rows(pipe, latents, steps)  # the bundle's defaults
     assert calls == [1] * steps, "guidance 0: one UNet row per image, no unconditional half"
     assert np.asarray(ours).std() > 5
     assert psnr(ours, ref) >= 40.0, f"PSNR {psnr(ours, ref):.1f} dB"
