@@ -413,10 +413,13 @@ class Pipeline:
             prompts, negatives = request.texts(source)
             texts_of[component] = negatives + prompts if request.do_guidance else prompts
         if request.long_prompts:  # every text encoder gives the UNet as many windows (SDXL: prompt_2 may be longer)
-            chunks = max(self.tokenizers[c].chunked(t, MAX_PROMPT_CHUNKS)[1] for c, t in texts_of.items())
+            windows = {c: self.tokenizers[c].chunked(t, MAX_PROMPT_CHUNKS) for c, t in texts_of.items()}
+            chunks = max(k for _, k in windows.values())
         for component, texts in texts_of.items():
             if request.long_prompts:
-                ids, _ = self.tokenizers[component].chunked(texts, MAX_PROMPT_CHUNKS, min_chunks=chunks)
+                ids, k = windows[component]
+                if k < chunks:  # fewer windows than another encoder's: padded with empty ones
+                    ids, _ = self.tokenizers[component].chunked(texts, MAX_PROMPT_CHUNKS, min_chunks=chunks)
                 batch = self.manifest.components[component].dims["batch"].max
                 if len(ids) > batch:
                     raise InvalidRequestError("num_images_per_prompt", f"{len(texts)} prompts × {chunks} windows of a "
