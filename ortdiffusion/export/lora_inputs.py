@@ -5,8 +5,12 @@ low-rank side branch whose weights are inputs fed per run (runtime/lora.py feeds
                                                    └► MatMul(down) ─► MatMul(up) ┘
 
 `down` is (in, rank), `up` (rank, out) with `rank` symbolic; a 1×1 Conv gets two 1×1 Convs instead.
-Fed with rank-0 arrays the branch adds zeros, so one graph serves no LoRA, one, or a blend of
-several (concatenated along the rank) and switching between them rebuilds nothing. Only the .onnx
+The branch sits in an `If` on `rank > 0`: fed rank-0 arrays (no LoRA on that layer) the layer's
+output passes through untouched. Computing an empty branch instead cost ~6 % of a step (ONNX
+Runtime still writes the full-size zero delta and adds it: 1×1 Convs 108 ms, Adds 53 ms, MatMuls
+42 ms of a 3.2 s sd15-arch step at 256², by its profiler); the `If` skips that. So one graph serves
+no LoRA, one, or a blend of several (concatenated along the rank) and switching between them
+rebuilds nothing. Only the .onnx
 file changes: external weights stay where they are. The layers adapted are the ones LoRA trainers
 target (diffusers/PEFT's attention projections and kohya's transformer blocks), found by the module
 path torch's exporter writes into node names (`/unet/down_blocks.0/.../attn1/to_q/MatMul`).
@@ -38,6 +42,9 @@ ADAPTED = {
     TEXT_ENCODER: ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
 }
 ADAPTED[TEXT_ENCODER_2] = ADAPTED[TEXT_ENCODER]
+
+#: The shared int64 zero the `If` conditions compare each branch's rank against.
+ZERO = "lora_rank_zero"
 
 _NODE = re.compile(r"^/(?P<path>.+)/(?P<op>MatMul|Gemm|Conv)(_\d+)?$")
 
@@ -104,19 +111,30 @@ def rewrite(path: Path, component: str) -> list[TensorInfo]:
         kind = "float16" if dtype == TensorProto.FLOAT16 else "float32"
         infos += [TensorInfo(down, kind, tuple(down_shape)), TensorInfo(up, kind, tuple(up_shape))]
         y = node.output[0]
-        base, mid, delta = f"{y}/lora_base", f"{y}/lora_mid", f"{y}/lora_delta"
+        base, mid, delta, rank, active = (f"{y}/lora_{s}" for s in ("base", "mid", "delta", "rank", "active"))
         node.output[0] = base
         op = "Conv" if node.op_type == "Conv" else "MatMul"
         prefix = node.name.rsplit("/", 1)[0]
-        nodes += [helper.make_node(op, [node.input[0], down], [mid], name=f"{prefix}/lora_down"),
-                  helper.make_node(op, [mid, up], [delta], name=f"{prefix}/lora_up"),
-                  helper.make_node("Add", [base, delta], [y], name=f"{prefix}/lora_add")]
+        at = 0 if op == "Conv" else 1  # where `down` keeps its rank
+        adapted = helper.make_graph(
+            [helper.make_node(op, [node.input[0], down], [mid], name=f"{prefix}/lora_down"),
+             helper.make_node(op, [mid, up], [delta], name=f"{prefix}/lora_up"),
+             helper.make_node("Add", [base, delta], [f"{y}/lora_sum"], name=f"{prefix}/lora_add")],
+            f"{prefix}/lora", [], [helper.make_tensor_value_info(f"{y}/lora_sum", dtype, None)])
+        untouched = helper.make_graph(
+            [helper.make_node("Identity", [base], [f"{y}/lora_pass"], name=f"{prefix}/lora_pass")],
+            f"{prefix}/no_lora", [], [helper.make_tensor_value_info(f"{y}/lora_pass", dtype, None)])
+        nodes += [helper.make_node("Shape", [down], [rank], name=f"{prefix}/lora_rank", start=at, end=at + 1),
+                  helper.make_node("Greater", [rank, ZERO], [active], name=f"{prefix}/lora_active"),
+                  helper.make_node("If", [active], [y], name=f"{prefix}/lora_if",
+                                   then_branch=adapted, else_branch=untouched)]
     if not inputs:
         raise ExportError(f"{path}: no layer a LoRA adapts was found by name ({', '.join(ADAPTED.get(component, ()))}); "
                           "the graph may have been fused (export with --target generic)")
     del graph.node[:]
     graph.node.extend(nodes)
     graph.input.extend(inputs)
+    graph.initializer.append(helper.make_tensor(ZERO, TensorProto.INT64, [1], [0]))
     onnx.save(model, str(path))
     logger.info("%s: %d layers take LoRA inputs", component, len(inputs) // 2)
     return infos
