@@ -113,6 +113,21 @@ def test_no_lora_gives_the_plain_bundles_image(lora_pipeline, tiny_pipeline):
     assert np.array_equal(a, b)
 
 
+def test_each_side_branch_is_skipped_where_its_rank_is_zero(lora_bundle):
+    """No LoRA must cost (next to) nothing: every branch sits in an If on its own rank, so a layer fed
+    rank-0 arrays passes its output through instead of adding a computed zero delta."""
+    import onnx
+
+    graph = onnx.load(str(lora_bundle / "unet.onnx"), load_external_data=False).graph
+    downs = [i.name for i in graph.input if i.name.endswith(".lora_down")]
+    gates = [n for n in graph.node if n.op_type == "If"]
+    assert downs and len(gates) == len(downs)
+    assert not any(n.name.endswith("/lora_add") for n in graph.node), "a branch outside its If"
+    branches = {a.name: [m.op_type for m in a.g.node] for a in gates[0].attribute}
+    assert branches == {"then_branch": ["MatMul", "MatMul", "Add"], "else_branch": ["Identity"]} or \
+        branches == {"then_branch": ["Conv", "Conv", "Add"], "else_branch": ["Identity"]}
+
+
 def test_unknown_lora_and_lora_without_inputs_are_refused(lora_pipeline, tiny_pipeline):
     with pytest.raises(InvalidRequestError) as info:
         lora_pipeline(PROMPT, num_inference_steps=1, lora={"nope": 1.0})
