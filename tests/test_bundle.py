@@ -26,6 +26,38 @@ def test_corrupt_file_is_named(bundle_copy):
         Pipeline.load(bundle_copy)
 
 
+def test_a_file_verified_before_is_not_hashed_again_until_it_changes(bundle_copy, monkeypatch, tmp_path):
+    """Loads remember what they hashed (by inode, size, mtime and ctime): the second load hashes
+    nothing; a byte changed in place, even with the old mtime put back, is hashed and refused."""
+    import os
+
+    from ortdiffusion.runtime import manifest as manifest_module
+
+    monkeypatch.setenv("ORTDIFFUSION_CACHE", str(tmp_path / "cache"))
+    hashed = []
+    real = manifest_module.sha256_file
+    monkeypatch.setattr(manifest_module, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    manifest = load_manifest(bundle_copy)
+    manifest_module.verify_files(bundle_copy, manifest)
+    assert "unet.onnx" in hashed
+    hashed.clear()
+    manifest_module.verify_files(bundle_copy, manifest)
+    assert hashed == []
+    manifest_module.verify_files(bundle_copy, manifest, remember=False)
+    assert "unet.onnx" in hashed
+    path = bundle_copy / "vae_decoder.onnx"
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    with open(path, "r+b") as f:  # same inode, same size
+        f.write(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    hashed.clear()
+    with pytest.raises(BundleError, match=r"vae_decoder\.onnx: corrupt: sha256"):
+        manifest_module.verify_files(bundle_copy, manifest)
+    assert hashed == ["vae_decoder.onnx"] or "vae_decoder.onnx" in hashed
+
+
 def test_truncated_file_is_named(bundle_copy):
     path = bundle_copy / "text_encoder.onnx"
     path.write_bytes(path.read_bytes()[:1000])

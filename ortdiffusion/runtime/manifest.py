@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -342,21 +343,82 @@ def _check_unet_feeds(path: str, manifest: Manifest) -> None:
                                     f"(sources: {', '.join(SPECIAL_FEEDS)}, or <component>/<output>)")
 
 
-def verify_files(bundle_dir: Path | str, manifest: Manifest) -> None:
-    """Every file the manifest names exists with the recorded size and sha256; else `BundleError`."""
+def verify_files(bundle_dir: Path | str, manifest: Manifest, remember: bool = True) -> None:
+    """Every file the manifest names exists with the recorded size and sha256; else `BundleError`.
+
+    A file hashed before on this machine whose inode, size, mtime and ctime are unchanged is not
+    hashed again (`VerifiedFiles`; `remember=False` hashes everything): an SD-1.5 bundle is 3.4 GB of
+    sha256 at every load otherwise, and any write to a file, or a copy in its place, changes its ctime."""
     bundle_dir = Path(bundle_dir)
     records = [f for c in manifest.components.values() for f in c.files] + [manifest.tokenizer,
                                                                             *manifest.tokenizers.values()]
+    verified = VerifiedFiles.load() if remember else None
     for record in records:
         path = bundle_dir / record.path
         if not path.is_file():
             raise BundleError(str(path), "missing (listed in manifest.json)")
-        size = path.stat().st_size
-        if size != record.size:
-            raise BundleError(str(path), f"corrupt: {size} bytes, manifest.json records {record.size}")
+        stat = path.stat()
+        if stat.st_size != record.size:
+            raise BundleError(str(path), f"corrupt: {stat.st_size} bytes, manifest.json records {record.size}")
+        if verified is not None and verified.known(path, stat, record.sha256):
+            continue
         digest = sha256_file(path)
         if digest != record.sha256:
             raise BundleError(str(path), f"corrupt: sha256 {digest[:12]}…, manifest.json records {record.sha256[:12]}…")
+        if verified is not None:
+            verified.add(path, stat, digest)
+    if verified is not None:
+        verified.save()
+
+
+class VerifiedFiles:
+    """sha256 digests of files this machine has hashed, keyed by absolute path and checked against the
+    file's (device, inode, size, mtime, ctime): `$ORTDIFFUSION_CACHE/verified-files.json`, the
+    newest `LIMIT` entries. A cache that cannot be read or written costs only the hashing."""
+
+    LIMIT = 1024
+
+    def __init__(self, path: Path, entries: dict[str, dict[str, Any]]):
+        self.path, self.entries, self.changed = path, entries, False
+
+    @classmethod
+    def load(cls) -> VerifiedFiles:
+        from .cache import cache_dir
+
+        path = cache_dir() / "verified-files.json"
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(entries, dict):
+                entries = {}
+        except (OSError, ValueError):
+            entries = {}
+        return cls(path, entries)
+
+    @staticmethod
+    def _stat(stat) -> list[int]:
+        return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+    def known(self, path: Path, stat, sha256: str) -> bool:
+        entry = self.entries.get(str(path.resolve()))
+        return isinstance(entry, dict) and entry.get("stat") == self._stat(stat) and entry.get("sha256") == sha256
+
+    def add(self, path: Path, stat, sha256: str) -> None:
+        key = str(path.resolve())
+        self.entries.pop(key, None)  # newest last
+        self.entries[key] = {"stat": self._stat(stat), "sha256": sha256}
+        self.changed = True
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        entries = dict(list(self.entries.items())[-self.LIMIT:])
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            scratch = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            scratch.write_text(json.dumps(entries), encoding="utf-8")
+            os.replace(scratch, self.path)
+        except OSError:
+            pass
 
 
 # -- (de)serialisation: dataclasses ↔ plain JSON -----------------------------------------------
