@@ -68,6 +68,7 @@ def main() -> None:
     from ortdiffusion.export.fp16 import convert_to_fp16, measure_ranges
     from ortdiffusion.export.onnx_export import export_onnx
     from ortdiffusion.export.optimize import Target, cuda_fusions_fit, optimize_graph
+    from ortdiffusion.export.weights import offloaded
     from ortdiffusion.models import resolve_checkpoint
 
     libc = ctypes.CDLL("libc.so.6")
@@ -93,11 +94,15 @@ def main() -> None:
         files = step("torchscript export", lambda: export_onnx(spec, module, work / "unet.onnx"))
         if args.target == "cpu":
             step("optimizer, CPU fusions + ONNX Runtime", lambda: optimize_graph(files, "unet", Target.CPU))
-        else:
-            ranges = step("fp16 range measurement", lambda: measure_ranges(files, spec))
-            step("optimizer, CUDA fusions", lambda: optimize_graph(files, "unet", Target.CUDA, fp16=True,
-                                                                  fits=cuda_fusions_fit(module)))
-            step("fp16 conversion", lambda: convert_to_fp16(files, spec, ranges))
+        else:  # as bundle._to_fp16 runs them: the torch module's weights on disk meanwhile
+            fits = cuda_fusions_fit(module)
+            with offloaded(module, work):
+                ranges = step("fp16 range measurement", lambda: measure_ranges(files, spec))
+                step("optimizer, CUDA fusions", lambda: optimize_graph(files, "unet", Target.CUDA, fp16=True, fits=fits))
+                step("fp16 conversion", lambda: convert_to_fp16(files, spec, ranges))
+            with torch.no_grad():  # what parity runs next: the module, its weights mapped back from disk
+                step("torch module on parity inputs (weights mapped back)",
+                     lambda: module(*spec.sample_inputs(spec.parity_points()[0], 0)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     record = {"model": args.model, "component": "unet", "target": args.target, "steps": steps,

@@ -259,3 +259,25 @@ def test_fp16_vae_whose_activations_leave_fp16s_range(tiny_checkpoint, tmp_path)
     assert np.isfinite(measured).all()
     rel = np.linalg.norm(measured - ref) / np.linalg.norm(ref)
     assert rel <= 2e-2, rel
+
+
+def test_weights_wait_on_disk_while_the_graph_is_converted(tmp_path):
+    """`offloaded`: inside, the module holds no weights (meta tensors); after, the same values
+    (non-persistent buffers and requires_grad included), the same outputs, and no file left behind."""
+    import torch
+
+    from ortdiffusion.export.weights import offloaded
+
+    module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GroupNorm(2, 8))
+    module.register_buffer("scale", torch.linspace(0, 1, 8), persistent=False)
+    module[0].weight.requires_grad_(False)
+    module[1].weight = module[0].bias  # a tied weight stays one storage
+    x = torch.randn(3, 8)
+    before = module(x) * module.scale
+    with offloaded(module, tmp_path):
+        assert all(t.is_meta for t in [*module.parameters(), *module.buffers()])
+        assert len(list(tmp_path.iterdir())) == 1
+    assert torch.equal(module(x) * module.scale, before)
+    assert not module[0].weight.requires_grad and module[0].bias.requires_grad
+    assert module[1].weight.data_ptr() == module[0].bias.data_ptr()
+    assert list(tmp_path.iterdir()) == []

@@ -55,7 +55,7 @@ from .specs import (
     vae_decoder_component,
     vae_encoder_component,
 )
-from .weights import EXTERNAL_WEIGHTS_MIN_BYTES, store_exact_fp32_weights_as_fp16, store_weights_externally
+from .weights import EXTERNAL_WEIGHTS_MIN_BYTES, offloaded, store_exact_fp32_weights_as_fp16, store_weights_externally
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +109,11 @@ def export_component(
         target = options.target
         providers = target.providers
         fp16 = options.precision is Precision.FP16 and target.onnx_fp16
-        # A graph fused for CUDA does not run on the CPU, so its fp16 block list is measured first,
-        # on the plain graph (fp16.convert_to_fp16 says how the nodes are matched).
-        ranges = measure_ranges(files, spec) if fp16 and target is Target.CUDA else None
-        optimize_graph(files, spec.name, target, fp16=fp16, fits=cuda_fusions_fit(module) if target is Target.CUDA else None)
+        fits = cuda_fusions_fit(module) if target is Target.CUDA else None
         if fp16:
-            precision, fp32_nodes, files, parity = _to_fp16(spec, module, files, options, ranges)
+            precision, fp32_nodes, files, parity = _to_fp16(spec, module, files, options, fits)
         else:
+            optimize_graph(files, spec.name, target, fits=fits)
             precision, fp32_nodes = Precision.FP32, ()
             # Not for CUDA: its fused graph stays as ONNX Runtime's optimizer wrote it until a GPU
             # has run it (fused kernels reading Cast-fed weights is unverified there).
@@ -150,16 +148,23 @@ def _to_int8(spec: ComponentSpec, module: torch.nn.Module, files: list[Path], op
 
 
 def _to_fp16(spec: ComponentSpec, module: torch.nn.Module, files: list[Path], options: ExportOptions,
-             ranges: dict[str, float] | None = None):
-    """fp16 with a measured block list, parity-checked against torch fp32. The VAE's halves stay
-    fp32 when their fp16 version misses parity (DESIGN.md: the VAE is where fp16 breaks first)."""
+             fits: bool | None = None):
+    """Optimized and converted to fp16 with a measured block list, parity-checked against torch fp32.
+    The VAE's halves stay fp32 when their fp16 version misses parity (DESIGN.md: the VAE is where
+    fp16 breaks first). The module's weights wait on disk until parity needs them (`offloaded`)."""
+    target = options.target
     # Only the VAE may fall back to fp32, so only its fp32 graphs are kept aside meanwhile.
     fp32_files = [f.with_name(f".{f.name}.fp32") for f in files] if spec.name in (VAE_DECODER, VAE_ENCODER) else []
-    for f, backup in zip(files, fp32_files):
-        shutil.copyfile(f, backup)
     try:
-        fp32_nodes, fp16_files = convert_to_fp16(files, spec, ranges)
-        parity = measure_parity(spec, module, fp16_files[0], options.target.parity_provider)
+        with offloaded(module, files[0].parent):
+            # A graph fused for CUDA does not run on the CPU, so its fp16 block list is measured
+            # first, on the plain graph (fp16.convert_to_fp16 says how the nodes are matched).
+            ranges = measure_ranges(files, spec) if target is Target.CUDA else None
+            optimize_graph(files, spec.name, target, fp16=True, fits=fits)
+            for f, backup in zip(files, fp32_files):
+                shutil.copyfile(f, backup)
+            fp32_nodes, fp16_files = convert_to_fp16(files, spec, ranges)
+        parity = measure_parity(spec, module, fp16_files[0], target.parity_provider)
         tolerance = max(options.parity_tolerance, FP16_TOLERANCE)
         try:
             check_parity(spec.name, parity, tolerance)

@@ -10,6 +10,8 @@ Weights that fp16 cannot hold exactly stay fp32.
 from __future__ import annotations
 
 import logging
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +161,46 @@ def gather_external_data(model, source_dir: Path, path: Path, min_bytes: int = 1
     partial.replace(data)
     _readable_like(path, data)
     return data
+
+
+@contextmanager
+def offloaded(module, directory: Path):
+    """The torch module's weights on disk while steps that do not need them run (the fp16 range
+    measurement, the optimizer, the fp16 conversion): each of those holds the ONNX graph's weights,
+    and the module's copy beside them took an SD-1.5 UNet's fp16 export past 8 GiB (9.2 GiB in range
+    measurement). The parameters and buffers go to one file in `directory` and are replaced by
+    meta tensors; on exit they come back memory-mapped from it (torch.load(mmap=True): pages read as
+    parity touches them), the same values, so the parity check after compares against the same
+    module. The file is unlinked on exit (the mapping keeps its pages until the module lets go);
+    `directory` is the export's staging folder, so a crash leaves nothing outside it."""
+    import gc
+
+    import torch
+
+    slots = []  # (submodule, dict holding the tensor, key, was a Parameter, requires_grad)
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for holder in (sub._parameters, sub._buffers):
+            for leaf, tensor in holder.items():
+                if tensor is None:
+                    continue
+                name = f"{prefix}.{leaf}" if prefix else leaf
+                slots.append((holder, leaf, name, isinstance(tensor, torch.nn.Parameter), tensor.requires_grad))
+                tensors[name] = tensor.detach()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f".offloaded-{os.getpid()}-{id(module)}.pt"
+    try:
+        torch.save(tensors, path)  # keeps shared storages shared (tied weights stay one tensor)
+        for holder, leaf, name, is_param, grad in slots:
+            meta = tensors[name].to("meta")
+            holder[leaf] = torch.nn.Parameter(meta, requires_grad=grad) if is_param else meta
+        del tensors
+        gc.collect()
+        yield
+    finally:
+        if path.exists():
+            restored = torch.load(path, mmap=True, weights_only=True)
+            for holder, leaf, name, is_param, grad in slots:
+                holder[leaf] = torch.nn.Parameter(restored[name], requires_grad=grad) if is_param else restored[name]
+            del restored
+            path.unlink()  # the mapping keeps the pages readable until the module lets go of them
