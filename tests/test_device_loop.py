@@ -13,7 +13,7 @@ import pytest
 from conftest import psnr
 from ortdiffusion import Pipeline
 from ortdiffusion.runtime import NumericalError, SchedulerName
-from ortdiffusion.runtime.device_loop import STEP_GRAPHS
+from ortdiffusion.runtime.device_loop import PIXEL_GRAPHS, STEP_GRAPHS
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,9 @@ def test_device_loop_sends_the_same_arrays_whatever_the_step_count(tiny_pipeline
     assert (few.host_to_device, few.device_to_host, few.in_loop) == (many.host_to_device, many.device_to_host, 0)
     # ids, first latents, zeros for x0, the two tables, step, NaN count, first UNet input and timestep
     assert few.host_to_device == 9
-    assert few.device_to_host == 2  # the NaN count and the image
+    assert few.device_to_host == 3  # the latents' NaN count, the pixels' NaN count and the 8-bit image
+    # the image comes back as 8 bits per channel (made on the device), not as float32 pixels
+    assert few.bytes_device_to_host == 4 + 4 + 64 * 64 * 3
     host_few, host_many = (tiny_pipeline("a cat", seed=1, num_inference_steps=n).transfers for n in (3, 9))
     assert host_many.in_loop - host_few.in_loop == 6 * 4  # per step: 3 UNet inputs over, its output back
 
@@ -82,10 +84,32 @@ def test_device_loop_nan_guard_names_the_unet(device_pipeline, monkeypatch):
         device_pipeline("a cat", seed=1, num_inference_steps=1)
 
 
+def test_device_loop_decoder_nan_guard_reads_the_pixels_and_names_the_decoder(device_pipeline, monkeypatch):
+    """The 8-bit tail counts non-finite pixels on the device; where there are some, the float pixels
+    come back and the decoder's guard runs as on the host (no fp32 decoder here: refused by name)."""
+    import onnxruntime as ort
+
+    decoder = device_pipeline.decoders["full"]
+    session = decoder.session
+
+    class Broken:  # the decoder's output gets two NaNs, as an fp16 overflow would give
+        def __getattr__(self, name):
+            return getattr(session, name)
+
+        def run_bound(self, *args, **kwargs):
+            out = session.run_bound(*args, **kwargs)[decoder.output_name].numpy().copy()
+            out[0, 0, :2, 0] = np.nan
+            return {decoder.output_name: ort.OrtValue.ortvalue_from_numpy(out)}
+
+    monkeypatch.setattr(decoder, "session", Broken())
+    with pytest.raises(NumericalError, match="vae_decoder: 2 non-finite pixel values"):
+        device_pipeline("a cat", seed=1, num_inference_steps=1)
+
+
 def test_step_graphs_placement_is_checked(device_pipeline):
     """The step graphs get the networks' per-node check: on the provider the UNet runs on, every node."""
     placement = device_pipeline.device_loop.step_graph_placement
-    assert set(placement) == set(STEP_GRAPHS) and len(placement) == 6  # rescaled only where guided
+    assert set(placement) == set(STEP_GRAPHS) | set(PIXEL_GRAPHS) and len(placement) == 6 + 2  # rescaled only where guided
     for p in placement.values():
         assert set(p.nodes) == {"cpu"} and p.nodes["cpu"] > 10 and p.off_provider == ()
 
@@ -97,6 +121,30 @@ def test_shipped_step_graphs_are_what_the_exporter_builds():
     for (guided, blended, rescaled), name in STEP_GRAPHS.items():
         fresh = step_graph.build(guided, blended, rescaled).SerializeToString(deterministic=True)
         assert (GRAPHS / name).read_bytes() == fresh, f"{name} is stale: python -m ortdiffusion.export.step_graph"
+    for dtype, name in PIXEL_GRAPHS.items():
+        fresh = step_graph.build_to_uint8(dtype).SerializeToString(deterministic=True)
+        assert (GRAPHS / name).read_bytes() == fresh, f"{name} is stale: python -m ortdiffusion.export.step_graph"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_8_bit_tail_gives_the_host_postprocess_bytes(dtype):
+    """The device's pixels → 8-bit images: byte for byte the host's step 7 (diffusers' postprocess),
+    halfway values and out-of-range pixels included; non-finite pixels counted."""
+    import onnxruntime as ort
+
+    from ortdiffusion.runtime.device_loop import GRAPHS
+
+    rng = np.random.default_rng(0)
+    pixels = rng.uniform(-1.3, 1.3, (2, 3, 40, 24)).astype(dtype)
+    pixels[0, 0, 0, :5] = [k / 255 * 2 - 1 for k in (0.5, 1.5, 2.5, 254.5, 127.5)]  # rounds half to even
+    session = ort.InferenceSession(str(GRAPHS / PIXEL_GRAPHS[dtype]), providers=["CPUExecutionProvider"])
+    image, bad = session.run(None, {"pixels": pixels})
+    x = pixels.astype(np.float32)
+    expected = (np.clip(x / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+    assert image.dtype == np.uint8 and image.shape == (2, 40, 24, 3) and bad.tolist() == [0.0]
+    assert np.array_equal(image, expected)
+    pixels[1, 2, 3, 4], pixels[0, 1, 0, 0] = np.nan, -np.inf
+    assert session.run(None, {"pixels": pixels})[1].tolist() == [2.0]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..runtime.device_loop import COEFFICIENTS, STEP_GRAPHS
+from ..runtime.device_loop import COEFFICIENTS, PIXEL_GRAPHS, STEP_GRAPHS
 
 OPSET = 17
 
@@ -130,12 +130,51 @@ def _std(node, x: str) -> str:
     return node("Sqrt", [variance], f"{x}_std")
 
 
+def build_to_uint8(dtype: str = "float32") -> onnx.ModelProto:
+    """The decoder's pixels in [-1, 1] (NCHW, `dtype`) → 8-bit images (NHWC), on the device, so a
+    quarter of the bytes come back: diffusers' postprocess, the host's step 7 in the same float32
+    operations in the same order (x / 2 + 0.5, clipped to [0, 1], · 255, rounded half to even), so
+    the bytes match. Also the count of non-finite pixel values, the decoder's NaN guard: where it is
+    not 0 the runtime reads the float pixels and decodes again in fp32 (`ImageDecoder.checked`)."""
+    f32 = TensorProto.FLOAT
+    nodes = []
+
+    def node(op: str, inputs: list[str], output: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], **attrs))
+        return output
+
+    inits = [numpy_helper.from_array(np.array(v, dtype=np.float32), n)
+             for n, v in (("two", 2.0), ("half", 0.5), ("zero", 0.0), ("unit", 1.0), ("full", 255.0))]
+    x = node("Cast", ["pixels"], "pixels_f32", to=f32) if dtype == "float16" else "pixels"
+    unit = node("Clip", [node("Add", [node("Div", [x, "two"], "halved"), "half"], "shifted"), "zero", "unit"], "unit_range")
+    levels = node("Round", [node("Mul", [node("Transpose", [unit], "nhwc", perm=[0, 2, 3, 1]), "full"], "scaled")],
+                  "rounded")
+    node("Cast", [levels], "image", to=TensorProto.UINT8)
+    bad = node("Or", [node("IsNaN", [x], "is_nan"), node("IsInf", [x], "is_inf")], "not_finite")
+    count = node("ReduceSum", [node("Cast", [bad], "not_finite_f", to=f32)], "count", keepdims=0)
+    node("Reshape", [count, node("Constant", [], "one_element", value_ints=[1])], "nonfinite")
+    kind = TensorProto.FLOAT16 if dtype == "float16" else f32
+    graph = helper.make_graph(
+        nodes, PIXEL_GRAPHS[dtype].removesuffix(".onnx"),
+        [helper.make_tensor_value_info("pixels", kind, ["batch", 3, "height", "width"])],
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", "height", "width", 3]),
+         helper.make_tensor_value_info("nonfinite", f32, [1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ortdiffusion")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def write(folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for (guided, blended, rescaled), name in STEP_GRAPHS.items():
         path = folder / name
         path.write_bytes(build(guided, blended, rescaled).SerializeToString(deterministic=True))
+        paths.append(path)
+    for dtype, name in PIXEL_GRAPHS.items():
+        path = folder / name
+        path.write_bytes(build_to_uint8(dtype).SerializeToString(deterministic=True))
         paths.append(path)
     return paths
 

@@ -57,6 +57,8 @@ def _graph_name(guided: bool, blended: bool, rescaled: bool) -> str:
 STEP_GRAPHS = {(g, b, r): _graph_name(g, b, r) for g in (False, True) for b in (False, True) for r in (False, True)
                if g or not r}
 GRAPHS = Path(__file__).resolve().parent / "graphs"
+#: The decoder output's dtype → the graph that turns its pixels into 8-bit images on the device.
+PIXEL_GRAPHS = {"float32": "to_uint8.onnx", "float16": "to_uint8_fp16.onnx"}
 
 
 def coefficient_table(plan: Plan) -> np.ndarray:
@@ -96,15 +98,20 @@ class DeviceLoop:
             key: ort.InferenceSession(str(GRAPHS / name), session_options(), providers=providers)
             for key, name in STEP_GRAPHS.items()
         }
+        self.pixel_graphs = {
+            dtype: ort.InferenceSession(str(GRAPHS / name), session_options(), providers=providers)
+            for dtype, name in PIXEL_GRAPHS.items()
+        }
         # The same per-node check as the networks': a step-graph node on the CPU would copy between
         # host and device inside the loop, where nothing should cross
         kind = ProviderKind.parse(providers[0][0])
         self.step_graph_placement = {}
-        for key, graph in self.step_graphs.items():
+        for key, graph in [*self.step_graphs.items(), *self.pixel_graphs.items()]:
+            name = STEP_GRAPHS.get(key) or PIXEL_GRAPHS[key]
             assignments = node_assignments(graph)
             if assignments is not None:
                 self.step_graph_placement[key] = check_placement(
-                    ProviderPreference(kinds=(kind,)), assignments, f"step graph {STEP_GRAPHS[key]}")
+                    ProviderPreference(kinds=(kind,)), assignments, f"step graph {name}")
 
     def __call__(self, plan: Plan, trace: Trace, callback: StepCallback | None = None) -> np.ndarray:
         images = plan.images
@@ -224,11 +231,21 @@ class DeviceLoop:
         state = {k: v for k, v in state.items() if k not in ("blend_mask", "known_table")}
         decoder_input = run_bound(last, {"prediction": prediction, **state}, graph_outputs, self.device)["next_sample"]
         decoder = self.decoders[plan.decoder]
-        pixels = decoder.session.run_bound({decoder.input_name: decoder_input}, {decoder.output_name: None}, ("cpu", 0),
+        pixels = decoder.session.run_bound({decoder.input_name: decoder_input}, {decoder.output_name: None}, self.device,
                                            release_memory=True)[decoder.output_name]
-        pixels = decoder.checked(self._read(pixels, trace), lambda: self._read(decoder_input, trace))
+        # 5. 8-bit images made on the device (a quarter of the bytes back) with the decoder's NaN
+        #    guard; only where that finds non-finite pixels do the float pixels come back, to be
+        #    decoded again in fp32 and converted on the host
+        graph = self.pixel_graphs[{"tensor(float16)": "float16"}.get(pixels.data_type(), "float32")]
+        out = run_bound(graph, {"pixels": pixels}, ["image", "nonfinite"], self.device)
+        if self._read(out["nonfinite"], trace)[0] == 0:
+            images = self._read(out["image"], trace)
+            trace.lap(Stage.DECODER)
+            return images
+        pixels = decoder.checked(self._read(pixels, trace).astype(np.float32, copy=False),
+                                 lambda: self._read(decoder_input, trace))
         trace.lap(Stage.DECODER)
         return pixels
 
 
-__all__ = ["COEFFICIENTS", "STEP_GRAPHS", "DeviceLoop", "coefficient_table"]
+__all__ = ["COEFFICIENTS", "PIXEL_GRAPHS", "STEP_GRAPHS", "DeviceLoop", "coefficient_table"]

@@ -446,8 +446,12 @@ class Pipeline:
                                   [self._metadata(request, p, n, s) for (p, n), s in zip(pairs, request.seeds)],
                                   trace.transfers, latents=pixels)
 
-        # 7. pixels → 8-bit images (diffusers' VaeImageProcessor.postprocess, to the rounding)
-        array = (np.clip(pixels / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+        # 7. pixels → 8-bit images (diffusers' VaeImageProcessor.postprocess, to the rounding); the
+        #    device loop has done it on the device already (runtime/graphs/to_uint8.onnx, same bytes)
+        if pixels.dtype == np.uint8:
+            array = pixels
+        else:
+            array = (np.clip(pixels / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
         if request.keep_unmasked:  # the input's own pixels outside the mask
             original = ((request.image[0].transpose(1, 2, 0) + 1) / 2 * 255).round().astype(np.uint8)
             array = np.where(request.mask[0, 0][..., None] > 0.5, array, original)
