@@ -113,12 +113,13 @@ def export_component(
         if fp16:
             precision, fp32_nodes, files, parity = _to_fp16(spec, module, files, options, fits)
         else:
-            optimize_graph(files, spec.name, target, fits=fits)
             precision, fp32_nodes = Precision.FP32, ()
-            # Not for CUDA: its fused graph stays as ONNX Runtime's optimizer wrote it until a GPU
-            # has run it (fused kernels reading Cast-fed weights is unverified there).
-            if options.compact_weights and len(files) == 1 and target is not Target.CUDA:
-                store_exact_fp32_weights_as_fp16(files[0])
+            with offloaded(module, files[0].parent):  # ONNX Runtime's optimizer loads the graph's weights
+                optimize_graph(files, spec.name, target, fits=fits)
+                # Not for CUDA: its fused graph stays as ONNX Runtime's optimizer wrote it until a GPU
+                # has run it (fused kernels reading Cast-fed weights is unverified there).
+                if options.compact_weights and len(files) == 1 and target is not Target.CUDA:
+                    store_exact_fp32_weights_as_fp16(files[0])
             parity = measure_parity(spec, module, files[0], target.parity_provider)
             check_parity(spec.name, parity, options.parity_tolerance)
     files = store_weights_externally(files, options.external_weights_min_bytes)

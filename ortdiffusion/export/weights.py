@@ -165,10 +165,10 @@ def gather_external_data(model, source_dir: Path, path: Path, min_bytes: int = 1
 
 @contextmanager
 def offloaded(module, directory: Path):
-    """The torch module's weights on disk while steps that do not need them run (the fp16 range
-    measurement, the optimizer, the fp16 conversion): each of those holds the ONNX graph's weights,
-    and the module's copy beside them took an SD-1.5 UNet's fp16 export past 8 GiB (9.2 GiB in range
-    measurement). The parameters and buffers go to one file in `directory` and are replaced by
+    """The torch module's weights on disk while steps that do not need them run (the optimizer, the
+    fp16 range measurement and conversion): each of those holds the ONNX graph's weights, and the
+    module's copy beside them took an SD-1.5 UNet's fp16 export past 8 GiB (9.2 GiB in range
+    measurement) and would double an SDXL UNet's 10 GB. The parameters and buffers go to one file in `directory` and are replaced by
     meta tensors; on exit they come back memory-mapped from it (torch.load(mmap=True): pages read as
     parity touches them), the same values, so the parity check after compares against the same
     module. The file is unlinked on exit (the mapping keeps its pages until the module lets go);
