@@ -168,10 +168,10 @@ def offloaded(module, directory: Path):
     """The torch module's weights on disk while steps that do not need them run (the optimizer, the
     fp16 range measurement and conversion): each of those holds the ONNX graph's weights, and the
     module's copy beside them took an SD-1.5 UNet's fp16 export past 8 GiB (9.2 GiB in range
-    measurement) and would double an SDXL UNet's 10 GB. The parameters and buffers go to one file in `directory` and are replaced by
-    meta tensors; on exit they come back memory-mapped from it (torch.load(mmap=True): pages read as
-    parity touches them), the same values, so the parity check after compares against the same
-    module. The file is unlinked on exit (the mapping keeps its pages until the module lets go);
+    measurement) and would double an SDXL UNet's 10 GB. The parameters and buffers go to one file in
+    `directory` and are replaced by meta tensors; on exit they come back memory-mapped from it
+    (torch.load(mmap=True): pages read as parity touches them), the same values, so the parity check
+    after compares against the same module. The file is unlinked on exit (the mapping keeps its pages until the module lets go);
     `directory` is the export's staging folder, so a crash leaves nothing outside it."""
     import gc
 
@@ -189,18 +189,20 @@ def offloaded(module, directory: Path):
                 tensors[name] = tensor.detach()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f".offloaded-{os.getpid()}-{id(module)}.pt"
+    moved = False
     try:
         torch.save(tensors, path)  # keeps shared storages shared (tied weights stay one tensor)
         for holder, leaf, name, is_param, grad in slots:
             meta = tensors[name].to("meta")
             holder[leaf] = torch.nn.Parameter(meta, requires_grad=grad) if is_param else meta
+        moved = True
         del tensors
         gc.collect()
         yield
     finally:
-        if path.exists():
+        if moved:  # else (the save failed: a full disk) the module still holds its own weights
             restored = torch.load(path, mmap=True, weights_only=True)
             for holder, leaf, name, is_param, grad in slots:
                 holder[leaf] = torch.nn.Parameter(restored[name], requires_grad=grad) if is_param else restored[name]
             del restored
-            path.unlink()  # the mapping keeps the pages readable until the module lets go of them
+        path.unlink(missing_ok=True)  # a mapping keeps its pages readable until the module lets go
