@@ -12,7 +12,9 @@ on the plain graph (`fp16.measure_ranges`), ONNX Runtime's transformer optimizer
 fusions (`optimize.optimize_graph`), the fp16 conversion (`fp16.convert_to_fp16`). For each: wall
 time, the process's peak resident memory during it (sampled every 50 ms), and what stays resident
 after it once the C allocator has handed free memory back (`malloc_trim`). The generic fp16 export
-runs the same steps but the optimizer's.
+runs the same steps but the optimizer's. As in the export, the torch module's weights wait on disk
+(`weights.offloaded`) from the optimizer to the conversion; the last step runs the module on a
+parity input, its weights mapped back, as the parity check does next.
 """
 
 from __future__ import annotations
@@ -92,8 +94,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="export-memory-"))
     try:
         files = step("torchscript export", lambda: export_onnx(spec, module, work / "unet.onnx"))
-        if args.target == "cpu":
-            step("optimizer, CPU fusions + ONNX Runtime", lambda: optimize_graph(files, "unet", Target.CPU))
+        if args.target == "cpu":  # as bundle.export_component runs it: the module's weights on disk meanwhile
+            with offloaded(module, work):
+                step("optimizer, CPU fusions + ONNX Runtime", lambda: optimize_graph(files, "unet", Target.CPU))
         else:  # as bundle._to_fp16 runs them: the torch module's weights on disk meanwhile
             fits = cuda_fusions_fit(module)
             with offloaded(module, work):
