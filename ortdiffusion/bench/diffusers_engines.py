@@ -274,6 +274,12 @@ class OptimumEngine:
         if not (exported / "model_index.json").is_file():
             pipe = ORTStableDiffusionPipeline.from_pretrained(str(checkpoint), export=True)
             pipe.save_pretrained(str(exported))
+            # freed before the pipeline below loads: held, the exporting pipeline and the loaded
+            # one sat side by side (sd-turbo-arch at 512: the worker reached 13.4 GB on its first run)
+            del pipe
+            import gc
+
+            gc.collect()
         ort_provider = {"cuda": "CUDAExecutionProvider"}.get(provider or "cpu", "CPUExecutionProvider")
         self.pipe = ORTStableDiffusionPipeline.from_pretrained(str(exported), provider=ort_provider)
         self.pipe.set_progress_bar_config(disable=True)
