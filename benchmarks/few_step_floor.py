@@ -192,6 +192,7 @@ def main() -> None:
     if args.rates_from:
         earlier = json.loads(args.rates_from.read_text())
         load, rates = earlier["load_1min_before_rates"], earlier["rates_gflops"]
+        check = check or earlier.get("meta_count_check")
     else:
         load = os.getloadavg()[0]
         rates = matmul_rates()
