@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ortdiffusion.builtin import dataset
+from ortdiffusion.builtin.colour import read_colour, summarise
 from ortdiffusion.builtin.evaluate import score
 from ortdiffusion.runtime.quality import psnr
 from ortdiffusion.models import resolve_bundle
@@ -33,7 +34,9 @@ STEPS = (5, 10, 20, 50)
 PRECISIONS = {"fp32": ("generic", "fp32"), "fp16": ("generic", "fp16"), "int8": ("cpu", "int8")}
 
 
-def adherence(pipe, scenes, seeds: int, steps: int, scheduler: str, guidance: float, batch: int = 32) -> dict:
+def adherence(pipe, scenes, seeds: int, steps: int, scheduler: str, guidance: float, batch: int = 32,
+              colours: list | None = None) -> dict:
+    """Share of images right per attribute; one-object images' colour readings go into `colours`."""
     jobs = [(s, k) for s in scenes for k in range(seeds)]
     rows = []
     for start in range(0, len(jobs), batch):
@@ -41,6 +44,8 @@ def adherence(pipe, scenes, seeds: int, steps: int, scheduler: str, guidance: fl
         result = pipe([s.caption for s, _ in chunk], seed=[1000 * k + i for i, (_, k) in enumerate(chunk, start)],
                       num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler)
         rows += [score(img, s) for img, (s, _) in zip(result.images, chunk)]
+        if colours is not None:
+            colours += [read_colour(img, s) for img, (s, _) in zip(result.images, chunk) if len(s.objects) == 1]
     out = {"n": len(rows), "all": float(np.mean([r["all"] for r in rows]))}
     for key in ("color", "shape", "position", "relation", "objects"):
         vals = [r[key] for r in rows if key in r]
@@ -85,12 +90,16 @@ def _cpu() -> str:
 def evaluate(pipe, sets: dict, seeds: int, steps: int, scheduler: str, guidance: float, precision: str) -> dict:
     row = {"scheduler": scheduler, "steps": steps, "precision": precision, "seeds_per_prompt": seeds}
     start = time.perf_counter()
+    colours: list = []
     for name, scenes in sets.items():
-        row[name] = adherence(pipe, scenes, seeds, steps, scheduler, guidance)
+        row[name] = adherence(pipe, scenes, seeds, steps, scheduler, guidance, colours=colours)
     row["seconds"] = time.perf_counter() - start
+    row["colour"] = summarise(colours)
     print(f"{precision} {scheduler:>16} {steps:>3} steps: one {row['one_object']['all']:.2f} "
           f"(colour+shape {row['one_object']['color_and_shape']:.2f}, position {row['one_object']['position']:.2f}) "
-          f"two {row['two_objects']['all']:.2f} held-out {row['held_out_pairs']['all']:.2f}", flush=True)
+          f"two {row['two_objects']['all']:.2f} held-out {row['held_out_pairs']['all']:.2f} "
+          f"colour: worst mean dE2000 {row['colour']['worst_delta_e_mean']:.1f}, "
+          f"in hue window {row['colour']['in_hue_window']:.2f}", flush=True)
     return row
 
 
@@ -130,6 +139,27 @@ def markdown(report: dict) -> str:
     n = report["results"][0]["one_object"]["n"] if report["results"] else 0
     lines += ["", f"By scheduler and steps (fp32, {n} images per set):", "", "| scheduler | steps | " + head + "---|"]
     lines += [f"| {r['scheduler']} | {r['steps']} | {cells(r)} |" for r in report["results"]]
+    return "\n".join(lines + ["", colour_table(report["by_precision"][0])])
+
+
+def colour_table(row: dict) -> str:
+    """Each palette colour as drawn (one-object and held-out-pair images at the defaults)."""
+    c = row["colour"]
+    lines = [f"Colour ({row['precision']}, {c['images']} one-object images; ΔE2000 of each image's mean object "
+             f"colour against the palette; hue window ±{c['targets']['hue_window_degrees']:g}°):", "",
+             "| colour | palette | drawn (mean) | hue: palette → drawn | ΔE2000 mean | median | max | in hue window |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, e in c["per_colour"].items():
+        if "mean_rgb" not in e:
+            lines.append(f"| {name} | {tuple(e['palette_rgb'])} | none found | | | | | {e['in_hue_window']:.2f} |")
+            continue
+        drawn = tuple(round(v) for v in e["mean_rgb"])
+        lines.append(f"| {name} | {tuple(e['palette_rgb'])} | {drawn} | {e['palette_hue']:.0f}° → {e['hue_of_mean']:.0f}° | "
+                     f"{e['delta_e_mean']:.1f} | {e['delta_e_median']:.1f} | {e['delta_e_max']:.1f} | "
+                     f"{e['in_hue_window']:.2f} |")
+    lines.append(f"\nAll colours: {c['in_hue_window']:.2f} in the hue window; worst mean ΔE2000 "
+                 f"{c['worst_delta_e_mean']:.1f}; targets (≤ {c['targets']['delta_e_mean_each_colour_max']:g} each, "
+                 f"≥ {c['targets']['in_hue_window_min']:.0%} in the window) {'met' if c['targets']['met'] else 'not met'}.")
     return "\n".join(lines)
 
 

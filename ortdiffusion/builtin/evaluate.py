@@ -31,6 +31,7 @@ class ReadObject:
     x: float
     y: float
     area: int
+    mean_rgb: tuple[float, float, float] = (0.0, 0.0, 0.0)  # of its core pixels (see `colour`)
 
     @property
     def position(self) -> str:
@@ -117,6 +118,7 @@ def read_objects(image: Image.Image | np.ndarray, max_objects: int = 2) -> list[
         objects.append(ReadObject(
             color=color, shape=_classify_shape(pixels), size="large" if extent > _SIZE_THRESHOLD else "small",
             x=float(cols.mean()) + 0.5, y=float(rows.mean()) + 0.5, area=len(pixels),
+            mean_rgb=tuple(float(v) for v in mean),
         ))
     return objects
 
