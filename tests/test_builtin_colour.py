@@ -78,3 +78,8 @@ def test_summarise_reports_each_colour_and_judges_the_targets():
     assert not report["targets"]["met"]
     assert report["per_colour"]["yellow"]["delta_e_max"] > 10
     assert report["per_colour"]["blue"]["found"] == 3 and report["per_colour"]["blue"]["images"] == 4
+
+
+def test_targets_are_not_met_unless_every_palette_colour_was_judged():
+    some = [ColourReading(name, tuple(map(float, rgb))) for name, rgb in COLORS.items() if name != "cyan"]
+    assert not summarise(some)["targets"]["met"]

@@ -157,7 +157,8 @@ def summarise(readings: list[ColourReading]) -> dict:
         "worst_delta_e_mean": worst,
         "targets": {"delta_e_mean_each_colour_max": DELTA_E_TARGET, "in_hue_window_min": 0.95,
                     "hue_window_degrees": HUE_WINDOW,
-                    "met": bool(worst <= DELTA_E_TARGET and window >= 0.95
+                    # every one of the palette's colours must have been drawn and judged
+                    "met": bool(set(per_colour) == set(COLORS) and worst <= DELTA_E_TARGET and window >= 0.95
                                 and all(e["in_hue_window"] >= 0.95 for e in per_colour.values()))},
     }
 
