@@ -281,3 +281,24 @@ def test_weights_wait_on_disk_while_the_graph_is_converted(tmp_path):
     assert not module[0].weight.requires_grad and module[0].bias.requires_grad
     assert module[1].weight.data_ptr() == module[0].bias.data_ptr()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_offloaded_weights_leave_memory(tmp_path):
+    """Inside `offloaded`, nothing keeps the module's own tensors alive: one leftover reference to a
+    tensor of a memory-mapped checkpoint kept the whole file's mapping resident (3.4 GB for an
+    SD-1.5 UNet), so the offload freed nothing."""
+    import gc
+    import weakref
+
+    import torch
+
+    from ortdiffusion.export.weights import offloaded
+
+    module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Conv2d(8, 8, 1))
+    module.register_buffer("last", torch.ones(4))  # the last tensor the offload walks
+    refs = [weakref.ref(t) for t in [*module.parameters(), *module.buffers()]]
+    with offloaded(module, tmp_path):
+        gc.collect()
+        alive = [r() for r in refs if r() is not None]
+        assert alive == [], f"{len(alive)} of the module's own tensors still referenced while offloaded"
+    assert torch.equal(module.last, torch.ones(4))

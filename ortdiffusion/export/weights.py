@@ -187,6 +187,7 @@ def offloaded(module, directory: Path):
                 name = f"{prefix}.{leaf}" if prefix else leaf
                 slots.append((holder, leaf, name, isinstance(tensor, torch.nn.Parameter), tensor.requires_grad))
                 tensors[name] = tensor.detach()
+    tensor = None  # the last one would keep its storage alive (a memory-mapped checkpoint: the whole file's mapping)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f".offloaded-{os.getpid()}-{id(module)}.pt"
     moved = False
