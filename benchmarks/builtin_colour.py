@@ -23,6 +23,7 @@ import onnxruntime as ort
 
 from ortdiffusion.builtin import dataset
 from ortdiffusion.builtin.colour import read_colour, summarise
+from ortdiffusion.builtin.evaluate import draw_scenes
 from ortdiffusion.builtin.scenes import ANCHORS, COLORS, HELD_OUT_PAIRS, SHAPES, Scene, SceneObject, render
 from ortdiffusion.models import resolve_bundle
 from ortdiffusion.runtime.pipeline import Pipeline
@@ -37,15 +38,8 @@ def _brief(summary: dict) -> dict:
                            for name, e in summary["per_colour"].items()}}
 
 
-def generated(pipe, scenes: list[Scene], seeds: int, batch: int = 32, **kwargs) -> dict:
-    readings = []
-    for k in range(seeds):
-        for start in range(0, len(scenes), batch):
-            chunk = scenes[start:start + batch]
-            result = pipe([s.caption for s in chunk], seed=[1000 * k + i for i in range(start, start + len(chunk))],
-                          **kwargs)
-            readings += [read_colour(img, s) for img, s in zip(result.images, chunk)]
-    return summarise(readings)
+def generated(pipe, scenes: list[Scene], seeds: int, **kwargs) -> dict:
+    return summarise([read_colour(img, s, found) for img, s, found in draw_scenes(pipe, scenes, seeds, **kwargs)])
 
 
 def vae_round_trip(bundle: Path) -> dict:

@@ -55,3 +55,25 @@ def test_builtin_puts_the_object_where_the_prompt_says():
         sides[side] = [objs[0].x if (objs := read_objects(img, max_objects=1)) else None for img in images]
     assert sum(x is not None and x < 32 for x in sides["left"]) >= 4, sides
     assert sum(x is not None and x > 32 for x in sides["right"]) >= 4, sides
+
+
+def test_draw_scenes_seeds_each_job_and_reads_it_once():
+    """The evaluators' one drawing loop: batches cut anywhere give the same images, each job's seed is
+    1000 * k + its index, and the objects it hands on are what `score` and `read_colour` read."""
+    import numpy as np
+
+    from ortdiffusion import Pipeline
+    from ortdiffusion.builtin.colour import read_colour
+    from ortdiffusion.builtin.evaluate import draw_scenes, score
+    from ortdiffusion.builtin.scenes import Scene, SceneObject
+
+    pipe = Pipeline.load(builtin_bundle())
+    scenes = [Scene((SceneObject(c, "circle", "large", 32, 32),), caption=f"a {c} circle") for c in ("red", "blue")]
+    out = list(draw_scenes(pipe, scenes, seeds=2, batch=3, num_inference_steps=4))
+    assert [s.caption for _, s, _ in out] == ["a red circle", "a red circle", "a blue circle", "a blue circle"]
+    # job 3 is (blue, k=1): seed 1000 + 3
+    alone = pipe("a blue circle", seed=1003, num_inference_steps=4).images[0]
+    assert np.array_equal(np.asarray(alone), np.asarray(out[3][0]))
+    for image, scene, found in out:
+        assert score(image, scene, found) == score(image, scene)
+        assert read_colour(image, scene, found) == read_colour(image, scene)

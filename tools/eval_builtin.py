@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from ortdiffusion.builtin import dataset
 from ortdiffusion.builtin.colour import read_colour, summarise
-from ortdiffusion.builtin.evaluate import score
+from ortdiffusion.builtin.evaluate import draw_scenes, score
 from ortdiffusion.runtime.quality import psnr
 from ortdiffusion.models import resolve_bundle
 from ortdiffusion.runtime.pipeline import Pipeline
@@ -37,15 +37,12 @@ PRECISIONS = {"fp32": ("generic", "fp32"), "fp16": ("generic", "fp16"), "int8": 
 def adherence(pipe, scenes, seeds: int, steps: int, scheduler: str, guidance: float, batch: int = 32,
               colours: list | None = None) -> dict:
     """Share of images right per attribute; one-object images' colour readings go into `colours`."""
-    jobs = [(s, k) for s in scenes for k in range(seeds)]
     rows = []
-    for start in range(0, len(jobs), batch):
-        chunk = jobs[start:start + batch]
-        result = pipe([s.caption for s, _ in chunk], seed=[1000 * k + i for i, (_, k) in enumerate(chunk, start)],
-                      num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler)
-        rows += [score(img, s) for img, (s, _) in zip(result.images, chunk)]
-        if colours is not None:
-            colours += [read_colour(img, s) for img, (s, _) in zip(result.images, chunk) if len(s.objects) == 1]
+    for img, s, found in draw_scenes(pipe, scenes, seeds, batch, num_inference_steps=steps,
+                                     guidance_scale=guidance, scheduler=scheduler):
+        rows.append(score(img, s, found))
+        if colours is not None and len(s.objects) == 1:
+            colours.append(read_colour(img, s, found))
     out = {"n": len(rows), "all": float(np.mean([r["all"] for r in rows]))}
     for key in ("color", "shape", "position", "relation", "objects"):
         vals = [r[key] for r in rows if key in r]

@@ -116,10 +116,12 @@ class ColourReading:
         return self.mean_rgb is not None and hue_distance(self.hue, hue(COLORS[self.wanted])) <= HUE_WINDOW
 
 
-def read_colour(image, scene) -> ColourReading:
-    """The drawn colour of a one-object scene's object: the largest object the evaluator finds."""
+def read_colour(image, scene, found=None) -> ColourReading:
+    """The drawn colour of a one-object scene's object: the largest object the evaluator finds.
+    `found`: the objects already read from the image, largest first (`evaluate.draw_scenes` gives them)."""
     (want,) = scene.objects
-    found = read_objects(image, max_objects=1)
+    if found is None:
+        found = read_objects(image, max_objects=1)
     return ColourReading(want.color, found[0].mean_rgb if found else None)
 
 

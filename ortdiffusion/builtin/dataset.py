@@ -32,9 +32,14 @@ EVAL_SEED = 1234
 class Dataset:
     scenes: list[Scene]
 
-    def caption(self, index: int, rng: random.Random) -> str:
-        """A fresh wording of scene `index`'s caption (same attributes stated)."""
-        return caption_for(self.scenes[index], rng)
+    def caption(self, index: int, rng: random.Random, short: bool = False) -> str:
+        """A fresh wording of scene `index`'s caption (same attributes stated). With `short`, a
+        one-object scene is captioned by its colour and shape alone ("a yellow circle"): still true
+        of the picture, since a size or place left unsaid means any."""
+        scene = self.scenes[index]
+        if short and len(scene.objects) == 1:
+            scene = replace(scene, objects=(replace(scene.objects[0], size_stated=False, position_stated=False),))
+        return caption_for(scene, rng)
 
 
 def _full_single(color: str, shape: str, size: str, position: str, rng: random.Random) -> Scene:

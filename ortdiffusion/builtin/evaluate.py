@@ -123,9 +123,28 @@ def read_objects(image: Image.Image | np.ndarray, max_objects: int = 2) -> list[
     return objects
 
 
-def score(image: Image.Image | np.ndarray, scene: Scene) -> dict[str, bool]:
-    """Which attributes the scene's caption states are right in the image ("all" is every one)."""
-    found = read_objects(image, max_objects=len(scene.objects) + 1)
+def draw_scenes(pipe, scenes: list[Scene], seeds: int, batch: int = 32, **kwargs):
+    """Yield (image, scene, objects read back) for every scene under `seeds` seeds, drawn in batches
+    through a pipeline (`Pipeline` or anything called the same way; `kwargs` go to each call).
+
+    The seed of the j-th (scene, k) job is 1000 * k + j, so a figure is reproducible from the scene
+    list, the seed count and the call's settings alone. Objects are read once here (up to one more
+    than the scene has), for `score` and `colour.read_colour` to share.
+    """
+    jobs = [(s, k) for s in scenes for k in range(seeds)]
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start:start + batch]
+        result = pipe([s.caption for s, _ in chunk], seed=[1000 * k + j for j, (_, k) in enumerate(chunk, start)],
+                      **kwargs)
+        for image, (scene, _) in zip(result.images, chunk):
+            yield image, scene, read_objects(image, max_objects=len(scene.objects) + 1)
+
+
+def score(image: Image.Image | np.ndarray, scene: Scene, found: list[ReadObject] | None = None) -> dict[str, bool]:
+    """Which attributes the scene's caption states are right in the image ("all" is every one).
+    `found`: the objects already read from it (`draw_scenes` gives them)."""
+    if found is None:
+        found = read_objects(image, max_objects=len(scene.objects) + 1)
     result: dict[str, bool] = {}
     if scene.relation is None:
         (want,) = scene.objects
