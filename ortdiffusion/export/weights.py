@@ -207,3 +207,58 @@ def offloaded(module, directory: Path):
                 holder[leaf] = torch.nn.Parameter(restored[name], requires_grad=grad) if is_param else restored[name]
             del restored
         path.unlink(missing_ok=True)  # a mapping keeps its pages readable until the module lets go
+
+
+@contextmanager
+def linear_weights_pretransposed(module):
+    """Every plain `nn.Linear` of `module` computes `x @ weight_t + bias` from its weight stored
+    transposed, (in, out), for the TorchScript export; on exit the original layers come back.
+
+    Why: that exporter writes Linear as MatMul(x, Transpose(weight)) and its constant folding then
+    computes each transposed weight as a new tensor while the module still holds the original: a
+    second copy of every Linear weight at once. Measured on SDXL's UNet (10.3 GB of fp32 weights,
+    most of them in its transformer blocks' Linears): the export peaked at 17.4 GiB, past the 16 GiB
+    an SDXL export must fit in. Transposed one layer at a time here (the original freed as its
+    transpose is made), the graph is the same MatMul on an (in, out) initializer the folding gave,
+    with the exporter holding one copy. The nodes keep their module paths (`/.../to_q/MatMul`), which
+    the LoRA-input rewrite reads. torch has no switch for this: folding off would leave the
+    Transposes (and every other constant subgraph) in the graph for later passes.
+    """
+    import torch
+
+    class _PretransposedLinear(torch.nn.Module):
+        def __init__(self, linear: torch.nn.Linear):
+            super().__init__()
+            with torch.no_grad():
+                self.weight_t = torch.nn.Parameter(linear.weight.detach().t().contiguous(),
+                                                   requires_grad=linear.weight.requires_grad)
+            self.bias = linear.bias
+
+        def forward(self, x):
+            y = torch.matmul(x, self.weight_t)
+            return y if self.bias is None else y + self.bias
+
+    swapped = []  # (parent, attribute, original Linear, its replacement)
+    done: dict[int, torch.nn.Module] = {}
+    try:
+        for parent in list(module.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is not torch.nn.Linear:
+                    continue
+                replacement = done.get(id(child))
+                if replacement is None:
+                    replacement = done[id(child)] = _PretransposedLinear(child)
+                    child._parameters["weight"] = None  # its storage goes with the last reference
+                setattr(parent, name, replacement)
+                swapped.append((parent, name, child, replacement))
+        yield module
+    finally:
+        restored: set[int] = set()
+        for parent, name, child, replacement in reversed(swapped):
+            if id(child) not in restored:
+                with torch.no_grad():
+                    child.weight = torch.nn.Parameter(replacement.weight_t.detach().t().contiguous(),
+                                                      requires_grad=replacement.weight_t.requires_grad)
+                replacement.weight_t = None
+                restored.add(id(child))
+            setattr(parent, name, child)
