@@ -302,37 +302,3 @@ def test_offloaded_weights_leave_memory(tmp_path):
         alive = [r() for r in refs if r() is not None]
         assert alive == [], f"{len(alive)} of the module's own tensors still referenced while offloaded"
     assert torch.equal(module.last, torch.ones(4))
-
-
-def test_linear_weights_pretransposed_hold_one_copy_and_come_back(tmp_path):
-    """For a large module's TorchScript export, each Linear's weight is stored transposed, its original
-    freed (the exporter's folding made a second copy of them all: SDXL's UNet peaked at 17.4 GiB),
-    and the graph is the MatMul on an (in, out) initializer the folding gave; on exit the layers and
-    their weights are back."""
-    import gc
-    import weakref
-
-    import onnx
-
-    from ortdiffusion.export.weights import linear_weights_pretransposed
-
-    module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4, bias=False))
-    x = torch.randn(2, 3, 8)
-    with torch.no_grad():
-        expected = module(x).numpy()
-    originals = [module[0].weight.detach().clone(), module[2].weight.detach().clone()]
-    refs = [weakref.ref(module[0].weight), weakref.ref(module[2].weight)]
-    with linear_weights_pretransposed(module):
-        gc.collect()
-        assert all(r() is None for r in refs), "an original Linear weight is still held beside its transpose"
-        with torch.no_grad():
-            np.testing.assert_allclose(module(x).numpy(), expected, rtol=1e-5, atol=1e-6)
-        torch.onnx.export(module, (x,), str(tmp_path / "m.onnx"), dynamo=False, do_constant_folding=True, opset_version=18)
-    graph = onnx.load(str(tmp_path / "m.onnx")).graph
-    assert "Transpose" not in {n.op_type for n in graph.node}
-    assert sorted(list(i.dims) for i in graph.initializer if len(i.dims) == 2) == [[8, 16], [16, 4]]
-    assert [n.name for n in graph.node if n.op_type == "MatMul"] == ["/0/MatMul", "/2/MatMul"]
-    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {graph.input[0].name: x.numpy()})[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    assert type(module[0]) is torch.nn.Linear and type(module[2]) is torch.nn.Linear
-    assert torch.equal(module[0].weight, originals[0]) and torch.equal(module[2].weight, originals[1])

@@ -6,14 +6,13 @@ import logging
 import shutil
 import tempfile
 import warnings
-from contextlib import nullcontext
 from enum import Enum
 from pathlib import Path
 
 import torch
 
 from .specs import ComponentSpec
-from .weights import gather_external_data, linear_weights_pretransposed
+from .weights import gather_external_data
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +54,10 @@ def export_onnx(
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if exporter is Exporter.TORCHSCRIPT:
-                # A large module's Linear weights go in pre-transposed, else the exporter's folding holds
-                # a second copy of them all at once (SDXL's UNet: 17.4 GiB; see the context's note).
-                with linear_weights_pretransposed(module) if external else nullcontext():
-                    torch.onnx.export(
-                        module, args, str(raw), input_names=spec.input_names, output_names=spec.output_names,
-                        dynamic_axes=spec.dynamic_axes(), opset_version=opset, dynamo=False, do_constant_folding=True,
-                    )
+                torch.onnx.export(
+                    module, args, str(raw), input_names=spec.input_names, output_names=spec.output_names,
+                    dynamic_axes=spec.dynamic_axes(), opset_version=opset, dynamo=False, do_constant_folding=True,
+                )
             else:
                 dynamic_shapes = tuple(
                     {k: torch.export.Dim.AUTO for k, d in enumerate(i.info.shape) if isinstance(d, str)}
