@@ -38,21 +38,29 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * PAGE / 2**20
 
 
+def anon_mb() -> float:
+    """Resident memory not backed by a file: what the kernel cannot drop under pressure. A checkpoint
+    loaded memory-mapped (safetensors) counts in the resident size as clean file pages, which it can."""
+    with open("/proc/self/statm") as f:
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * PAGE / 2**20
+
+
 class PeakSampler:
-    """The largest resident size seen since the last `reset`, sampled on a thread."""
+    """The largest resident size (and anonymous part) seen since the last `reset`, sampled on a thread."""
 
     def __init__(self, every_s: float = 0.05):
-        self.peak = rss_mb()
+        self.peak, self.peak_anon = rss_mb(), anon_mb()
         self._every = every_s
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
         while True:
-            self.peak = max(self.peak, rss_mb())
+            self.peak, self.peak_anon = max(self.peak, rss_mb()), max(self.peak_anon, anon_mb())
             time.sleep(self._every)
 
     def reset(self) -> None:
-        self.peak = rss_mb()
+        self.peak, self.peak_anon = rss_mb(), anon_mb()
 
 
 def main() -> None:
@@ -60,6 +68,7 @@ def main() -> None:
     p.add_argument("--model", default="sd15-arch", help="a checkpoint directory or preset")
     p.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     p.add_argument("--target", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--export-only", action="store_true", help="the TorchScript export step alone")
     args = p.parse_args()
 
     import onnxruntime
@@ -84,8 +93,9 @@ def main() -> None:
         seconds = time.perf_counter() - start
         libc.malloc_trim(0)
         steps.append({"step": name, "seconds": round(seconds, 1), "peak_mb": round(sampler.peak),
-                      "resident_after_mb": round(rss_mb())})
-        print(f"{name}: {seconds:.1f} s, peak {sampler.peak:.0f} MB, resident after {rss_mb():.0f} MB", flush=True)
+                      "peak_anonymous_mb": round(sampler.peak_anon), "resident_after_mb": round(rss_mb())})
+        print(f"{name}: {seconds:.1f} s, peak {sampler.peak:.0f} MB ({sampler.peak_anon:.0f} MB anonymous), "
+              f"resident after {rss_mb():.0f} MB", flush=True)
         return result
 
     ckpt = load_checkpoint(resolve_checkpoint(args.model))
@@ -94,7 +104,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="export-memory-"))
     try:
         files = step("torchscript export", lambda: export_onnx(spec, module, work / "unet.onnx"))
-        if args.target == "cpu":  # as bundle.export_component runs it: the module's weights on disk meanwhile
+        if args.export_only:
+            pass
+        elif args.target == "cpu":  # as bundle.export_component runs it: the module's weights on disk meanwhile
             with offloaded(module, work):
                 step("optimizer, CPU fusions + ONNX Runtime", lambda: optimize_graph(files, "unet", Target.CPU))
         else:  # as bundle._to_fp16 runs them: the torch module's weights on disk meanwhile
@@ -109,6 +121,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     record = {"model": args.model, "component": "unet", "target": args.target, "steps": steps,
+              "export_only": args.export_only,
               "parity_shapes": [dict(d) for d in spec.parity_points()],
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__}}
