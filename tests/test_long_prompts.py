@@ -77,9 +77,19 @@ def test_long_prompt_matches_diffusers_fed_the_same_windows(tiny_bundle, tiny_ch
     assert out.metadata[0]["long_prompts"] == "true"
 
 
-def test_limits_are_named(tiny_pipeline):
+def test_limits_are_named(tiny_pipeline, tmp_path):
+    import json
+    import shutil
+
     with pytest.raises(InvalidRequestError, match=r"prompt: is \d+ tokens long; long prompts take at most 4 × 75"):
         tiny_pipeline(" ".join([HEAD] * 40), long_prompts=True)
-    builtin = Pipeline.load(builtin_bundle(), providers="cpu")
+    # A bundle exported before long prompts: its UNet's text input has a fixed length of one window.
+    old = tmp_path / "bundle"
+    shutil.copytree(builtin_bundle(), old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    unet = manifest["components"]["unet"]
+    text = next(i for i in unet["inputs"] if i["name"] == "encoder_hidden_states")
+    text["shape"][1] = manifest["pipeline"]["tokenizer_max_length"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(InvalidRequestError, match=r"long_prompts: this bundle's UNet takes one window of \d+ tokens"):
-        builtin("a red circle", long_prompts=True)
+        Pipeline.load(old, providers="cpu")("a red circle", long_prompts=True)

@@ -3,12 +3,14 @@
 `tests/data/loop_hashes.json` holds the sha256 of the images (uint8) and of the final latents that
 the pipeline drew on the commit before the redesign, for every scheduler × {guided, unguided} ×
 {host loop, device loop (IO binding) on the CPU provider} × batch {1, 3}, on the built-in bundle.
-Regenerate them only on purpose: `python tests/test_loop_identity.py --record`.
+Regenerate them only on purpose: `python tests/test_loop_identity.py --record-baseline` (draws them
+with the commit before the redesign, on this machine, with today's built-in bundle).
 
 ONNX Runtime's kernels round differently on another instruction set (the hashes recorded on one
 machine's CPU all differed on an AMD EPYC's, images and latents alike, on the commit they were
 recorded on), so the file is compared only on the machine (CPU model, onnxruntime and numpy
-versions) that recorded it. On any other machine the test draws the baseline itself: it checks the
+versions) and with the built-in model (its weights' hash: it is retrained now and then) that
+recorded it. On any other machine the test draws the baseline itself: it checks the
 commit before the redesign out of git into a temporary directory and runs this same recording
 there, so the check stays before-against-after on one machine; it skips, saying why, only where
 git or that commit is missing (a source archive without history).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +59,11 @@ def draw(pipes, scheduler: str, guidance: float, io_binding: bool, batch: int) -
 def versions() -> dict[str, str]:
     import onnxruntime
 
-    return {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "cpu": cpu_model()}
+    from ortdiffusion.runtime.manifest import load_manifest
+    from ortdiffusion.models import builtin_bundle
+
+    return {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "cpu": cpu_model(),
+            "model": load_manifest(builtin_bundle()).source.weights_sha256[:16]}
 
 
 def cpu_model() -> str:
@@ -78,6 +85,11 @@ def baseline_on_this_machine(tmp: Path) -> dict:
     except (OSError, subprocess.CalledProcessError) as e:
         pytest.skip(f"hashes recorded on another machine, and the commit {BEFORE} is not in git here to redraw them: {e}")
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    # The same model on both sides: the built-in model is retrained now and then, the loop is not.
+    from ortdiffusion.models import builtin_bundle
+
+    shutil.rmtree(tree / "ortdiffusion" / "builtin" / "bundle")
+    shutil.copytree(builtin_bundle(), tree / "ortdiffusion" / "builtin" / "bundle")
     env = {"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "HOME": str(tmp)}
     import os
 
@@ -117,4 +129,13 @@ if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
     pipes = load_pipelines()
     HASHES.write_text(json.dumps({"versions": versions(),
                                   "cases": {c: draw(pipes, *args) for c, args in cases()}}, indent=1) + "\n")
+    print(HASHES)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--record-baseline"]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = baseline_on_this_machine(Path(tmp))
+    HASHES.write_text(json.dumps({"versions": versions(), "cases": baseline["cases"]}, indent=1) + "\n")
     print(HASHES)
