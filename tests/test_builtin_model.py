@@ -58,8 +58,9 @@ def test_builtin_puts_the_object_where_the_prompt_says():
 
 
 def test_draw_scenes_seeds_each_job_and_reads_it_once():
-    """The evaluators' one drawing loop: batches cut anywhere give the same images, each job's seed is
-    1000 * k + its index, and the objects it hands on are what `score` and `read_colour` read."""
+    """The evaluators' one drawing loop: jobs in scene-major order, each job's seed 1000 * k + its
+    index (job 3 lands alone in the last batch of 3, so it is drawn exactly as a call of its own), and
+    the objects it hands on are what `score` and `read_colour` read."""
     import numpy as np
 
     from ortdiffusion import Pipeline

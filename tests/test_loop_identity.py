@@ -9,8 +9,8 @@ with the commit before the redesign, on this machine, with today's built-in bund
 ONNX Runtime's kernels round differently on another instruction set (the hashes recorded on one
 machine's CPU all differed on an AMD EPYC's, images and latents alike, on the commit they were
 recorded on), so the file is compared only on the machine (CPU model, onnxruntime and numpy
-versions) and with the built-in model (its weights' hash: it is retrained now and then) that
-recorded it. On any other machine the test draws the baseline itself: it checks the
+versions) and with the built-in bundle (its hash: the model is retrained and re-exported now and
+then) that recorded it. On any other machine the test draws the baseline itself: it checks the
 commit before the redesign out of git into a temporary directory and runs this same recording
 there, so the check stays before-against-after on one machine; it skips, saying why, only where
 git or that commit is missing (a source archive without history).
@@ -63,7 +63,7 @@ def versions() -> dict[str, str]:
     from ortdiffusion.models import builtin_bundle
 
     return {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "cpu": cpu_model(),
-            "model": load_manifest(builtin_bundle()).source.weights_sha256[:16]}
+            "model": load_manifest(builtin_bundle()).bundle_sha256[:16]}
 
 
 def cpu_model() -> str:
