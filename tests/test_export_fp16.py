@@ -302,3 +302,60 @@ def test_offloaded_weights_leave_memory(tmp_path):
         alive = [r() for r in refs if r() is not None]
         assert alive == [], f"{len(alive)} of the module's own tensors still referenced while offloaded"
     assert torch.equal(module.last, torch.ones(4))
+
+
+def test_fp16_conversion_of_external_weights_is_streamed_and_equals_onnxruntimes(tiny_checkpoint, tmp_path, monkeypatch):
+    """A graph whose weights are in a data file is converted without loading them (the SDXL UNet's
+    in-memory conversion was OOM-killed at 21.7 GiB): the converter runs on the weight-less graph,
+    the weights are converted one by one on their way into the new data file. The result is ONNX
+    Runtime's own in-memory conversion of the same graph, node for node and weight for weight."""
+    import shutil
+
+    import onnx
+    from onnx import external_data_helper, numpy_helper
+
+    from ortdiffusion.export import onnx_export
+    from ortdiffusion.export.bundle import pipeline_components
+    from ortdiffusion.export.checkpoint import load_checkpoint
+    from ortdiffusion.export.fp16 import convert_to_fp16, measure_ranges
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    spec, module = next((s, m) for s, m in pipeline_components(load_checkpoint(tiny_checkpoint)) if s.name == "unet")
+    streamed_dir, inline_dir = tmp_path / "streamed", tmp_path / "inline"
+    streamed_dir.mkdir()
+    files = onnx_export.export_onnx(spec, module, streamed_dir / "unet.onnx")
+    assert [f.name for f in files] == ["unet.onnx", "unet.onnx.data"]
+    ranges = measure_ranges(files, spec)
+    # a measured-large tensor, so that a node stays fp32 and its weights with it
+    structure = onnx.load(str(files[0]), load_external_data=False)
+    conv = next(n for n in structure.graph.node if n.op_type == "Conv")
+    ranges = {**ranges, conv.output[0]: 1e9}
+    inline_dir.mkdir()
+    onnx.save(onnx.load(str(files[0])), str(inline_dir / "unet.onnx"))  # the weights inside the graph
+    inline_keep, inline_files = convert_to_fp16([inline_dir / "unet.onnx"], spec, ranges)
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("a weight was loaded into memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(external_data_helper, "load_external_data_for_tensor", no_loading)
+        m.setattr(external_data_helper, "_read_external_data_bytes", no_loading)
+        keep, out = convert_to_fp16(files, spec, ranges)
+    assert keep == inline_keep and conv.name in keep
+    assert sorted(p.name for p in streamed_dir.iterdir()) == ["unet.onnx", "unet.onnx.data"]
+    streamed, inline = onnx.load(str(out[0])), onnx.load(str(inline_files[0]))
+    assert [(n.op_type, list(n.input), list(n.output)) for n in streamed.graph.node] == \
+        [(n.op_type, list(n.input), list(n.output)) for n in inline.graph.node]
+    weights = {t.name: numpy_helper.to_array(t) for t in inline.graph.initializer}
+    mine = {t.name: numpy_helper.to_array(t) for t in streamed.graph.initializer}
+    assert mine.keys() == weights.keys()
+    dtypes = set()
+    for name, value in weights.items():
+        assert mine[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(mine[name], value)
+        dtypes.add(value.dtype)
+    assert {np.dtype(np.float16), np.dtype(np.float32)} <= dtypes  # the kept Conv's weights stayed fp32
+    feed = {s.info.name: t.numpy() for s, t in zip(spec.inputs, spec.sample_inputs(spec.parity_points()[0], 0))}
+    run = [ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+           for f in (out[0], inline_files[0])]
+    np.testing.assert_array_equal(run[0], run[1])

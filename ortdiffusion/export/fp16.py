@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from ..runtime.providers import session_options
 from .specs import ComponentSpec, Distribution
-from .weights import save_with_external_data
 
 logger = logging.getLogger(__name__)
 
@@ -304,8 +305,6 @@ def convert_to_fp16(files: list[Path], spec: ComponentSpec,
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from .onnx_export import EXTERNAL_DATA_BYTES
-
     path = files[0]
     structure = onnx.load(str(path), load_external_data=False)
     name_nodes(structure)
@@ -314,20 +313,77 @@ def convert_to_fp16(files: list[Path], spec: ComponentSpec,
     keep = overflow_nodes(structure, ranges)
     logger.info("%s: largest |value| on calibration inputs %.3g; %d of %d nodes stay fp32",
                 spec.name, max(ranges.values(), default=0.0), len(keep), len(structure.graph.node))
+    large = len(files) > 1
+    if large:
+        return keep, _convert_external(files, structure, keep, spec)
     model = onnx.load(str(path))
     name_nodes(model)
-    large = len(files) > 1
     fused = any(n.domain == "com.microsoft" for n in model.graph.node)
-    if large or fused:  # the converter cannot infer types itself: it reads the ones recorded here
+    if fused:  # the converter cannot infer a fused graph's types itself: it reads the ones recorded here
         add_value_types(model, structure)
-    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
-                                         disable_shape_infer=large or fused)
+    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep, disable_shape_infer=fused)
     removed = remove_fp16_round_trips(converted)
     logger.info("%s: %d fp32 → fp16 → fp32 round trips between fp32 nodes removed", spec.name, removed)
     topological_sort(converted.graph)
-    for extra in files[1:]:
-        extra.unlink()
-    if large and converted.ByteSize() > EXTERNAL_DATA_BYTES:
-        return keep, [path, save_with_external_data(converted, path)]
     onnx.save(converted, str(path))
     return keep, [path]
+
+
+@contextmanager
+def _value_info_from_dims() -> Iterator[None]:
+    """ONNX Runtime's converter records each weight it converts by reading the weight into numpy for
+    its shape (`float16.make_value_info_from_tensor`), which for a weight in an external data file
+    means loading it — and keeping it, as raw data, in the graph. The shape is in the tensor's dims;
+    this reads it from there for the conversion's duration."""
+    from onnx import helper
+    from onnxruntime.transformers import float16
+
+    original = float16.make_value_info_from_tensor
+    float16.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    try:
+        yield
+    finally:
+        float16.make_value_info_from_tensor = original
+
+
+def _convert_external(files: list[Path], structure, keep: list[str], spec: ComponentSpec) -> list[Path]:
+    """The fp16 conversion of a graph whose weights are in external data files, streamed: the
+    converter runs on the graph without its weights (what it decides — which weights become fp16,
+    where casts go — needs only their types and users), then the weights are copied into one new
+    data file one tensor at a time, the ones it marked fp16 converted on the way with its own
+    rounding (`convert_np_to_float16`: clamped to fp16's range, tiny values kept non-zero).
+    Why by hand: the converter converts weights held in memory, so the SDXL UNet's conversion held
+    its 10 GB of fp32 weights and their 5 GB of fp16 copies together and was OOM-killed at 21.7 GiB
+    on a 24 GiB machine (`benchmarks/results/export-memory-sdxl-cuda-target-cpu2.log`); this way it
+    holds the graph's structure and one weight."""
+    import onnx
+    from onnx import TensorProto
+    from onnxruntime.transformers.float16 import convert_float_to_float16, convert_np_to_float16
+
+    from .weights import gather_external_data
+
+    path = files[0]
+    model = onnx.ModelProto()
+    model.CopyFrom(structure)  # weights referenced, not loaded; nodes already named
+    fp32_external = {t.name for t in model.graph.initializer
+                     if t.data_location == TensorProto.EXTERNAL and t.data_type == TensorProto.FLOAT}
+    add_value_types(model, structure)
+    with _value_info_from_dims():
+        converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep, disable_shape_infer=True)
+    halve = {t.name for t in converted.graph.initializer
+             if t.name in fp32_external and t.data_type == TensorProto.FLOAT16}
+    removed = remove_fp16_round_trips(converted)
+    logger.info("%s: %d fp32 → fp16 → fp32 round trips between fp32 nodes removed", spec.name, removed)
+    topological_sort(converted.graph)
+
+    def to_fp16(tensor, blob: bytes) -> bytes:
+        if tensor.name not in halve:
+            return blob
+        return convert_np_to_float16(np.frombuffer(blob, dtype=np.float32)).tobytes()
+
+    data = gather_external_data(converted, path.parent, path, transform=to_fp16)
+    for extra in files[1:]:
+        if extra != data:
+            extra.unlink(missing_ok=True)
+    logger.info("%s: %d of %d external weights converted to fp16, streamed", spec.name, len(halve), len(fp32_external))
+    return [path, data]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -110,7 +111,8 @@ def store_weights_externally(files: list[Path], min_bytes: int = EXTERNAL_WEIGHT
 DATA_ALIGNMENT = 4096
 
 
-def gather_external_data(model, source_dir: Path, path: Path, min_bytes: int = 1024) -> Path:
+def gather_external_data(model, source_dir: Path, path: Path, min_bytes: int = 1024,
+                         transform: Callable[[object, bytes], bytes] | None = None) -> Path:
     """Write `model` as the graph `path` with its weights in one `<path>.data`; return that file.
 
     `model` may hold weights in memory (raw data) or refer to them in files under `source_dir`
@@ -119,7 +121,8 @@ def gather_external_data(model, source_dir: Path, path: Path, min_bytes: int = 1
     held in memory, so saving a graph whose weights sit in other files meant loading all of them
     first — for the SD-1.5-sized UNet 3.4 GB in protobuf on top of the exporter's or optimizer's
     own (the export's memory peaks, `benchmarks/export_memory.py`). Written aside and renamed:
-    `source_dir` may hold the data file being replaced."""
+    `source_dir` may hold the data file being replaced. `transform(tensor, bytes)`: each weight's
+    bytes as written (the streamed fp16 conversion converts the ones it marked there)."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
@@ -141,6 +144,8 @@ def gather_external_data(model, source_dir: Path, path: Path, min_bytes: int = 1
                     blob = source.read(int(info.length)) if info.length else source.read()
                 else:
                     continue
+                if transform is not None:
+                    blob = transform(tensor, blob)
                 padding = -offset % DATA_ALIGNMENT
                 out.write(b"\0" * padding)
                 offset += padding
