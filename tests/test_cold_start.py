@@ -113,3 +113,57 @@ def test_load_all_creates_the_lazy_sessions(tiny_bundle, cache):
     pipe = Pipeline.load(tiny_bundle, providers="cpu")
     pipe.sessions.load_all()
     assert set(pipe.sessions.loaded()) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+
+
+def test_sessions_made_at_load_are_made_side_by_side_and_fail_in_order():
+    """`parallel`: each eager session in a thread of its own, all overlapping (what the CPU load does,
+    the UNet's session no longer waiting for the others); a failure is raised, the first in
+    component order, after every creation has ended; lazy ones still wait for first use."""
+    import threading
+    import time
+
+    from ortdiffusion.runtime.session import Sessions
+
+    started, threads = {}, {}
+    barrier = threading.Barrier(3, timeout=10)  # passes only if the three creations run at once
+
+    def make(name):
+        started[name], threads[name] = time.perf_counter(), threading.current_thread().name
+        barrier.wait()
+        return f"session of {name}"
+
+    sessions = Sessions(["text_encoder", "unet", "vae_decoder", "vae_encoder"], make, lazy={"vae_encoder"}, parallel=True)
+    assert sessions.loaded() == {n: f"session of {n}" for n in ("text_encoder", "unet", "vae_decoder")}
+    assert len(set(threads.values())) == 3 and threading.current_thread().name not in threads.values()
+
+    ended = []
+
+    def failing(name):
+        time.sleep(0.2 if name == "vae_decoder" else 0.0)
+        ended.append(name)
+        if name in ("unet", "vae_decoder"):
+            raise RuntimeError(f"{name} failed")
+        return name
+
+    with pytest.raises(RuntimeError, match="unet failed"):
+        Sessions(["text_encoder", "unet", "vae_decoder"], failing, parallel=True)
+    assert sorted(ended) == ["text_encoder", "unet", "vae_decoder"]  # none left running behind the error
+    serial = []
+    Sessions(["text_encoder", "unet"], lambda n: serial.append(threading.current_thread().name) or n)
+    assert serial == [threading.current_thread().name] * 2  # the default: one at a time, here
+
+
+def test_pipeline_makes_cpu_sessions_side_by_side(tiny_bundle, cache, monkeypatch):
+    from ortdiffusion.runtime import session
+
+    seen = {}
+    real = session.Sessions.__init__
+
+    def spy(self, names, make, lazy=(), parallel=False):
+        seen["parallel"] = parallel
+        real(self, names, make, lazy, parallel)
+
+    monkeypatch.setattr(session.Sessions, "__init__", spy)
+    pipe = Pipeline.load(tiny_bundle, providers="cpu")
+    assert seen["parallel"] is True
+    assert np.array_equal(pixels(pipe), pixels(Pipeline.load(tiny_bundle, providers="cpu", graph_cache=False)))

@@ -123,7 +123,10 @@ class Pipeline:
         self._expected = {name: expected_provider(manifest.components[name], preference) for name in names if name in lazy}
         #: one session per component, the lazy ones created on first use (the fp32 decoder is loaded
         #: only if the NaN guard needs it)
-        self.sessions: Sessions = Sessions(names, load, lazy)
+        # made side by side where all made now run on the CPU (Sessions says why)
+        parallel = all(expected_provider(manifest.components[name], preference) is ProviderKind.CPU
+                       for name in names if name not in lazy)
+        self.sessions: Sessions = Sessions(names, load, lazy, parallel=parallel)
         sessions = self.sessions
         load_fp32 = None
         if VAE_DECODER_FP32 in manifest.components:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -179,13 +180,28 @@ class Session:
 class Sessions(MutableMapping):
     """A bundle's sessions by component name; those named in `lazy` are created on first use
     (`sessions[name]`), once, even with several threads asking at the same time. Iterating over the
-    names creates nothing; reading every value (`.values()`, `.items()`) creates them all."""
+    names creates nothing; reading every value (`.values()`, `.items()`) creates them all.
 
-    def __init__(self, names: Sequence[str], make: Callable[[str], Session], lazy: Collection[str] = ()):
+    `parallel`: the sessions created at load are created side by side, one thread each. ONNX
+    Runtime builds a session with the GIL released, so on the CPU the UNet's session (the longest)
+    and the others overlap — what a one-shot CLI command waits for before its first step
+    (`benchmarks/cold_start.py`). Pipeline asks for it only where every such session is a CPU
+    provider's: GPU providers' sessions (TensorRT engine builds, CUDA memory reserved at creation)
+    are made one at a time, as before."""
+
+    def __init__(self, names: Sequence[str], make: Callable[[str], Session], lazy: Collection[str] = (),
+                 parallel: bool = False):
         self._names = list(names)
         self._make = make
         self._lock = threading.Lock()
-        self._loaded: dict[str, Session] = {name: make(name) for name in self._names if name not in lazy}
+        eager = [name for name in self._names if name not in lazy]
+        if parallel and len(eager) > 1:
+            with ThreadPoolExecutor(len(eager), thread_name_prefix="ortdiffusion-session") as pool:
+                made = {name: pool.submit(make, name) for name in eager}
+            # every creation has finished here; the first failure (in component order) is raised
+            self._loaded: dict[str, Session] = {name: future.result() for name, future in made.items()}
+        else:
+            self._loaded = {name: make(name) for name in eager}
 
     def __getitem__(self, name: str) -> Session:
         session = self._loaded.get(name)
