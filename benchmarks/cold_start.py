@@ -171,10 +171,20 @@ def importtime(tree: Path, cache: Path) -> dict:
             "ortdiffusion_modules": sorted(m for m in modules if m.startswith("ortdiffusion"))}
 
 
+def commit_of(tree: Path) -> str | None:
+    """The tree's commit, `-dirty` where its files differ from it (None outside git)."""
+    try:
+        out = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty", "--abbrev=12"],
+                             capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
 def prepare_bytecode(tree: Path, mode: str) -> None:
     """The tree's own modules byte-compiled (`compiled`) or with no bytecode at all (`source`).
     Why it matters: this machine sets PYTHONDONTWRITEBYTECODE=1, so a source tree's modules were
-    compiled afresh in every run (~0.06 s of the import phase quiet, ~0.13 s loaded), which a user's
+    compiled afresh in every run (a profile of the import: `compile` the largest self time), which a user's
     installed package never does: pip byte-compiles a wheel at install, and a source checkout
     writes its `__pycache__` on the first import. Installed packages (numpy, onnxruntime) have their
     bytecode either way."""
@@ -227,6 +237,7 @@ def main() -> int:
               "command": f"python -m ortdiffusion.cli generate {PROMPT!r} -o OUT -q",
               "machine": f"{os.cpu_count()} cores, shared (load average {os.getloadavg()[0]:.1f} at the end)",
               "trees": {name: str(path) for name, path in trees.items()}, "runs": args.runs,
+              "commits": {name: commit_of(path) for name, path in trees.items()},
               "bytecode": args.bytecode, "trees_detail": {}}
     for name in trees:
         detail = {}

@@ -63,22 +63,44 @@ class PeakSampler:
         self.peak, self.peak_anon = rss_mb(), anon_mb()
 
 
-def cgroup_memory() -> dict | None:
-    """The memory limit of this process's cgroup and the most it has used, page cache included
-    (cgroup v1's memory controller; None where there is none or no limit). A run inside a cgroup
-    limited to N GiB shows that the export completes in N GiB, the kernel dropping file pages as it
-    must — the resident sizes above count a memory-mapped checkpoint's pages, which it can drop."""
+def _memory_cgroup() -> Path | None:
+    """This process's folder of cgroup v1's memory controller (None on cgroup v2 or without one:
+    then no limit is recorded)."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
         path = next(line.split(":", 2)[2] for line in lines if line.split(":", 2)[1] == "memory")
-        group = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-        limit = int((group / "memory.limit_in_bytes").read_text())
-        used = int((group / "memory.max_usage_in_bytes").read_text())
-    except (OSError, StopIteration, ValueError, IndexError):
+    except (OSError, StopIteration, IndexError):
+        return None
+    group = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+    return group if (group / "memory.limit_in_bytes").exists() else None
+
+
+def reset_cgroup_peak() -> None:
+    """Start the cgroup's peak afresh (it would carry an earlier run's otherwise)."""
+    group = _memory_cgroup()
+    try:
+        if group is not None:
+            (group / "memory.max_usage_in_bytes").write_text("0")
+    except OSError:
+        pass
+
+
+def cgroup_memory() -> dict | None:
+    """The memory limit of this process's cgroup (v1) and the most the cgroup used since
+    `reset_cgroup_peak`, page cache charged to it included; None where there is no limit. A run
+    inside a cgroup limited to N GiB shows that the steps complete in N GiB, the kernel dropping file
+    pages as it must — the resident sizes count a memory-mapped checkpoint's pages, which it can.
+    Pages already cached before the run (the checkpoint read by an earlier one) stay charged where
+    they were first read; a peak resident size above the limit shows that."""
+    group = _memory_cgroup()
+    try:
+        limit = int((group / "memory.limit_in_bytes").read_text()) if group else 2**63
+        used = int((group / "memory.max_usage_in_bytes").read_text()) if group else 0
+    except (OSError, ValueError):
         return None
     if limit >= 2**60:  # no limit set
         return None
-    return {"limit_mb": round(limit / 2**20), "max_usage_mb": round(used / 2**20)}
+    return {"cgroup_version": 1, "limit_mb": round(limit / 2**20), "max_usage_mb": round(used / 2**20)}
 
 
 def main() -> None:
@@ -105,6 +127,7 @@ def main() -> None:
     from ortdiffusion.models import resolve_checkpoint
 
     libc = ctypes.CDLL("libc.so.6")
+    reset_cgroup_peak()
     sampler = PeakSampler()
     steps: list[dict] = []
 

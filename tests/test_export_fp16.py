@@ -343,6 +343,8 @@ def test_fp16_conversion_of_external_weights_is_streamed_and_equals_onnxruntimes
         keep, out = convert_to_fp16(files, spec, ranges)
     assert keep == inline_keep and conv.name in keep
     assert sorted(p.name for p in streamed_dir.iterdir()) == ["unet.onnx", "unet.onnx.data"]
+    on_disk = onnx.load(str(out[0]), load_external_data=False).graph.initializer
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 and t.data_location == onnx.TensorProto.EXTERNAL for t in on_disk)
     streamed, inline = onnx.load(str(out[0])), onnx.load(str(inline_files[0]))
     assert [(n.op_type, list(n.input), list(n.output)) for n in streamed.graph.node] == \
         [(n.op_type, list(n.input), list(n.output)) for n in inline.graph.node]
@@ -359,3 +361,52 @@ def test_fp16_conversion_of_external_weights_is_streamed_and_equals_onnxruntimes
     run = [ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, feed)[0]
            for f in (out[0], inline_files[0])]
     np.testing.assert_array_equal(run[0], run[1])
+
+
+def test_streamed_fp16_conversion_halves_a_constants_external_value_and_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
+    """Tensors outside the initializers live in the data file too (a Constant node's value past
+    1 KiB): the streamed conversion halves what the converter retyped wherever it is, by where its
+    bytes are, not by name; and a conversion that fails midway leaves the graph and its data as they
+    were, with no partial file beside them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxruntime.transformers import float16
+
+    from ortdiffusion.export import weights
+    from ortdiffusion.export.fp16 import convert_to_fp16
+
+    rng = np.random.default_rng(0)
+    shift, w = rng.standard_normal((1, 512)).astype(np.float32), rng.standard_normal((512, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["shift"], value=numpy_helper.from_array(shift, "shift_value"), name="shift"),
+         helper.make_node("Add", ["x", "shift"], ["moved"], name="add"),
+         helper.make_node("MatMul", ["moved", "w"], ["y"], name="matmul")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "g.onnx"
+    weights.gather_external_data(model, tmp_path, path)  # as the CUDA optimizer writes its graph: attributes too
+    stored = onnx.load(str(path), load_external_data=False)
+    assert stored.graph.node[0].attribute[0].t.data_location == TensorProto.EXTERNAL  # the Constant's value too
+    spec = _large_inside_spec()
+    x = rng.standard_normal((1, 512)).astype(np.float32)
+    expected = (x + shift) @ w
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def broken(*_args, **_kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(float16, "convert_np_to_float16", broken)  # a failure while the weights are copied
+        with pytest.raises(OSError, match="disk full"):
+            convert_to_fp16([path, tmp_path / "g.onnx.data"], spec, ranges={})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    keep, files = convert_to_fp16([path, tmp_path / "g.onnx.data"], spec, ranges={})
+    assert keep == [] and sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"]
+    converted = onnx.load(str(files[0]), load_external_data=False)
+    value = converted.graph.node[[n.op_type for n in converted.graph.node].index("Constant")].attribute[0].t
+    assert value.data_type == TensorProto.FLOAT16 and value.data_location == TensorProto.EXTERNAL
+    got = ort.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=2e-2, atol=0.3)

@@ -12,6 +12,7 @@ without fp16 kernels applies as well. The list of nodes kept fp32 goes into the 
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
@@ -329,61 +330,93 @@ def convert_to_fp16(files: list[Path], spec: ComponentSpec,
     return keep, [path]
 
 
+_PATCH_LOCK = threading.Lock()
+
+
 @contextmanager
 def _value_info_from_dims() -> Iterator[None]:
     """ONNX Runtime's converter records each weight it converts by reading the weight into numpy for
     its shape (`float16.make_value_info_from_tensor`), which for a weight in an external data file
-    means loading it — and keeping it, as raw data, in the graph. The shape is in the tensor's dims;
-    this reads it from there for the conversion's duration."""
+    means loading it. The shape is in the tensor's dims; this reads it from there for the
+    conversion's duration (one conversion at a time: the patch is the module's, not the call's)."""
     from onnx import helper
     from onnxruntime.transformers import float16
 
-    original = float16.make_value_info_from_tensor
-    float16.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-    try:
-        yield
-    finally:
-        float16.make_value_info_from_tensor = original
+    with _PATCH_LOCK:
+        original = float16.make_value_info_from_tensor
+        float16.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        try:
+            yield
+        finally:
+            float16.make_value_info_from_tensor = original
+
+
+def _external_types(model) -> dict[tuple[str, int], int]:
+    """The element type of every tensor of `model` stored in an external data file, by where its
+    bytes are (file, offset): initializers, subgraphs' and node attributes' tensors (a Constant's
+    value) alike, whatever their names."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    types = {}
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            info = ExternalDataInfo(tensor)
+            types[(info.location, int(info.offset or 0))] = tensor.data_type
+    return types
 
 
 def _convert_external(files: list[Path], structure, keep: list[str], spec: ComponentSpec) -> list[Path]:
     """The fp16 conversion of a graph whose weights are in external data files, streamed: the
     converter runs on the graph without its weights (what it decides — which weights become fp16,
     where casts go — needs only their types and users), then the weights are copied into one new
-    data file one tensor at a time, the ones it marked fp16 converted on the way with its own
+    data file one tensor at a time, the ones it retyped fp32 → fp16 converted on the way with its own
     rounding (`convert_np_to_float16`: clamped to fp16's range, tiny values kept non-zero).
     Why by hand: the converter converts weights held in memory, so the SDXL UNet's conversion held
     its 10 GB of fp32 weights and their 5 GB of fp16 copies together and was OOM-killed at 21.7 GiB
     on a 24 GiB machine (`benchmarks/results/export-memory-sdxl-cuda-target-cpu2.log`); this way it
-    holds the graph's structure and one weight."""
+    holds the graph's structure and one weight. The files come back as the graph and one data file
+    (`store_weights_externally` would put an fp16 graph of this size in one anyway)."""
     import onnx
     from onnx import TensorProto
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
     from onnxruntime.transformers.float16 import convert_float_to_float16, convert_np_to_float16
 
+    from .optimize import external_data_readable_from
     from .weights import gather_external_data
 
     path = files[0]
     model = onnx.ModelProto()
     model.CopyFrom(structure)  # weights referenced, not loaded; nodes already named
-    fp32_external = {t.name for t in model.graph.initializer
-                     if t.data_location == TensorProto.EXTERNAL and t.data_type == TensorProto.FLOAT}
-    add_value_types(model, structure)
+    before = _external_types(model)
+    # (type inference reads a Constant's value, the one kind of tensor it needs, from the graph's folder)
+    with external_data_readable_from(path.parent):
+        add_value_types(model, structure)
     with _value_info_from_dims():
         converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep, disable_shape_infer=True)
-    halve = {t.name for t in converted.graph.initializer
-             if t.name in fp32_external and t.data_type == TensorProto.FLOAT16}
     removed = remove_fp16_round_trips(converted)
     logger.info("%s: %d fp32 → fp16 → fp32 round trips between fp32 nodes removed", spec.name, removed)
     topological_sort(converted.graph)
+    halved = []
 
     def to_fp16(tensor, blob: bytes) -> bytes:
-        if tensor.name not in halve:
-            return blob
-        return convert_np_to_float16(np.frombuffer(blob, dtype=np.float32)).tobytes()
+        if not uses_external_data(tensor):
+            return blob  # held in the graph: the converter converted it itself
+        info = ExternalDataInfo(tensor)
+        was = before.get((info.location, int(info.offset or 0)))
+        if was == TensorProto.FLOAT and tensor.data_type == TensorProto.FLOAT16:
+            blob = convert_np_to_float16(np.frombuffer(blob, dtype=np.float32)).tobytes()
+            halved.append(tensor.name)
+        elif was != tensor.data_type:
+            raise ValueError(f"{spec.name}: tensor {tensor.name!r} retyped {was} → {tensor.data_type}, "
+                             "which the streamed fp16 conversion does not know how to write")
+        size = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize * int(np.prod(tensor.dims, dtype=np.int64))
+        if len(blob) != size:
+            raise ValueError(f"{spec.name}: tensor {tensor.name!r} has {len(blob)} bytes for {size}")
+        return blob
 
     data = gather_external_data(converted, path.parent, path, transform=to_fp16)
     for extra in files[1:]:
-        if extra != data:
+        if extra.resolve() != data.resolve():
             extra.unlink(missing_ok=True)
-    logger.info("%s: %d of %d external weights converted to fp16, streamed", spec.name, len(halve), len(fp32_external))
+    logger.info("%s: %d of %d external tensors converted to fp16, streamed", spec.name, len(halved), len(before))
     return [path, data]

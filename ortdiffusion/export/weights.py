@@ -128,6 +128,7 @@ def gather_external_data(model, source_dir: Path, path: Path, min_bytes: int = 1
 
     data = path.with_name(path.name + ".data")
     partial = path.with_name(f".{data.name}.partial")
+    graph = path.with_name(f".{path.name}.partial")
     sources: dict[str, object] = {}
     offset = 0
     try:
@@ -159,11 +160,18 @@ def gather_external_data(model, source_dir: Path, path: Path, min_bytes: int = 1
                     entry.key, entry.value = key, value
                 offset += len(blob)
                 del blob
+        onnx.save_model(model, str(graph))  # the graph alone: every weight past `min_bytes` is in `data` now
+    except BaseException:
+        # nothing half-written stays behind (an SDXL UNet's partial data file is gigabytes)
+        partial.unlink(missing_ok=True)
+        graph.unlink(missing_ok=True)
+        raise
     finally:
         for source in sources.values():
             source.close()
-    onnx.save_model(model, str(path))  # the graph alone: every weight past `min_bytes` is in `data` now
+    # both files complete: moved into place one right after the other
     partial.replace(data)
+    graph.replace(path)
     _readable_like(path, data)
     return data
 

@@ -123,9 +123,13 @@ class Pipeline:
         self._expected = {name: expected_provider(manifest.components[name], preference) for name in names if name in lazy}
         #: one session per component, the lazy ones created on first use (the fp32 decoder is loaded
         #: only if the NaN guard needs it)
-        # made side by side where all made now run on the CPU (Sessions says why)
-        parallel = all(expected_provider(manifest.components[name], preference) is ProviderKind.CPU
-                       for name in names if name not in lazy)
+        # made side by side where all made now will run on the CPU (Sessions says why); where that
+        # cannot be told beforehand, one at a time, and each Session raises its own error
+        try:
+            parallel = all(expected_provider(manifest.components[name], preference) is ProviderKind.CPU
+                           for name in names if name not in lazy)
+        except Exception:  # noqa: BLE001 - only the choice of order is at stake here
+            parallel = False
         self.sessions: Sessions = Sessions(names, load, lazy, parallel=parallel)
         sessions = self.sessions
         load_fp32 = None

@@ -198,7 +198,13 @@ class Sessions(MutableMapping):
         if parallel and len(eager) > 1:
             with ThreadPoolExecutor(len(eager), thread_name_prefix="ortdiffusion-session") as pool:
                 made = {name: pool.submit(make, name) for name in eager}
-            # every creation has finished here; the first failure (in component order) is raised
+            # every creation has finished here; the first failure (in component order) is raised,
+            # the others logged
+            failures = [(name, future.exception()) for name, future in made.items() if future.exception()]
+            for name, error in failures[1:]:
+                logger.error("%s: its session failed too: %s", name, error)
+            if failures:
+                raise failures[0][1]
             self._loaded: dict[str, Session] = {name: future.result() for name, future in made.items()}
         else:
             self._loaded = {name: make(name) for name in eager}
