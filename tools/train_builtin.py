@@ -110,6 +110,8 @@ TWO_OBJECT_SHARE = 0.65
 #: prompts at guidance 3 yellow went ΔE 11.1 -> 5.4 and 0.50 -> 0.92 in its hue window, all colours
 #: 0.80 -> 0.96 (same seeds, `benchmarks/builtin_colour.py --guidance 3`); on the held-out prompts
 #: yellow 6.4 -> 2.4; two objects all-right 0.61 -> 0.69, one object 0.96 -> 0.97.
+#: Resumed (`--run runs/builtin-v5 --lr 3e-4 --minutes 100`, same settings, benchmarks sharing the
+#: CPU: 1.4-3.1 s/step): steps 12462 -> 14498, two objects all-right 0.69 -> 0.79, one object 0.98.
 SHORT_CAPTION_SHARE = 0.35
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                         rescale_betas_zero_snr=True, timestep_spacing="trailing",
